@@ -1,0 +1,519 @@
+# The attention kernel: parallel skeleton and block walk.  Included by one
+# small .pyx per instruction set (_kernels_baseline/_avx2/_avx512), so the same
+# source is compiled with different -m flags; fastattn/_dispatch.py picks one.
+#
+# Contract with the caller (fastattn/functional.py, which validates): every
+# array has the layout (*lead, heads, rows, cols) with the same lead shape,
+# element strides (itemsize divides every stride), unit stride on the last
+# axis of q, k, v and out, and weights C-contiguous.  Masks come as broadcast
+# views of the full (*lead, H, Lq, Lk) shape (stride 0 where broadcast).
+
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int64_t, uint8_t
+from libc.stdlib cimport free
+from libc.string cimport memset
+from libc.math cimport INFINITY
+cimport numpy as cnp
+import numpy as np
+
+cnp.import_array()
+
+cdef extern from "fa_omp.h" nogil:
+    int FA_OPENMP_ENABLED
+    int omp_get_max_threads()
+    int omp_get_num_procs()
+
+cdef extern from "fa_kernels.h" nogil:
+    const char* fa_isa_name()
+    void* fa_aligned_alloc(size_t nbytes)
+    int fa_cpu_has_avx512()
+    int fa_cpu_has_avx2()
+    int64_t fa_col_align_f32()
+    int64_t fa_row_align_f32()
+    int64_t fa_col_align_f64()
+    int64_t fa_row_align_f64()
+    void fa_pack_rows_f32(float* dst, int64_t ldd, const float* src, int64_t srs, int64_t rows,
+                          int64_t cols, float scale, int64_t rows_pad, int64_t cols_pad)
+    void fa_pack_rows_f64(double* dst, int64_t ldd, const double* src, int64_t srs, int64_t rows,
+                          int64_t cols, double scale, int64_t rows_pad, int64_t cols_pad)
+    void fa_pack_transposed_f32(float* dst, int64_t ldd, const float* src, int64_t srs,
+                                int64_t rows, int64_t cols, int64_t rows_pad)
+    void fa_pack_transposed_f64(double* dst, int64_t ldd, const double* src, int64_t srs,
+                                int64_t rows, int64_t cols, int64_t rows_pad)
+    void fa_gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                     const float* B, int64_t ldb, float* C, int64_t ldc, int accumulate)
+    void fa_gemm_f64(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                     const double* B, int64_t ldb, double* C, int64_t ldc, int accumulate)
+    void fa_mask_bool_f32(float* S, int64_t lds, int64_t rows, int64_t cols,
+                          const uint8_t* mask, int64_t m_rs, int64_t m_cs)
+    void fa_mask_bool_f64(double* S, int64_t lds, int64_t rows, int64_t cols,
+                          const uint8_t* mask, int64_t m_rs, int64_t m_cs)
+    void fa_mask_add_f32(float* S, int64_t lds, int64_t rows, int64_t cols,
+                         const float* mask, int64_t m_rs, int64_t m_cs)
+    void fa_mask_add_f64(double* S, int64_t lds, int64_t rows, int64_t cols,
+                         const double* mask, int64_t m_rs, int64_t m_cs)
+    void fa_mask_causal_f32(float* S, int64_t lds, int64_t rows, int64_t cols, int64_t first_limit)
+    void fa_mask_causal_f64(double* S, int64_t lds, int64_t rows, int64_t cols, int64_t first_limit)
+    void fa_pad_neg_inf_f32(float* S, int64_t lds, int64_t rows, int64_t cols, int64_t cols_pad)
+    void fa_pad_neg_inf_f64(double* S, int64_t lds, int64_t rows, int64_t cols, int64_t cols_pad)
+    void fa_online_softmax_f32(float* S, int64_t lds, int64_t rows, int64_t cols_pad, float* m,
+                               float* l, float* O, int64_t ldo, int64_t ocols_pad)
+    void fa_online_softmax_f64(double* S, int64_t lds, int64_t rows, int64_t cols_pad, double* m,
+                               double* l, double* O, int64_t ldo, int64_t ocols_pad)
+    void fa_finalize_f32(const float* O, int64_t ldo, const float* l, int64_t rows, float* out,
+                         int64_t ors, int64_t cols)
+    void fa_finalize_f64(const double* O, int64_t ldo, const double* l, int64_t rows,
+                         double* out, int64_t ors, int64_t cols)
+    void fa_copy_block_f32(float* W, int64_t ldw, const float* S, int64_t lds, int64_t rows,
+                           int64_t cols)
+    void fa_copy_block_f64(double* W, int64_t ldw, const double* S, int64_t lds, int64_t rows,
+                           int64_t cols)
+    void fa_softmax_rows_f32(float* W, int64_t ldw, int64_t rows, int64_t n)
+    void fa_softmax_rows_f64(double* W, int64_t ldw, int64_t rows, int64_t n)
+
+
+ctypedef fused floating:
+    float
+    double
+
+
+# A strided (*lead, heads, rows, cols) operand: base pointer, one element
+# offset per flattened lead index, and the three inner strides in elements.
+cdef struct Operand:
+    char* base
+    const int64_t* lead_off
+    int64_t s_head
+    int64_t s_row
+    int64_t s_col
+
+
+cdef struct Problem:
+    Operand q, k, v, out, weights, bmask1, bmask2, fmask
+    bint has_weights, has_bmask1, has_bmask2, has_fmask, causal
+    int64_t lead_count, heads, kv_group, len_q, len_k, dim, dim_v
+    int64_t causal_offset      # query i may attend key j <= i + causal_offset
+    int64_t block_q, block_k, n_qblocks
+    int64_t rows_pad, keys_pad, dimv_pad
+    double scale
+
+
+cdef inline int64_t _round_up(int64_t x, int64_t m) noexcept nogil:
+    return ((x + m - 1) // m) * m
+
+
+cdef inline int64_t _row_align(floating* tag) noexcept nogil:
+    if floating is float:
+        return fa_row_align_f32()
+    else:
+        return fa_row_align_f64()
+
+
+cdef inline int64_t _col_align(floating* tag) noexcept nogil:
+    if floating is float:
+        return fa_col_align_f32()
+    else:
+        return fa_col_align_f64()
+
+
+# ---- typed wrappers: one name per C routine, the fused type picks the C twin
+
+cdef inline void _pack_rows(floating* dst, int64_t ldd, const floating* src, int64_t srs,
+                            int64_t rows, int64_t cols, double scale, int64_t rows_pad,
+                            int64_t cols_pad) noexcept nogil:
+    if floating is float:
+        fa_pack_rows_f32(dst, ldd, src, srs, rows, cols, <float>scale, rows_pad, cols_pad)
+    else:
+        fa_pack_rows_f64(dst, ldd, src, srs, rows, cols, scale, rows_pad, cols_pad)
+
+
+cdef inline void _pack_transposed(floating* dst, int64_t ldd, const floating* src, int64_t srs,
+                                  int64_t rows, int64_t cols, int64_t rows_pad) noexcept nogil:
+    if floating is float:
+        fa_pack_transposed_f32(dst, ldd, src, srs, rows, cols, rows_pad)
+    else:
+        fa_pack_transposed_f64(dst, ldd, src, srs, rows, cols, rows_pad)
+
+
+cdef inline void _gemm(int64_t M, int64_t N, int64_t K, const floating* A, int64_t lda,
+                       const floating* B, int64_t ldb, floating* C, int64_t ldc,
+                       int accumulate) noexcept nogil:
+    if floating is float:
+        fa_gemm_f32(M, N, K, A, lda, B, ldb, C, ldc, accumulate)
+    else:
+        fa_gemm_f64(M, N, K, A, lda, B, ldb, C, ldc, accumulate)
+
+
+cdef inline void _online_softmax(floating* S, int64_t lds, int64_t rows, int64_t cols_pad,
+                                 floating* m, floating* l, floating* O, int64_t ldo,
+                                 int64_t ocols_pad) noexcept nogil:
+    if floating is float:
+        fa_online_softmax_f32(S, lds, rows, cols_pad, m, l, O, ldo, ocols_pad)
+    else:
+        fa_online_softmax_f64(S, lds, rows, cols_pad, m, l, O, ldo, ocols_pad)
+
+
+cdef inline void _finalize(const floating* O, int64_t ldo, const floating* l, int64_t rows,
+                           floating* out, int64_t ors, int64_t cols) noexcept nogil:
+    if floating is float:
+        fa_finalize_f32(O, ldo, l, rows, out, ors, cols)
+    else:
+        fa_finalize_f64(O, ldo, l, rows, out, ors, cols)
+
+
+cdef inline void _copy_block(floating* W, int64_t ldw, const floating* S, int64_t lds,
+                             int64_t rows, int64_t cols) noexcept nogil:
+    if floating is float:
+        fa_copy_block_f32(W, ldw, S, lds, rows, cols)
+    else:
+        fa_copy_block_f64(W, ldw, S, lds, rows, cols)
+
+
+cdef inline void _softmax_rows(floating* W, int64_t ldw, int64_t rows, int64_t n) noexcept nogil:
+    if floating is float:
+        fa_softmax_rows_f32(W, ldw, rows, n)
+    else:
+        fa_softmax_rows_f64(W, ldw, rows, n)
+
+
+cdef inline char* _at(const Operand* a, int64_t b, int64_t head, int64_t row, int64_t col,
+                      int64_t itemsize) noexcept nogil:
+    return a.base + (a.lead_off[b] + head * a.s_head + row * a.s_row + col * a.s_col) * itemsize
+
+
+cdef void _scores_block(const Problem* P, floating* S, const floating* Qs, floating* Kt,
+                        const floating* k, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                        int64_t j0, int64_t bk) noexcept nogil:
+    """Scaled, masked scores of one query block against keys j0 .. j0+bk.
+
+    Leaves S[r][0:bk] for the real rows (padding rows are zero, since the
+    packed queries are), with -inf wherever a key may not be attended.
+    """
+    cdef int64_t isz = sizeof(floating)
+    cdef int64_t bkp = _round_up(bk, _col_align(<floating*>NULL))
+    _pack_transposed(Kt, P.keys_pad, k + j0 * P.k.s_row, P.k.s_row, bk, P.dim, bkp)
+    _gemm(P.rows_pad, bkp, P.dim, Qs, P.dim, Kt, P.keys_pad, S, P.keys_pad, 0)
+    if P.has_fmask:
+        if floating is float:
+            fa_mask_add_f32(S, P.keys_pad, rows, bk,
+                            <const float*>_at(&P.fmask, b, h, i0, j0, isz),
+                            P.fmask.s_row, P.fmask.s_col)
+        else:
+            fa_mask_add_f64(S, P.keys_pad, rows, bk,
+                            <const double*>_at(&P.fmask, b, h, i0, j0, isz),
+                            P.fmask.s_row, P.fmask.s_col)
+    if P.has_bmask1:
+        if floating is float:
+            fa_mask_bool_f32(S, P.keys_pad, rows, bk,
+                             <const uint8_t*>_at(&P.bmask1, b, h, i0, j0, 1),
+                             P.bmask1.s_row, P.bmask1.s_col)
+        else:
+            fa_mask_bool_f64(S, P.keys_pad, rows, bk,
+                             <const uint8_t*>_at(&P.bmask1, b, h, i0, j0, 1),
+                             P.bmask1.s_row, P.bmask1.s_col)
+    if P.has_bmask2:
+        if floating is float:
+            fa_mask_bool_f32(S, P.keys_pad, rows, bk,
+                             <const uint8_t*>_at(&P.bmask2, b, h, i0, j0, 1),
+                             P.bmask2.s_row, P.bmask2.s_col)
+        else:
+            fa_mask_bool_f64(S, P.keys_pad, rows, bk,
+                             <const uint8_t*>_at(&P.bmask2, b, h, i0, j0, 1),
+                             P.bmask2.s_row, P.bmask2.s_col)
+    # Only blocks that reach past the first row's diagonal need the causal cut.
+    if P.causal and j0 + bk - 1 > i0 + P.causal_offset:
+        if floating is float:
+            fa_mask_causal_f32(S, P.keys_pad, rows, bk, i0 + P.causal_offset - j0)
+        else:
+            fa_mask_causal_f64(S, P.keys_pad, rows, bk, i0 + P.causal_offset - j0)
+
+
+cdef inline int64_t _keys_end(const Problem* P, int64_t i0, int64_t rows) noexcept nogil:
+    """One past the last key any row of the block may attend."""
+    cdef int64_t end = P.len_k
+    if P.causal:
+        end = i0 + rows + P.causal_offset
+        if end > P.len_k:
+            end = P.len_k
+        if end < 0:
+            end = 0
+    return end
+
+
+cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogil:
+    """One (batch, head, query block): the whole attention output of the block."""
+    cdef int64_t isz = sizeof(floating)
+    cdef int64_t bh = work // P.n_qblocks
+    cdef int64_t b = bh // P.heads
+    cdef int64_t h = bh % P.heads
+    cdef int64_t hk = h // P.kv_group
+    cdef int64_t i0 = (work % P.n_qblocks) * P.block_q
+    cdef int64_t rows = min(P.block_q, P.len_q - i0)
+    cdef int64_t j0, bk, j_end, r
+
+    # Every region starts on a vector boundary (sizes as in _run).
+    cdef int64_t a = _col_align(<floating*>NULL)
+    cdef floating* Qs = scratch
+    cdef floating* Kt = Qs + _round_up(P.rows_pad * P.dim, a)
+    cdef floating* S = Kt + _round_up(P.dim * P.keys_pad, a)
+    cdef floating* Vp = S + P.rows_pad * P.keys_pad
+    cdef floating* O = Vp + P.keys_pad * P.dimv_pad
+    cdef floating* m = O + P.rows_pad * P.dimv_pad
+    cdef floating* l = m + _round_up(P.rows_pad, a)
+
+    cdef const floating* q = <const floating*>_at(&P.q, b, h, i0, 0, isz)
+    cdef const floating* k = <const floating*>_at(&P.k, b, hk, 0, 0, isz)
+    cdef const floating* v = <const floating*>_at(&P.v, b, hk, 0, 0, isz)
+    cdef floating* out = <floating*>_at(&P.out, b, h, i0, 0, isz)
+    cdef floating* W
+
+    _pack_rows(Qs, P.dim, q, P.q.s_row, rows, P.dim, P.scale, P.rows_pad, P.dim)
+    memset(O, 0, P.rows_pad * P.dimv_pad * isz)
+    for r in range(P.rows_pad):
+        m[r] = -INFINITY
+        l[r] = 0
+    j_end = _keys_end(P, i0, rows)
+
+    if not P.has_weights:
+        # Streaming: walk the keys once with a running max and sum per row.
+        j0 = 0
+        while j0 < j_end:
+            bk = min(P.block_k, P.len_k - j0)
+            _scores_block(P, S, Qs, Kt, k, b, h, i0, rows, j0, bk)
+            _pad_and_update(P, S, rows, bk, m, l, O)
+            _pack_rows(Vp, P.dimv_pad, v + j0 * P.v.s_row, P.v.s_row, bk, P.dim_v, 1.0,
+                       bk, P.dimv_pad)
+            _gemm(P.rows_pad, P.dimv_pad, bk, S, P.keys_pad, Vp, P.dimv_pad, O, P.dimv_pad, 1)
+            j0 += P.block_k
+        _finalize(O, P.dimv_pad, l, rows, out, P.out.s_row, P.dim_v)
+        return
+
+    # Weights requested: scores of the whole row land in the caller's weights
+    # buffer, are normalised there, then multiply V block by block.
+    W = <floating*>_at(&P.weights, b, h, i0, 0, isz)
+    j0 = 0
+    while j0 < P.len_k:
+        bk = min(P.block_k, P.len_k - j0)
+        _scores_block(P, S, Qs, Kt, k, b, h, i0, rows, j0, bk)
+        _copy_block(W + j0, P.len_k, S, P.keys_pad, rows, bk)
+        j0 += P.block_k
+    _softmax_rows(W, P.len_k, rows, P.len_k)
+    memset(S, 0, P.rows_pad * P.keys_pad * isz)
+    j0 = 0
+    while j0 < j_end:
+        bk = min(P.block_k, P.len_k - j0)
+        _copy_block(S, P.keys_pad, W + j0, P.len_k, rows, bk)
+        _pack_rows(Vp, P.dimv_pad, v + j0 * P.v.s_row, P.v.s_row, bk, P.dim_v, 1.0,
+                   bk, P.dimv_pad)
+        _gemm(P.rows_pad, P.dimv_pad, bk, S, P.keys_pad, Vp, P.dimv_pad, O, P.dimv_pad, 1)
+        j0 += P.block_k
+    for r in range(rows):
+        l[r] = 1
+    _finalize(O, P.dimv_pad, l, rows, out, P.out.s_row, P.dim_v)
+
+
+cdef inline void _pad_and_update(const Problem* P, floating* S, int64_t rows, int64_t bk,
+                                 floating* m, floating* l, floating* O) noexcept nogil:
+    cdef int64_t bkp = _round_up(bk, _col_align(<floating*>NULL))
+    if floating is float:
+        fa_pad_neg_inf_f32(S, P.keys_pad, rows, bk, bkp)
+    else:
+        fa_pad_neg_inf_f64(S, P.keys_pad, rows, bk, bkp)
+    _online_softmax(S, P.keys_pad, rows, bkp, m, l, O, P.dimv_pad, P.dimv_pad)
+
+
+cdef int _run(const Problem* P, int num_threads, floating* tag) noexcept nogil:
+    """Runs every tile; returns 0, or -1 when a thread's scratch could not be had."""
+    cdef int64_t n_work = (P.lead_count * P.heads) * P.n_qblocks
+    cdef int64_t a = _col_align(<floating*>NULL)
+    # Same regions as in _tile: packed Q, K^T, scores, packed V, output
+    # accumulator, running max and sum; the first two rounded so that every
+    # region starts on a vector boundary.
+    cdef int64_t scratch = (_round_up(P.rows_pad * P.dim, a) + _round_up(P.dim * P.keys_pad, a)
+                            + P.rows_pad * P.keys_pad + P.keys_pad * P.dimv_pad
+                            + P.rows_pad * P.dimv_pad + 2 * _round_up(P.rows_pad, a))
+    cdef int failed = 0
+    cdef int* failed_flag = &failed  # shared: a plain int would be thread-private
+    cdef int64_t w
+    cdef floating* buf = NULL
+    with parallel(num_threads=num_threads):
+        buf = <floating*>fa_aligned_alloc(scratch * sizeof(floating))
+        if buf == NULL:
+            failed_flag[0] = 1
+        # dynamic: causal blocks near the bottom cost more than those on top
+        for w in prange(n_work, schedule="dynamic"):
+            if buf != NULL:
+                _tile(P, w, buf)
+        free(buf)
+    return -1 if failed else 0
+
+
+# ---- Python-facing entry points ------------------------------------------
+
+cdef int64_t[::1] _lead_offsets(cnp.ndarray a, int nlead):
+    """Element offset of each flattened lead index of `a` (C order)."""
+    cdef int64_t count = 1, i, rem, off
+    cdef int d
+    cdef cnp.npy_intp* shape = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp* strides = cnp.PyArray_STRIDES(a)
+    cdef int64_t isz = cnp.PyArray_ITEMSIZE(a)
+    for d in range(nlead):
+        count *= shape[d]
+    cdef int64_t[::1] out = np.empty(max(count, 1), dtype=np.int64)
+    for i in range(count):
+        rem = i
+        off = 0
+        for d in range(nlead - 1, -1, -1):
+            off += (rem % shape[d]) * (strides[d] // isz)
+            rem //= shape[d]
+        out[i] = off
+    return out
+
+
+cdef int64_t _fill(Operand* op, object arr, int nlead, list keep) except -1:
+    """Points `op` at `arr` (None: leaves it empty). Returns 1 if set."""
+    if arr is None:
+        return 0
+    cdef cnp.ndarray a = <cnp.ndarray?>arr
+    if cnp.PyArray_NDIM(a) != nlead + 3:
+        raise ValueError(f"kernel operand has {a.ndim} axes, expected {nlead + 3}")
+    cdef int64_t isz = cnp.PyArray_ITEMSIZE(a)
+    cdef cnp.npy_intp* strides = cnp.PyArray_STRIDES(a)
+    cdef int d
+    for d in range(nlead + 3):
+        if strides[d] % isz:
+            raise ValueError("kernel operand strides must be multiples of the item size")
+    offsets = _lead_offsets(a, nlead)
+    keep.append(offsets)
+    cdef int64_t[::1] off_view = offsets
+    op.base = <char*>cnp.PyArray_DATA(a)
+    op.lead_off = &off_view[0]
+    op.s_head = strides[nlead] // isz
+    op.s_row = strides[nlead + 1] // isz
+    op.s_col = strides[nlead + 2] // isz
+    return 1
+
+
+def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double scale,
+              Py_ssize_t block_q, Py_ssize_t block_k, int num_threads):
+    """Fills `out` (and `weights`, when given) with softmax(scale q k^T + masks) v.
+
+    Private: fastattn.functional validates shapes, dtypes and layouts first.
+    """
+    cdef Problem P
+    cdef list keep = []
+    cdef int nlead = q.ndim - 3
+    cdef int rc
+    memset(&P, 0, sizeof(Problem))
+    if q.dtype != k.dtype or q.dtype != v.dtype or q.dtype != out.dtype:
+        raise TypeError("kernel operands must share one dtype")
+    if not (q.dtype == np.float32 or q.dtype == np.float64):
+        raise TypeError(f"kernel dtype must be float32 or float64, got {q.dtype}")
+    if block_q < 1 or block_k < 1 or num_threads < 1:
+        raise ValueError("block sizes and thread count must be positive")
+    _fill(&P.q, q, nlead, keep)
+    _fill(&P.k, k, nlead, keep)
+    _fill(&P.v, v, nlead, keep)
+    _fill(&P.out, out, nlead, keep)
+    for arr in (k, v, out):
+        if arr.ndim != q.ndim or arr.shape[:nlead] != q.shape[:nlead]:
+            raise ValueError("kernel operands must share their leading axes")
+    for arr in (q, k, v, out):
+        # the kernels step through the last axis one element at a time
+        # (wraparound is off in this module: no negative indices)
+        if arr.size and arr.shape[nlead + 2] > 1 and arr.strides[nlead + 2] != arr.itemsize:
+            raise ValueError("kernel operands need a unit stride on their last axis")
+    P.has_weights = _fill(&P.weights, weights, nlead, keep)
+    P.has_bmask1 = _fill(&P.bmask1, bmask1, nlead, keep)
+    P.has_bmask2 = _fill(&P.bmask2, bmask2, nlead, keep)
+    P.has_fmask = _fill(&P.fmask, fmask, nlead, keep)
+    P.lead_count = 1
+    for d in range(nlead):
+        P.lead_count *= q.shape[d]
+    P.heads = q.shape[nlead]
+    P.len_q = q.shape[nlead + 1]
+    P.dim = q.shape[nlead + 2]
+    P.len_k = k.shape[nlead + 1]
+    P.dim_v = v.shape[nlead + 2]
+    if (k.shape[nlead] < 1 or P.heads % k.shape[nlead] or v.shape[nlead] != k.shape[nlead]
+            or k.shape[nlead + 2] != P.dim or v.shape[nlead + 1] != P.len_k
+            or out.shape[nlead:] != (P.heads, P.len_q, P.dim_v)):
+        raise ValueError("kernel operand shapes disagree")
+    for arr in (weights, bmask1, bmask2, fmask):
+        if arr is not None and arr.shape != q.shape[:nlead] + (P.heads, P.len_q, P.len_k):
+            raise ValueError("kernel weights/mask shape disagrees")
+    if fmask is not None and fmask.dtype != q.dtype:
+        raise TypeError("kernel float mask must have the operands' dtype")
+    P.kv_group = P.heads // k.shape[nlead]
+    P.causal = causal
+    P.causal_offset = P.len_k - P.len_q
+    P.scale = scale
+    if P.lead_count == 0 or P.heads == 0 or P.len_q == 0 or P.dim_v == 0:
+        return
+    if q.dtype == np.float32:
+        _setup_blocks(&P, block_q, block_k, <float*>NULL)
+        with nogil:
+            rc = _run(&P, num_threads, <float*>NULL)
+    else:
+        _setup_blocks(&P, block_q, block_k, <double*>NULL)
+        with nogil:
+            rc = _run(&P, num_threads, <double*>NULL)
+    if rc != 0:
+        raise MemoryError("could not allocate the attention kernel's scratch buffers")
+
+
+cdef void _setup_blocks(Problem* P, int64_t block_q, int64_t block_k,
+                        floating* tag) noexcept nogil:
+    cdef int64_t ra = _row_align(<floating*>NULL), ca = _col_align(<floating*>NULL)
+    P.block_q = _round_up(min(block_q, max(P.len_q, 1)), ra)
+    P.block_k = _round_up(min(block_k, max(P.len_k, 1)), ca)
+    P.n_qblocks = (P.len_q + P.block_q - 1) // P.block_q
+    P.rows_pad = P.block_q
+    P.keys_pad = P.block_k
+    P.dimv_pad = _round_up(P.dim_v, ca)
+
+
+def isa():
+    """The instruction set this build of the kernels was compiled for."""
+    return fa_isa_name().decode()
+
+
+def openmp_enabled():
+    """True when the kernels were built with OpenMP."""
+    return bool(FA_OPENMP_ENABLED)
+
+
+def cpu_features():
+    """Instruction-set builds the running CPU supports (checked with cpuid)."""
+    return {"avx512": bool(fa_cpu_has_avx512()), "avx2": bool(fa_cpu_has_avx2())}
+
+
+def _matmul_rows(a, b, out, Py_ssize_t chunk, Py_ssize_t n_chunks, list errors):
+    cdef Py_ssize_t M = a.shape[0]
+    cdef Py_ssize_t lo = M * chunk // n_chunks, hi = M * (chunk + 1) // n_chunks
+    try:
+        if hi > lo:
+            np.matmul(a[lo:hi], b, out=out[lo:hi])
+    except BaseException as exc:
+        errors.append(exc)
+
+
+def parallel_matmul(a, b, out, int num_threads):
+    """out = a @ b with the rows of `a` split over this library's OpenMP threads.
+
+    Each thread calls NumPy's matmul (which releases the GIL) on its share, so
+    the BLAS underneath should be limited to one thread by the caller: then the
+    projections and the attention kernel share one threading layer and one
+    thread count.
+    """
+    cdef Py_ssize_t c, n_chunks = num_threads
+    cdef list errors = []
+    if num_threads <= 1:
+        np.matmul(a, b, out=out)
+        return out
+    with nogil, parallel(num_threads=num_threads):
+        for c in prange(n_chunks, schedule="static", chunksize=1):
+            with gil:
+                _matmul_rows(a, b, out, c, n_chunks, errors)
+    if errors:
+        raise errors[0]
+    return out

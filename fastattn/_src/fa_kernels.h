@@ -1,0 +1,106 @@
+/*
+ * Inner loops of the attention kernel for float and double, from one source
+ * (fa_kernels_impl.h, included once per type).  The parallel skeleton and the
+ * walk over blocks live in fastattn/_attention.pxi.
+ */
+#ifndef FA_KERNELS_H
+#define FA_KERNELS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include "fa_simd.h"
+
+/* ---- float ---- */
+#define REAL float
+#define IREAL int32_t
+#define FA(name) fa_##name##_f32
+#define FA_LOG2E 1.44269504088896341f
+#define FA_LN2_HI 0.693145751953125f
+#define FA_LN2_LO 1.428606765330187045e-06f
+#define FA_EXP_MAGIC 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer */
+#define FA_EXP_LO -87.3f         /* 2^-126, the smallest normal power of two */
+#define FA_EXP_HI 88.3f          /* 2^127 */
+#define FA_EXP_BIAS 127
+#define FA_MANT_BITS 23
+#define FA_EXP_DEG 7
+#define FA_SCALAR_EXP expf
+static const float fa_exp_c_f32[8] = {1.0f, 1.0f, 1.0f / 2, 1.0f / 6, 1.0f / 24,
+                                      1.0f / 120, 1.0f / 720, 1.0f / 5040};
+#define FA_EXP_C fa_exp_c_f32
+#include "fa_kernels_impl.h"
+#undef REAL
+#undef IREAL
+#undef FA
+#undef FA_LOG2E
+#undef FA_LN2_HI
+#undef FA_LN2_LO
+#undef FA_EXP_MAGIC
+#undef FA_EXP_LO
+#undef FA_EXP_HI
+#undef FA_EXP_BIAS
+#undef FA_MANT_BITS
+#undef FA_EXP_DEG
+#undef FA_SCALAR_EXP
+#undef FA_EXP_C
+
+/* ---- double ---- */
+#define REAL double
+#define IREAL int64_t
+#define FA(name) fa_##name##_f64
+#define FA_LOG2E 1.4426950408889634
+#define FA_LN2_HI 6.93147180369123816490e-01
+#define FA_LN2_LO 1.90821492927058770002e-10
+#define FA_EXP_MAGIC 6755399441055744.0 /* 1.5 * 2^52 */
+#define FA_EXP_LO -708.0                /* above 2^-1022 */
+#define FA_EXP_HI 709.0                 /* below 2^1024 */
+#define FA_EXP_BIAS 1023
+#define FA_MANT_BITS 52
+#define FA_EXP_DEG 13
+#define FA_SCALAR_EXP exp
+static const double fa_exp_c_f64[14] = {
+    1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320,
+    1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0};
+#define FA_EXP_C fa_exp_c_f64
+#include "fa_kernels_impl.h"
+#undef REAL
+#undef IREAL
+#undef FA
+#undef FA_LOG2E
+#undef FA_LN2_HI
+#undef FA_LN2_LO
+#undef FA_EXP_MAGIC
+#undef FA_EXP_LO
+#undef FA_EXP_HI
+#undef FA_EXP_BIAS
+#undef FA_MANT_BITS
+#undef FA_EXP_DEG
+#undef FA_SCALAR_EXP
+#undef FA_EXP_C
+
+static const char *fa_isa_name(void) { return FA_ISA_NAME; }
+
+static inline void *fa_aligned_alloc(size_t bytes) {
+    void *p = NULL;
+    if (posix_memalign(&p, FA_ALIGN, bytes ? bytes : FA_ALIGN) != 0) return NULL;
+    return p;
+}
+
+/* Which instruction-set builds this CPU (and its OS) can run. */
+#if defined(__x86_64__) || defined(__i386__)
+static inline int fa_cpu_has_avx512(void) {
+    __builtin_cpu_init();
+    /* the AVX-512 build is compiled with F, DQ, BW and VL */
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+static inline int fa_cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+static inline int fa_cpu_has_avx512(void) { return 0; }
+static inline int fa_cpu_has_avx2(void) { return 0; }
+#endif
+
+#endif

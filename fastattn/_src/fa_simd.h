@@ -1,0 +1,37 @@
+/*
+ * Vector width and register-tile shape, chosen from the instruction set the
+ * translation unit is compiled for.  The same kernel source is compiled once
+ * per instruction set (see setup.py) and the Python side loads the widest
+ * build the CPU supports, so nothing here may depend on -march=native.
+ */
+#ifndef FA_SIMD_H
+#define FA_SIMD_H
+
+#include <stdint.h>
+
+#if !(defined(__GNUC__) || defined(__clang__))
+#error "fastattn kernels need GCC-style vector extensions (gcc or clang)"
+#endif
+
+#if defined(__AVX512F__)
+#define FA_VBYTES 64
+#define FA_MR 8 /* 8 rows x 2 vectors = 16 of the 32 zmm registers */
+#define FA_ISA_NAME "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define FA_VBYTES 32
+#define FA_MR 6 /* 6 x 2 = 12 of the 16 ymm registers, as BLIS does on Haswell */
+#define FA_ISA_NAME "avx2"
+#else
+#define FA_VBYTES 16
+#define FA_MR 4 /* 4 x 2 = 8 of the 16 xmm registers */
+#define FA_ISA_NAME "baseline"
+#endif
+
+/* Vectors per micro-tile row: two, so loads of B overlap with the FMAs. */
+#define FA_NV 2
+
+/* Scratch buffers are aligned to this many bytes so that vector loads of
+ * packed blocks never straddle a cache line. */
+#define FA_ALIGN 64
+
+#endif

@@ -1,0 +1,270 @@
+"""scaled_dot_product_attention: argument checks, masks, and the call into the kernel.
+
+Mask convention (the one convention of the whole library):
+
+* a **bool** mask says where a query *may* attend: ``True`` = attend.  This is
+  the convention of ``torch.nn.functional.scaled_dot_product_attention`` and
+  the opposite of ``torch.nn.MultiheadAttention``'s ``attn_mask`` (where
+  ``True`` blocks);
+* a **float** mask is *added* to the scaled scores; ``-inf`` blocks;
+* ``is_causal`` lets query ``i`` attend key ``j`` when ``j <= i + (Lk - Lq)``:
+  the usual lower triangle when ``Lq == Lk``, and the right alignment for a
+  block of new queries at the end of a longer key sequence (decoding).
+
+A query row that may attend no key at all gets zeros (and zero weights).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import threads
+from ._dispatch import kernels
+
+__all__ = ["scaled_dot_product_attention"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Query rows x keys per tile; multiples of every build's register tile.
+BLOCK_Q = 64
+BLOCK_K = 64
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def as_float_array(x, name: str, dtype: Optional[np.dtype] = None) -> np.ndarray:
+    """``x`` as a float32/float64 ndarray (cast to ``dtype`` when given).
+
+    Raises TypeError naming ``name`` for anything that is not a real float
+    array (ints, bools, complex, objects, strings).
+    """
+    if x is None:
+        raise TypeError(f"{name} must be a float32 or float64 array, got None")
+    arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if arr.dtype.kind != "f" or (dtype is None and arr.dtype not in _FLOAT_DTYPES):
+        raise TypeError(
+            f"{name} must be a float32 or float64 array, got dtype {arr.dtype}"
+            + (" (cast it with .astype(np.float32))" if arr.dtype.kind in "fiub" else "")
+        )
+    if dtype is not None and arr.dtype != dtype:
+        arr = arr.astype(dtype)
+    return arr
+
+
+def kernel_ready(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when the kernel can read it through its strides, else a copy.
+
+    The kernel needs aligned elements and a unit stride on the last axis; any
+    other axis may have any stride (negative, zero, or a fused projection's).
+    """
+    if a.flags.aligned and (a.size == 0 or a.shape[-1] <= 1 or a.strides[-1] == a.itemsize):
+        return a
+    return np.ascontiguousarray(a)
+
+
+def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
+    """(bool view, float view) of ``mask`` broadcast to ``full_shape``; one is None.
+
+    Broadcasting is a view with zero strides: no (Lq, Lk) copy per head/batch.
+    """
+    if mask is None:
+        return None, None
+    m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
+    if m.dtype == np.bool_:
+        kind = "bool"
+    elif m.dtype.kind == "f":
+        kind = "float"
+        m = m.astype(dtype, copy=False)
+    else:
+        raise TypeError(
+            f"{name} must be a bool array (True = may attend) or a float array "
+            f"(added to the scores), got dtype {m.dtype}"
+        )
+    if m.ndim > len(full_shape):
+        raise ValueError(
+            f"{name} has shape {_shape_str(m.shape)}, which does not broadcast to "
+            f"(..., H, Lq, Lk) = {_shape_str(full_shape)}"
+        )
+    try:
+        view = np.broadcast_to(m, full_shape)
+    except ValueError:
+        raise ValueError(
+            f"{name} has shape {_shape_str(m.shape)}, which does not broadcast to "
+            f"(..., H, Lq, Lk) = {_shape_str(full_shape)}"
+        ) from None
+    if kind == "float":
+        if not view.flags.aligned:
+            view = np.broadcast_to(np.ascontiguousarray(m), full_shape)
+        return None, view
+    return view, None
+
+
+def check_qkv(q, k, v) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated q, k, v (see :func:`scaled_dot_product_attention` for shapes)."""
+    q = as_float_array(q, "q")
+    k = as_float_array(k, "k")
+    v = as_float_array(v, "v")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"q, k and v must share one float dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+        )
+    for name, a, layout in (("q", q, "H, Lq, E"), ("k", k, "Hkv, Lk, E"), ("v", v, "Hkv, Lk, Ev")):
+        if a.ndim < 3:
+            raise ValueError(
+                f"{name} must have shape (..., {layout}) with at least 3 axes, "
+                f"got shape {_shape_str(a.shape)}"
+            )
+    lead = q.shape[:-3]
+    for name, a in (("k", k), ("v", v)):
+        if a.shape[:-3] != lead:
+            raise ValueError(
+                f"{name} must have the leading axes of q {_shape_str(lead)}, "
+                f"got {name} shape {_shape_str(a.shape)} (leading axes are not broadcast)"
+            )
+    H, _, E = q.shape[-3:]
+    Hkv, Lk, Ek = k.shape[-3:]
+    Hv, Lv, _ = v.shape[-3:]
+    if Ek != E:
+        raise ValueError(
+            f"k must have the head dim of q (E = {E}), got k shape {_shape_str(k.shape)}"
+        )
+    if Hv != Hkv or Lv != Lk:
+        raise ValueError(
+            f"v must have the heads and length of k (Hkv = {Hkv}, Lk = {Lk}), "
+            f"got v shape {_shape_str(v.shape)}"
+        )
+    if Hkv == 0 and H == 0:
+        return q, k, v
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(
+            f"k has {Hkv} heads, which must divide the {H} heads of q "
+            f"(grouped-query attention), got k shape {_shape_str(k.shape)}"
+        )
+    return q, k, v
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite, got {value}")
+    return value
+
+
+def attention_into(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    *,
+    bool_masks: Sequence[Optional[np.ndarray]] = (),
+    float_mask: Optional[np.ndarray] = None,
+    is_causal: bool = False,
+    scale: float,
+    weights: Optional[np.ndarray] = None,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    num_threads: Optional[int] = None,
+) -> None:
+    """Runs the kernel on already-validated operands, writing into ``out``.
+
+    ``out`` may be any view with a unit last stride (the modules pass the
+    head-merged layout, so no transpose copy follows).  Masks are the broadcast
+    views of :func:`prepare_mask`; at most two bool masks.
+    """
+    masks = [m for m in bool_masks if m is not None]
+    if len(masks) > 2:
+        raise ValueError("at most two bool masks reach the kernel")
+    masks += [None] * (2 - len(masks))
+    kernels.attention(
+        kernel_ready(q),
+        kernel_ready(k),
+        kernel_ready(v),
+        out,
+        weights,
+        masks[0],
+        masks[1],
+        float_mask,
+        bool(is_causal),
+        float(scale),
+        block_q,
+        block_k,
+        num_threads or threads.get_num_threads(),
+    )
+
+
+def scaled_dot_product_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    attn_mask: Optional[np.ndarray] = None,
+    *,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    need_weights: bool = False,
+) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``, per head.
+
+    Parameters
+    ----------
+    q : ndarray, shape (..., H, Lq, E)
+        Queries, float32 or float64.
+    k : ndarray, shape (..., Hkv, Lk, E)
+        Keys, same dtype and leading axes as ``q``.  ``Hkv`` must divide
+        ``H``: query head ``h`` reads key/value head ``h // (H // Hkv)``
+        (grouped-query and multi-query attention, without copying K/V).
+    v : ndarray, shape (..., Hkv, Lk, Ev)
+        Values.
+    attn_mask : ndarray, optional
+        Broadcastable to ``(..., H, Lq, Lk)``.  Bool: ``True`` = may attend.
+        Float: added to the scaled scores (``-inf`` blocks).
+    is_causal : bool
+        Query ``i`` attends key ``j`` only when ``j <= i + (Lk - Lq)``.
+        Combines with ``attn_mask``.
+    scale : float, optional
+        Factor on ``q k^T``; defaults to ``1 / sqrt(E)``.
+    need_weights : bool
+        Also return the attention probabilities (this materialises them; the
+        default path streams over keys and never holds an ``Lq x Lk`` matrix).
+
+    Returns
+    -------
+    out : ndarray, shape (..., H, Lq, Ev)
+        Same dtype as ``q``.
+    weights : ndarray, shape (..., H, Lq, Lk)
+        Only with ``need_weights=True``.  Rows sum to 1, or are all zero for
+        a query that may attend no key.
+
+    Raises
+    ------
+    TypeError
+        Non-float inputs, mixed dtypes, a mask that is neither bool nor float.
+    ValueError
+        Shapes that do not fit together; the message names the argument and
+        both shapes.
+    """
+    q, k, v = check_qkv(q, k, v)
+    lead = q.shape[:-3]
+    H, Lq, E = q.shape[-3:]
+    Lk, Ev = k.shape[-2], v.shape[-1]
+    full = lead + (H, Lq, Lk)
+    bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, q.dtype)
+    scale = resolve_scale(scale, E)
+    out = np.empty(lead + (H, Lq, Ev), dtype=q.dtype)
+    weights = np.empty(full, dtype=q.dtype) if need_weights else None
+    attention_into(
+        q, k, v, out,
+        bool_masks=(bmask,), float_mask=fmask, is_causal=is_causal, scale=scale,
+        weights=weights,
+    )
+    if need_weights:
+        return out, weights
+    return out
