@@ -23,11 +23,9 @@ typedef IREAL FA(ivec) __attribute__((vector_size(FA_VBYTES)));
 static inline int64_t FA(col_align)(void) { return NR; }
 static inline int64_t FA(row_align)(void) { return FA_MR; }
 
-static inline VEC FA(vsplat)(REAL x) {
-    VEC v;
-    for (int64_t i = 0; i < VLEN; i++) v[i] = x;
-    return v;
-}
+/* Broadcast; GCC and clang turn a scalar operand of a vector operation into
+ * a splat (x - 0 is exact, signed zeros included). */
+static inline VEC FA(vsplat)(REAL x) { return x - (VEC){0}; }
 
 /* Lane-wise a if mask else b; mask lanes are all-ones or all-zeros. */
 static inline VEC FA(vselect)(IVEC mask, VEC a, VEC b) {
@@ -127,7 +125,7 @@ static void FA(gemm)(int64_t M, int64_t N, int64_t K, const REAL *restrict A, in
                 VEC b[FA_NV];
                 for (int v = 0; v < FA_NV; v++) b[v] = *(const VEC *)(B + p * ldb + j + v * VLEN);
                 for (int r = 0; r < FA_MR; r++) {
-                    VEC ar = FA(vsplat)(a[r * lda + p]);
+                    REAL ar = a[r * lda + p];
                     for (int v = 0; v < FA_NV; v++) acc[r][v] += ar * b[v];
                 }
             }

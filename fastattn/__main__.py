@@ -1,0 +1,97 @@
+"""Command line: ``python -m fastattn {info,demo}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable, List, Optional
+
+import numpy as np
+
+
+def _median_ms(fn: Callable[[], object], rounds: int) -> float:
+    fn()  # warm-up: first touches of fresh memory are slow on this kind of VM
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import info
+
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"fastattn {data['version']}")
+    print(f"  kernels:     {data['kernel_isa']} build (runnable here: {', '.join(data['available_isas'])})")
+    print(f"  OpenMP:      {'on' if data['openmp'] else 'off (single-threaded build)'}")
+    print(f"  threads:     {data['num_threads']}")
+    print(f"  numpy:       {data['numpy']}")
+    for lib in data["blas"] or [{"library": "none found", "version": None}]:
+        arch = f", {lib.get('architecture')}" if lib.get("architecture") else ""
+        threads = f", {lib['num_threads']} threads" if "num_threads" in lib else ""
+        print(f"  BLAS:        {lib['library']} {lib.get('version') or ''}{arch}{threads}")
+    print(f"  python:      {data['python']} on {data['machine']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import MultiHeadSelfAttention, set_num_threads
+    from .reference import mhsa_numpy
+
+    if args.threads:
+        set_num_threads(args.threads)
+    dtype = np.dtype(args.dtype)
+    B, N, D, H = args.batch, args.seq, args.d_model, args.heads
+    m = MultiHeadSelfAttention(D, H, dtype=dtype, seed=0)
+    x = np.random.default_rng(1).standard_normal((B, N, D)).astype(dtype)
+    print(f"MultiHeadSelfAttention(d_model={D}, num_heads={H}), x {x.shape} {dtype.name}, "
+          f"d_k = {D // H}, scores scaled by 1/sqrt(d_k) = {1 / np.sqrt(D // H):.4f}")
+    y = m(x)
+    ref = mhsa_numpy(m, x.astype(np.float64))
+    err = float(np.max(np.abs(y - ref)))
+    rel = err / float(np.max(np.abs(ref)))
+    t_fast = _median_ms(lambda: m(x), args.rounds)
+    t_numpy = _median_ms(lambda: mhsa_numpy(m, x), args.rounds)
+    print(f"max |fastattn - numpy float64| = {err:.3e} (relative {rel:.2e})")
+    print(f"fastattn: {t_fast:9.2f} ms per call")
+    print(f"numpy:    {t_numpy:9.2f} ms per call (the seed's formulation in NumPy, {dtype.name})")
+    print(f"speed-up: {t_numpy / t_fast:.1f}x (median of {args.rounds} rounds)")
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    if not rel <= tol:
+        print(f"ERROR: relative error {rel:.2e} exceeds {tol:.0e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    pi = sub.add_parser("info", help="version, kernel build, OpenMP, threads, BLAS")
+    pi.add_argument("--json", action="store_true", help="print as JSON")
+    pi.set_defaults(func=cmd_info)
+    pd = sub.add_parser("demo", help="the seed's example: forward, check against NumPy, time both")
+    pd.add_argument("--batch", type=int, default=8)
+    pd.add_argument("--seq", type=int, default=512)
+    pd.add_argument("--d-model", type=int, default=512)
+    pd.add_argument("--heads", type=int, default=8)
+    pd.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    pd.add_argument("--threads", type=int, default=None, help="default: all cores")
+    pd.add_argument("--rounds", type=int, default=5)
+    pd.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""State dicts in other libraries' names, torch modules, and saved-file configs.
+
+Three naming schemes map onto a module's parameters:
+
+==================  =========================================  ===================
+fastattn            torch.nn.MultiheadAttention                the seed's class
+==================  =========================================  ===================
+w_q, w_k, w_v       in_proj_weight (stacked) or q/k/v_proj_weight  query/key/value.weight
+b_q, b_k, b_v       in_proj_bias (stacked)                     query/key/value.bias
+w_o, b_o            out_proj.weight, out_proj.bias             fc.weight, fc.bias
+==================  =========================================  ===================
+
+torch is never imported here: tensors are recognised by their methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+
+__all__ = ["to_numpy", "to_own_names", "torch_module_config"]
+
+_OWN = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
+_SEED = {
+    "query.weight": "w_q", "key.weight": "w_k", "value.weight": "w_v", "fc.weight": "w_o",
+    "query.bias": "b_q", "key.bias": "b_k", "value.bias": "b_v", "fc.bias": "b_o",
+}
+_TORCH_SPLIT = {
+    "q_proj_weight": "w_q", "k_proj_weight": "w_k", "v_proj_weight": "w_v",
+    "out_proj.weight": "w_o", "out_proj.bias": "b_o",
+}
+_TORCH_STACKED = {"in_proj_weight": "w", "in_proj_bias": "b"}
+
+
+def to_numpy(value: Any, name: str) -> np.ndarray:
+    """A numpy array from an array-like or a (CPU or not) torch tensor."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu()
+        if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+            value = value.float()
+        value = value.numpy()
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:
+        raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a float array, got dtype {arr.dtype}")
+    return arr
+
+
+def _shape(value: Any) -> tuple:
+    return tuple(getattr(value, "shape", np.shape(value)))
+
+
+def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool) -> Dict[str, Any]:
+    """Rename ``state`` to w_q ... b_o, splitting torch's stacked in_proj tensors.
+
+    Raises ValueError for unknown keys, keys missing for a complete module,
+    and stacked tensors whose first axis is not D + 2*Dkv.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
+    out: Dict[str, Any] = {}
+    unknown = []
+    total = slices["v"].stop
+    for key, value in state.items():
+        if key in _OWN:
+            out[key] = value
+        elif key in _SEED:
+            out[_SEED[key]] = value
+        elif key in _TORCH_SPLIT:
+            out[_TORCH_SPLIT[key]] = value
+        elif key in _TORCH_STACKED:
+            kind = _TORCH_STACKED[key]
+            shape = _shape(value)
+            if not shape or shape[0] != total:
+                raise ValueError(
+                    f"{key}: expected first axis of length {total} (q, k, v stacked), "
+                    f"got shape {tuple(shape)}"
+                )
+            arr = to_numpy(value, key)
+            for part in ("q", "k", "v"):
+                out[f"{kind}_{part}"] = arr[slices[part]]
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"unexpected keys in state dict: {sorted(unknown)}; expected fastattn names "
+            f"{list(_OWN)}, torch.nn.MultiheadAttention names or the seed class's names"
+        )
+    needed = _OWN if bias else _OWN[:4]
+    missing = [name for name in needed if name not in out]
+    if missing:
+        raise ValueError(f"missing parameters in state dict: {missing}")
+    if not bias:
+        extra = [name for name in _OWN[4:] if name in out and out[name] is not None]
+        if extra:
+            raise ValueError(f"state dict has biases {extra} but the module has bias=False")
+    return out
+
+
+def source_key(state: Mapping[str, Any], own_name: str) -> str:
+    """The key of ``state`` that supplied ``own_name`` (for error messages)."""
+    if own_name in state:
+        return own_name
+    for table in (_SEED, _TORCH_SPLIT):
+        for key, name in table.items():
+            if name == own_name and key in state:
+                return key
+    stacked = "in_proj_weight" if own_name.startswith("w") else "in_proj_bias"
+    return f"{stacked} (part {own_name[-1]})" if stacked in state else own_name
+
+
+def torch_module_config(module) -> tuple:
+    """(config, state dict) of a torch.nn.MultiheadAttention or a seed-style module."""
+    params = dict(module.state_dict()) if hasattr(module, "state_dict") else None
+    if params is None:
+        raise TypeError(f"from_torch expects a torch module, got {type(module).__name__}")
+    if "in_proj_weight" in params or "q_proj_weight" in params:
+        if getattr(module, "bias_k", None) is not None or getattr(module, "add_zero_attn", False):
+            raise ValueError(
+                "from_torch: add_bias_kv and add_zero_attn of torch.nn.MultiheadAttention "
+                "are not supported"
+            )
+        if not getattr(module, "_qkv_same_embed_dim", True):
+            raise ValueError(
+                "from_torch: a torch.nn.MultiheadAttention with kdim/vdim != embed_dim is "
+                "cross-attention; MultiHeadSelfAttention needs kdim == vdim == embed_dim"
+            )
+        d_model = int(module.embed_dim)
+        num_heads = int(module.num_heads)
+        bias = "in_proj_bias" in params and params["in_proj_bias"] is not None
+        weight = params.get("in_proj_weight", params.get("q_proj_weight"))
+        if not bias:
+            params = {k: v for k, v in params.items() if not k.endswith("bias")}
+    elif all(f"{n}.weight" in params for n in ("query", "key", "value", "fc")):
+        if not hasattr(module, "num_heads"):
+            raise ValueError("from_torch: the module has query/key/value/fc but no num_heads")
+        num_heads = int(module.num_heads)
+        weight = params["query.weight"]
+        d_model = int(weight.shape[1])
+        bias = "query.bias" in params
+    else:
+        raise TypeError(
+            f"from_torch expects torch.nn.MultiheadAttention or a module with query, key, "
+            f"value and fc linear layers, got {type(module).__name__}"
+        )
+    dtype = np.float64 if str(weight.dtype) == "torch.float64" else np.float32
+    return {"d_model": d_model, "num_heads": num_heads, "bias": bias, "dtype": dtype}, params
+
+
+def parse_config(raw: Optional[np.ndarray], fmt: str, path) -> Dict[str, Any]:
+    """The config stored by ``save``, checked field by field."""
+    where = os.fspath(path)
+    if raw is None:
+        raise ValueError(f"{where}: no __config__ entry; not written by fastattn's save()")
+    try:
+        cfg = json.loads(str(raw[()]))
+    except (ValueError, TypeError, IndexError) as exc:
+        raise ValueError(f"{where}: __config__ is not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != fmt:
+        raise ValueError(f"{where}: __config__ format is not {fmt!r}")
+    checks = {
+        "d_model": lambda v: isinstance(v, int) and v > 0,
+        "num_heads": lambda v: isinstance(v, int) and v > 0,
+        "num_kv_heads": lambda v: isinstance(v, int) and v > 0,
+        "bias": lambda v: isinstance(v, bool),
+        "dtype": lambda v: v in ("float32", "float64"),
+    }
+    for key, ok in checks.items():
+        if key not in cfg or not ok(cfg[key]):
+            raise ValueError(f"{where}: __config__ field {key!r} is missing or invalid")
+    return cfg
