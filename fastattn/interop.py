@@ -76,10 +76,10 @@ def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool)
         elif key in _TORCH_STACKED:
             kind = _TORCH_STACKED[key]
             shape = _shape(value)
-            if not shape or shape[0] != total:
+            expected = (total, slices["q"].stop) if kind == "w" else (total,)
+            if shape != expected:
                 raise ValueError(
-                    f"{key}: expected first axis of length {total} (q, k, v stacked), "
-                    f"got shape {tuple(shape)}"
+                    f"{key}: expected shape {expected} (q, k, v stacked), got {shape}"
                 )
             arr = to_numpy(value, key)
             for part in ("q", "k", "v"):

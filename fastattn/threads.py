@@ -40,21 +40,25 @@ def default_num_threads() -> int:
 _num_threads = default_num_threads()
 
 
-def set_num_threads(n: Optional[int]) -> None:
+def set_num_threads(n: int) -> None:
     """Set the number of threads fastattn calls use (projections included).
 
     Parameters
     ----------
-    n : int or None
-        A positive thread count, or None to return to the default
-        (``OMP_NUM_THREADS`` if set, else the cores this process may use).
+    n : int
+        A positive thread count.  ``default_num_threads()`` gives the
+        default: ``OMP_NUM_THREADS`` if set, else the cores this process may use.
+
+    Raises
+    ------
+    TypeError
+        ``n`` is not an int.
+    ValueError
+        ``n`` is below 1.
     """
     global _num_threads
-    if n is None:
-        _num_threads = default_num_threads()
-        return
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"set_num_threads: n must be a positive int or None, got {n!r}")
+        raise TypeError(f"set_num_threads: n must be a positive int, got {n!r}")
     if n < 1:
         raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
     _num_threads = int(n)

@@ -32,13 +32,16 @@ static inline VEC FA(vselect)(IVEC mask, VEC a, VEC b) {
     return (VEC)((mask & (IVEC)a) | (~mask & (IVEC)b));
 }
 
-/* max that ignores a NaN in x, so a NaN score reaches the output through the
- * exponentials (IEEE propagation) instead of poisoning the running maximum. */
-static inline VEC FA(vmax)(VEC x, VEC m) { return FA(vselect)(x > m, x, m); }
+/* max that lets a NaN through (as numpy's does): a NaN score then makes its
+ * row NaN, as IEEE arithmetic on the plain formula would, instead of being
+ * skipped or mistaken for a fully masked row. */
+static inline VEC FA(vmax)(VEC x, VEC m) { return FA(vselect)((x > m) | (x != x), x, m); }
+
+static inline REAL FA(smax)(REAL x, REAL m) { return (x > m || x != x) ? x : m; }
 
 static inline REAL FA(hmax)(VEC v) {
     REAL m = v[0];
-    for (int64_t i = 1; i < VLEN; i++) m = v[i] > m ? v[i] : m;
+    for (int64_t i = 1; i < VLEN; i++) m = FA(smax)(v[i], m);
     return m;
 }
 
@@ -205,7 +208,7 @@ static void FA(online_softmax)(REAL *restrict S, int64_t lds, int64_t rows, int6
     for (int64_t r = 0; r < rows; r++) {
         REAL *s = S + r * lds;
         REAL mx = FA(row_max)(s, cols_pad);
-        REAL m_new = mx > m[r] ? mx : m[r];
+        REAL m_new = FA(smax)(mx, m[r]);
         if (m_new == (REAL)-INFINITY) {
             for (int64_t c = 0; c < cols_pad; c++) s[c] = 0;
             continue;
@@ -256,7 +259,7 @@ static void FA(softmax_rows)(REAL *restrict W, int64_t ldw, int64_t rows, int64_
         VEC vm = FA(vsplat)((REAL)-INFINITY);
         for (int64_t c = 0; c < nv; c += VLEN) vm = FA(vmax)(*(const FA(uvec) *)(w + c), vm);
         REAL mx = FA(hmax)(vm);
-        for (int64_t c = nv; c < n; c++) mx = w[c] > mx ? w[c] : mx;
+        for (int64_t c = nv; c < n; c++) mx = FA(smax)(w[c], mx);
         if (mx == (REAL)-INFINITY) {
             for (int64_t c = 0; c < n; c++) w[c] = 0;
             continue;
