@@ -1,0 +1,130 @@
+"""The kernel builds and their tiling: every instruction-set build, block size
+and thread count gives the float64 reference's answer."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import functional, threads
+from fastattn._dispatch import available_isas, kernels
+
+from reference import ref_sdpa
+
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
+
+
+def _case(rng, dtype, lead=(2,), H=4, Hkv=2, Lq=37, Lk=71, E=24, Ev=40):
+    q = rng.standard_normal(lead + (H, Lq, E)).astype(dtype)
+    k = rng.standard_normal(lead + (Hkv, Lk, E)).astype(dtype)
+    v = rng.standard_normal(lead + (Hkv, Lk, Ev)).astype(dtype)
+    return q, k, v
+
+
+def _run(mod, q, k, v, *, causal=False, mask=None, need_weights=False, block_q=64, block_k=64,
+         num_threads=2):
+    full = q.shape[:-1] + (k.shape[-2],)
+    bmask, fmask = functional.prepare_mask(mask, "attn_mask", full, q.dtype)
+    out = np.empty(q.shape[:-1] + (v.shape[-1],), q.dtype)
+    w = np.empty(full, q.dtype) if need_weights else None
+    mod.attention(q, k, v, out, w, bmask, None, fmask, causal, 1 / np.sqrt(q.shape[-1]),
+                  block_q, block_k, num_threads)
+    return out, w
+
+
+@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_isa_build_matches_reference(rng, isa, dtype):
+    mod = importlib.import_module(f"fastattn._kernels_{isa}")
+    assert mod.isa() == isa
+    q, k, v = _case(rng, dtype)
+    mask = rng.random((37, 71)) > 0.2
+    for causal in (False, True):
+        ref_out, ref_w = ref_sdpa(q, k, v, attn_mask=mask, is_causal=causal)
+        out, w = _run(mod, q, k, v, causal=causal, mask=mask, need_weights=True)
+        np.testing.assert_allclose(out, ref_out, **TOL[dtype])
+        np.testing.assert_allclose(w, ref_w, **TOL[dtype])
+        out2, _ = _run(mod, q, k, v, causal=causal, mask=mask)
+        np.testing.assert_allclose(out2, ref_out, **TOL[dtype])
+
+
+@pytest.mark.parametrize("block_q,block_k", [(1, 1), (7, 5), (16, 200), (200, 16), (64, 64)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_result_does_not_depend_on_block_sizes(rng, block_q, block_k, dtype):
+    q, k, v = _case(rng, dtype, Lq=97, Lk=101)
+    fmask = np.where(rng.random((1, 4, 97, 101)) > 0.1, rng.standard_normal((1, 4, 97, 101)), -np.inf)
+    for causal in (False, True):
+        ref_out, _ = ref_sdpa(q, k, v, attn_mask=fmask, is_causal=causal)
+        out, _ = _run(kernels, q, k, v, causal=causal, mask=fmask, block_q=block_q, block_k=block_k)
+        np.testing.assert_allclose(out, ref_out, **TOL[dtype])
+
+
+def test_threads_give_identical_bits(rng):
+    """Each tile is computed the same way whichever thread runs it."""
+    q, k, v = _case(rng, np.float32, lead=(3,), H=8, Hkv=8, Lq=130, Lk=130)
+    one, _ = _run(kernels, q, k, v, causal=True, num_threads=1)
+    for n in (2, 3, 5):
+        many, _ = _run(kernels, q, k, v, causal=True, num_threads=n)
+        np.testing.assert_array_equal(many, one)
+
+
+def test_kernel_rejects_inconsistent_operands(rng):
+    q, k, v = _case(rng, np.float32)
+    out = np.empty(q.shape[:-1] + (v.shape[-1],), np.float32)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        kernels.attention(q, k[..., :5, :], v, out, None, None, None, None, False, 1.0, 64, 64, 1)
+    with pytest.raises(TypeError, match="dtype"):
+        kernels.attention(q, k.astype(np.float64), v, out, None, None, None, None, False, 1.0,
+                          64, 64, 1)
+    with pytest.raises(ValueError, match="unit stride"):
+        kernels.attention(q[..., ::2], k[..., ::2], v, out, None, None, None, None, False, 1.0,
+                          64, 64, 1)
+
+
+def test_blas_is_held_to_one_thread_during_a_call_and_restored():
+    libs = threads.blas_info()
+    if not libs:
+        pytest.skip("threadpoolctl finds no BLAS library loaded by NumPy")
+    before = [lib["num_threads"] for lib in libs]
+    with threads.blas_single_threaded():
+        with threads.blas_single_threaded():  # nested holds share one
+            assert all(lib["num_threads"] == 1 for lib in threads.blas_info())
+        assert all(lib["num_threads"] == 1 for lib in threads.blas_info())
+    assert [lib["num_threads"] for lib in threads.blas_info()] == before
+
+
+def test_parallel_matmul_matches_numpy(rng):
+    a = rng.standard_normal((301, 70)).astype(np.float32)
+    b = rng.standard_normal((70, 45)).astype(np.float32)
+    for n in (1, 2, 4):
+        out = np.empty((301, 45), np.float32)
+        kernels.parallel_matmul(a, b.T.copy().T, out, n)
+        np.testing.assert_allclose(out, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-4)
+
+
+def test_omp_num_threads_sets_the_default():
+    code = "import fastattn; print(fastattn.get_num_threads())"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert res.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize("isa", available_isas())
+def test_fastattn_isa_env_forces_a_build(isa):
+    code = "from fastattn._dispatch import kernels; print(kernels.isa())"
+    env = dict(os.environ, FASTATTN_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert res.stdout.strip() == isa
+
+
+def test_info_reports_the_build():
+    data = fastattn.info()
+    assert data["kernel_isa"] == kernels.isa() == available_isas()[0]
+    assert isinstance(data["openmp"], bool)
+    assert data["num_threads"] == fastattn.get_num_threads()
