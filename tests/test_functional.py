@@ -485,7 +485,8 @@ def test_inf_input_does_not_crash_or_spread(rng, dtype):
     q[0, 0, 2, :] = np.inf
     out = sdpa(q, k, v)
     assert out.shape == (1, 2, 5, 4)
-    ref_out, _ = ref_sdpa(q, k, v)
+    with np.errstate(invalid="ignore"):  # inf * 0 inside the reference's matmul
+        ref_out, _ = ref_sdpa(q, k, v)
     rows = [0, 1, 3, 4]
     np.testing.assert_allclose(out[0, 0, rows], ref_out[0, 0, rows], **tol(dtype))
     np.testing.assert_allclose(out[0, 1], ref_out[0, 1], **tol(dtype))

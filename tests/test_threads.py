@@ -45,7 +45,7 @@ def test_set_non_positive_raises(bad):
     assert fastattn.get_num_threads() == 2  # unchanged by the failed call
 
 
-@pytest.mark.parametrize("bad", [1.5, 2.0, "2", [2]])
+@pytest.mark.parametrize("bad", [1.5, 2.0, "2", [2], None])
 def test_set_non_int_raises(bad):
     fastattn.set_num_threads(1)
     with pytest.raises((TypeError, ValueError)):
