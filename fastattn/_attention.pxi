@@ -32,42 +32,40 @@ cdef extern from "fa_kernels.h" nogil:
     int64_t fa_row_align_f32()
     int64_t fa_col_align_f64()
     int64_t fa_row_align_f64()
-    void fa_pack_rows_f32(float* dst, int64_t ldd, const float* src, int64_t srs, int64_t rows,
-                          int64_t cols, float scale, int64_t rows_pad, int64_t cols_pad)
-    void fa_pack_rows_f64(double* dst, int64_t ldd, const double* src, int64_t srs, int64_t rows,
-                          int64_t cols, double scale, int64_t rows_pad, int64_t cols_pad)
-    void fa_pack_transposed_f32(float* dst, int64_t ldd, const float* src, int64_t srs,
-                                int64_t rows, int64_t cols, int64_t rows_pad)
-    void fa_pack_transposed_f64(double* dst, int64_t ldd, const double* src, int64_t srs,
-                                int64_t rows, int64_t cols, int64_t rows_pad)
-    void fa_gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                     const float* B, int64_t ldb, float* C, int64_t ldc, int accumulate)
-    void fa_gemm_f64(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
-                     const double* B, int64_t ldb, double* C, int64_t ldc, int accumulate)
-    void fa_mask_bool_f32(float* S, int64_t lds, int64_t rows, int64_t cols,
-                          const uint8_t* mask, int64_t m_rs, int64_t m_cs)
-    void fa_mask_bool_f64(double* S, int64_t lds, int64_t rows, int64_t cols,
-                          const uint8_t* mask, int64_t m_rs, int64_t m_cs)
-    void fa_mask_add_f32(float* S, int64_t lds, int64_t rows, int64_t cols,
-                         const float* mask, int64_t m_rs, int64_t m_cs)
-    void fa_mask_add_f64(double* S, int64_t lds, int64_t rows, int64_t cols,
-                         const double* mask, int64_t m_rs, int64_t m_cs)
-    void fa_mask_causal_f32(float* S, int64_t lds, int64_t rows, int64_t cols, int64_t first_limit)
-    void fa_mask_causal_f64(double* S, int64_t lds, int64_t rows, int64_t cols, int64_t first_limit)
-    void fa_pad_neg_inf_f32(float* S, int64_t lds, int64_t rows, int64_t cols, int64_t cols_pad)
-    void fa_pad_neg_inf_f64(double* S, int64_t lds, int64_t rows, int64_t cols, int64_t cols_pad)
-    void fa_online_softmax_f32(float* S, int64_t lds, int64_t rows, int64_t cols_pad, float* m,
-                               float* l, float* O, int64_t ldo, int64_t ocols_pad)
-    void fa_online_softmax_f64(double* S, int64_t lds, int64_t rows, int64_t cols_pad, double* m,
-                               double* l, double* O, int64_t ldo, int64_t ocols_pad)
-    void fa_finalize_f32(const float* O, int64_t ldo, const float* l, int64_t rows, float* out,
-                         int64_t ors, int64_t cols)
-    void fa_finalize_f64(const double* O, int64_t ldo, const double* l, int64_t rows,
-                         double* out, int64_t ors, int64_t cols)
-    void fa_copy_block_f32(float* W, int64_t ldw, const float* S, int64_t lds, int64_t rows,
-                           int64_t cols)
-    void fa_copy_block_f64(double* W, int64_t ldw, const double* S, int64_t lds, int64_t rows,
-                           int64_t cols)
+    void fa_pack_qt_f32(float* dst, int64_t ldd, const float* src, int64_t srs, int64_t rows,
+                        int64_t cols, float scale)
+    void fa_pack_qt_f64(double* dst, int64_t ldd, const double* src, int64_t srs, int64_t rows,
+                        int64_t cols, double scale)
+    void fa_gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t rs, int64_t ps,
+                     const float* B, int64_t ldb, float* C, int64_t ldc, int accumulate,
+                     float* tail)
+    void fa_gemm_f64(int64_t M, int64_t N, int64_t K, const double* A, int64_t rs, int64_t ps,
+                     const double* B, int64_t ldb, double* C, int64_t ldc, int accumulate,
+                     double* tail)
+    void fa_mask_bool_f32(float* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
+                          const uint8_t* mask, int64_t m_is, int64_t m_js)
+    void fa_mask_bool_f64(double* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
+                          const uint8_t* mask, int64_t m_is, int64_t m_js)
+    void fa_mask_add_f32(float* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
+                         const float* mask, int64_t m_is, int64_t m_js)
+    void fa_mask_add_f64(double* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
+                         const double* mask, int64_t m_is, int64_t m_js)
+    void fa_mask_causal_f32(float* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
+                            int64_t first_limit)
+    void fa_mask_causal_f64(double* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
+                            int64_t first_limit)
+    void fa_online_softmax_f32(float* ST, int64_t lds, int64_t nkeys, int64_t ncols, float* m,
+                               float* l, float* OT, int64_t ldo, int64_t ev)
+    void fa_online_softmax_f64(double* ST, int64_t lds, int64_t nkeys, int64_t ncols, double* m,
+                               double* l, double* OT, int64_t ldo, int64_t ev)
+    void fa_finalize_f32(const float* OT, int64_t ldo, const float* l, int64_t rows, int64_t ev,
+                         float* out, int64_t ors)
+    void fa_finalize_f64(const double* OT, int64_t ldo, const double* l, int64_t rows,
+                         int64_t ev, double* out, int64_t ors)
+    void fa_copy_strided_f32(float* dst, int64_t d_rs, int64_t d_cs, const float* src,
+                             int64_t s_rs, int64_t s_cs, int64_t rows, int64_t cols)
+    void fa_copy_strided_f64(double* dst, int64_t d_rs, int64_t d_cs, const double* src,
+                             int64_t s_rs, int64_t s_cs, int64_t rows, int64_t cols)
     void fa_softmax_rows_f32(float* W, int64_t ldw, int64_t rows, int64_t n)
     void fa_softmax_rows_f64(double* W, int64_t ldw, int64_t rows, int64_t n)
 
@@ -93,7 +91,8 @@ cdef struct Problem:
     int64_t lead_count, heads, kv_group, len_q, len_k, dim, dim_v
     int64_t causal_offset      # query i may attend key j <= i + causal_offset
     int64_t block_q, block_k, n_qblocks
-    int64_t rows_pad, keys_pad, dimv_pad
+    int64_t lanes               # query columns of the transposed tiles (block_q rounded to NR)
+    int64_t tail_len            # elements of the gemm tail-panel scratch
     double scale
 
 
@@ -101,78 +100,24 @@ cdef inline int64_t _round_up(int64_t x, int64_t m) noexcept nogil:
     return ((x + m - 1) // m) * m
 
 
-cdef inline int64_t _row_align(floating* tag) noexcept nogil:
-    if floating is float:
-        return fa_row_align_f32()
-    else:
-        return fa_row_align_f64()
-
-
-cdef inline int64_t _col_align(floating* tag) noexcept nogil:
-    if floating is float:
-        return fa_col_align_f32()
-    else:
-        return fa_col_align_f64()
-
-
 # ---- typed wrappers: one name per C routine, the fused type picks the C twin
 
-cdef inline void _pack_rows(floating* dst, int64_t ldd, const floating* src, int64_t srs,
-                            int64_t rows, int64_t cols, double scale, int64_t rows_pad,
-                            int64_t cols_pad) noexcept nogil:
+cdef inline void _gemm(int64_t M, int64_t N, int64_t K, const floating* A, int64_t rs,
+                       int64_t ps, const floating* B, int64_t ldb, floating* C, int64_t ldc,
+                       int accumulate, floating* tail) noexcept nogil:
     if floating is float:
-        fa_pack_rows_f32(dst, ldd, src, srs, rows, cols, <float>scale, rows_pad, cols_pad)
+        fa_gemm_f32(M, N, K, A, rs, ps, B, ldb, C, ldc, accumulate, tail)
     else:
-        fa_pack_rows_f64(dst, ldd, src, srs, rows, cols, scale, rows_pad, cols_pad)
+        fa_gemm_f64(M, N, K, A, rs, ps, B, ldb, C, ldc, accumulate, tail)
 
 
-cdef inline void _pack_transposed(floating* dst, int64_t ldd, const floating* src, int64_t srs,
-                                  int64_t rows, int64_t cols, int64_t rows_pad) noexcept nogil:
+cdef inline void _copy_strided(floating* dst, int64_t d_rs, int64_t d_cs, const floating* src,
+                               int64_t s_rs, int64_t s_cs, int64_t rows,
+                               int64_t cols) noexcept nogil:
     if floating is float:
-        fa_pack_transposed_f32(dst, ldd, src, srs, rows, cols, rows_pad)
+        fa_copy_strided_f32(dst, d_rs, d_cs, src, s_rs, s_cs, rows, cols)
     else:
-        fa_pack_transposed_f64(dst, ldd, src, srs, rows, cols, rows_pad)
-
-
-cdef inline void _gemm(int64_t M, int64_t N, int64_t K, const floating* A, int64_t lda,
-                       const floating* B, int64_t ldb, floating* C, int64_t ldc,
-                       int accumulate) noexcept nogil:
-    if floating is float:
-        fa_gemm_f32(M, N, K, A, lda, B, ldb, C, ldc, accumulate)
-    else:
-        fa_gemm_f64(M, N, K, A, lda, B, ldb, C, ldc, accumulate)
-
-
-cdef inline void _online_softmax(floating* S, int64_t lds, int64_t rows, int64_t cols_pad,
-                                 floating* m, floating* l, floating* O, int64_t ldo,
-                                 int64_t ocols_pad) noexcept nogil:
-    if floating is float:
-        fa_online_softmax_f32(S, lds, rows, cols_pad, m, l, O, ldo, ocols_pad)
-    else:
-        fa_online_softmax_f64(S, lds, rows, cols_pad, m, l, O, ldo, ocols_pad)
-
-
-cdef inline void _finalize(const floating* O, int64_t ldo, const floating* l, int64_t rows,
-                           floating* out, int64_t ors, int64_t cols) noexcept nogil:
-    if floating is float:
-        fa_finalize_f32(O, ldo, l, rows, out, ors, cols)
-    else:
-        fa_finalize_f64(O, ldo, l, rows, out, ors, cols)
-
-
-cdef inline void _copy_block(floating* W, int64_t ldw, const floating* S, int64_t lds,
-                             int64_t rows, int64_t cols) noexcept nogil:
-    if floating is float:
-        fa_copy_block_f32(W, ldw, S, lds, rows, cols)
-    else:
-        fa_copy_block_f64(W, ldw, S, lds, rows, cols)
-
-
-cdef inline void _softmax_rows(floating* W, int64_t ldw, int64_t rows, int64_t n) noexcept nogil:
-    if floating is float:
-        fa_softmax_rows_f32(W, ldw, rows, n)
-    else:
-        fa_softmax_rows_f64(W, ldw, rows, n)
+        fa_copy_strided_f64(dst, d_rs, d_cs, src, s_rs, s_cs, rows, cols)
 
 
 cdef inline char* _at(const Operand* a, int64_t b, int64_t head, int64_t row, int64_t col,
@@ -180,55 +125,49 @@ cdef inline char* _at(const Operand* a, int64_t b, int64_t head, int64_t row, in
     return a.base + (a.lead_off[b] + head * a.s_head + row * a.s_row + col * a.s_col) * itemsize
 
 
-cdef void _scores_block(const Problem* P, floating* S, const floating* Qs, floating* Kt,
-                        const floating* k, int64_t b, int64_t h, int64_t i0, int64_t rows,
+cdef void _scores_block(const Problem* P, floating* ST, const floating* QT, const floating* k,
+                        floating* tail, int64_t b, int64_t h, int64_t i0, int64_t rows,
                         int64_t j0, int64_t bk) noexcept nogil:
-    """Scaled, masked scores of one query block against keys j0 .. j0+bk.
+    """Scaled, masked scores of one query block against keys j0 .. j0+bk, transposed.
 
-    Leaves S[r][0:bk] for the real rows (padding rows are zero, since the
-    packed queries are), with -inf wherever a key may not be attended.
+    ST[j][i] (key j, query lane i) for j < bk; -inf wherever the key may not
+    be attended.  Lanes past `rows` hold harmless zeros.
     """
     cdef int64_t isz = sizeof(floating)
-    cdef int64_t bkp = _round_up(bk, _col_align(<floating*>NULL))
-    _pack_transposed(Kt, P.keys_pad, k + j0 * P.k.s_row, P.k.s_row, bk, P.dim, bkp)
-    _gemm(P.rows_pad, bkp, P.dim, Qs, P.dim, Kt, P.keys_pad, S, P.keys_pad, 0)
+    cdef int64_t L = P.lanes
+    _gemm(bk, L, P.dim, k + j0 * P.k.s_row, P.k.s_row, 1, QT, L, ST, L, 0, tail)
+    # masks index (query i, key j), which sits at ST[i * 1 + j * L]
     if P.has_fmask:
         if floating is float:
-            fa_mask_add_f32(S, P.keys_pad, rows, bk,
-                            <const float*>_at(&P.fmask, b, h, i0, j0, isz),
+            fa_mask_add_f32(ST, 1, L, rows, bk, <const float*>_at(&P.fmask, b, h, i0, j0, isz),
                             P.fmask.s_row, P.fmask.s_col)
         else:
-            fa_mask_add_f64(S, P.keys_pad, rows, bk,
-                            <const double*>_at(&P.fmask, b, h, i0, j0, isz),
+            fa_mask_add_f64(ST, 1, L, rows, bk, <const double*>_at(&P.fmask, b, h, i0, j0, isz),
                             P.fmask.s_row, P.fmask.s_col)
     if P.has_bmask1:
         if floating is float:
-            fa_mask_bool_f32(S, P.keys_pad, rows, bk,
-                             <const uint8_t*>_at(&P.bmask1, b, h, i0, j0, 1),
+            fa_mask_bool_f32(ST, 1, L, rows, bk, <const uint8_t*>_at(&P.bmask1, b, h, i0, j0, 1),
                              P.bmask1.s_row, P.bmask1.s_col)
         else:
-            fa_mask_bool_f64(S, P.keys_pad, rows, bk,
-                             <const uint8_t*>_at(&P.bmask1, b, h, i0, j0, 1),
+            fa_mask_bool_f64(ST, 1, L, rows, bk, <const uint8_t*>_at(&P.bmask1, b, h, i0, j0, 1),
                              P.bmask1.s_row, P.bmask1.s_col)
     if P.has_bmask2:
         if floating is float:
-            fa_mask_bool_f32(S, P.keys_pad, rows, bk,
-                             <const uint8_t*>_at(&P.bmask2, b, h, i0, j0, 1),
+            fa_mask_bool_f32(ST, 1, L, rows, bk, <const uint8_t*>_at(&P.bmask2, b, h, i0, j0, 1),
                              P.bmask2.s_row, P.bmask2.s_col)
         else:
-            fa_mask_bool_f64(S, P.keys_pad, rows, bk,
-                             <const uint8_t*>_at(&P.bmask2, b, h, i0, j0, 1),
+            fa_mask_bool_f64(ST, 1, L, rows, bk, <const uint8_t*>_at(&P.bmask2, b, h, i0, j0, 1),
                              P.bmask2.s_row, P.bmask2.s_col)
-    # Only blocks that reach past the first row's diagonal need the causal cut.
+    # Only blocks that reach past the first query's diagonal need the causal cut.
     if P.causal and j0 + bk - 1 > i0 + P.causal_offset:
         if floating is float:
-            fa_mask_causal_f32(S, P.keys_pad, rows, bk, i0 + P.causal_offset - j0)
+            fa_mask_causal_f32(ST, 1, L, rows, bk, i0 + P.causal_offset - j0)
         else:
-            fa_mask_causal_f64(S, P.keys_pad, rows, bk, i0 + P.causal_offset - j0)
+            fa_mask_causal_f64(ST, 1, L, rows, bk, i0 + P.causal_offset - j0)
 
 
 cdef inline int64_t _keys_end(const Problem* P, int64_t i0, int64_t rows) noexcept nogil:
-    """One past the last key any row of the block may attend."""
+    """One past the last key any query of the block may attend."""
     cdef int64_t end = P.len_k
     if P.causal:
         end = i0 + rows + P.causal_offset
@@ -248,95 +187,90 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
     cdef int64_t hk = h // P.kv_group
     cdef int64_t i0 = (work % P.n_qblocks) * P.block_q
     cdef int64_t rows = min(P.block_q, P.len_q - i0)
+    cdef int64_t L = P.lanes
     cdef int64_t j0, bk, j_end, r
 
-    # Every region starts on a vector boundary (sizes as in _run).
-    cdef int64_t a = _col_align(<floating*>NULL)
-    cdef floating* Qs = scratch
-    cdef floating* Kt = Qs + _round_up(P.rows_pad * P.dim, a)
-    cdef floating* S = Kt + _round_up(P.dim * P.keys_pad, a)
-    cdef floating* Vp = S + P.rows_pad * P.keys_pad
-    cdef floating* O = Vp + P.keys_pad * P.dimv_pad
-    cdef floating* m = O + P.rows_pad * P.dimv_pad
-    cdef floating* l = m + _round_up(P.rows_pad, a)
+    # regions as sized in _scratch_elems; each starts on a vector boundary
+    cdef floating* QT = scratch                    # E x L: queries, transposed, scaled
+    cdef floating* ST = QT + P.dim * L             # block_k x L: scores, then probabilities
+    cdef floating* OT = ST + P.block_k * L         # Ev x L: output accumulator
+    cdef floating* m = OT + P.dim_v * L            # L: running max per query
+    cdef floating* l = m + L                       # L: running sum per query
+    cdef floating* tail = l + L                    # gemm tail panel
 
-    cdef const floating* q = <const floating*>_at(&P.q, b, h, i0, 0, isz)
     cdef const floating* k = <const floating*>_at(&P.k, b, hk, 0, 0, isz)
     cdef const floating* v = <const floating*>_at(&P.v, b, hk, 0, 0, isz)
     cdef floating* out = <floating*>_at(&P.out, b, h, i0, 0, isz)
     cdef floating* W
 
-    _pack_rows(Qs, P.dim, q, P.q.s_row, rows, P.dim, P.scale, P.rows_pad, P.dim)
-    memset(O, 0, P.rows_pad * P.dimv_pad * isz)
-    for r in range(P.rows_pad):
+    if floating is float:
+        fa_pack_qt_f32(QT, L, <const float*>_at(&P.q, b, h, i0, 0, isz), P.q.s_row, rows,
+                       P.dim, <float>P.scale)
+    else:
+        fa_pack_qt_f64(QT, L, <const double*>_at(&P.q, b, h, i0, 0, isz), P.q.s_row, rows,
+                       P.dim, P.scale)
+    memset(OT, 0, P.dim_v * L * isz)
+    for r in range(L):
         m[r] = -INFINITY
         l[r] = 0
     j_end = _keys_end(P, i0, rows)
 
     if not P.has_weights:
-        # Streaming: walk the keys once with a running max and sum per row.
+        # Streaming: walk the keys once with a running max and sum per query.
         j0 = 0
         while j0 < j_end:
             bk = min(P.block_k, P.len_k - j0)
-            _scores_block(P, S, Qs, Kt, k, b, h, i0, rows, j0, bk)
-            _pad_and_update(P, S, rows, bk, m, l, O)
-            _pack_rows(Vp, P.dimv_pad, v + j0 * P.v.s_row, P.v.s_row, bk, P.dim_v, 1.0,
-                       bk, P.dimv_pad)
-            _gemm(P.rows_pad, P.dimv_pad, bk, S, P.keys_pad, Vp, P.dimv_pad, O, P.dimv_pad, 1)
+            _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk)
+            if floating is float:
+                fa_online_softmax_f32(ST, L, bk, L, m, l, OT, L, P.dim_v)
+            else:
+                fa_online_softmax_f64(ST, L, bk, L, m, l, OT, L, P.dim_v)
+            # O^T += V_block^T P^T, V read in place (rows of V are E-contiguous)
+            _gemm(P.dim_v, L, bk, v + j0 * P.v.s_row, 1, P.v.s_row, ST, L, OT, L, 1, tail)
             j0 += P.block_k
-        _finalize(O, P.dimv_pad, l, rows, out, P.out.s_row, P.dim_v)
-        return
-
-    # Weights requested: scores of the whole row land in the caller's weights
-    # buffer, are normalised there, then multiply V block by block.
-    W = <floating*>_at(&P.weights, b, h, i0, 0, isz)
-    j0 = 0
-    while j0 < P.len_k:
-        bk = min(P.block_k, P.len_k - j0)
-        _scores_block(P, S, Qs, Kt, k, b, h, i0, rows, j0, bk)
-        _copy_block(W + j0, P.len_k, S, P.keys_pad, rows, bk)
-        j0 += P.block_k
-    _softmax_rows(W, P.len_k, rows, P.len_k)
-    memset(S, 0, P.rows_pad * P.keys_pad * isz)
-    j0 = 0
-    while j0 < j_end:
-        bk = min(P.block_k, P.len_k - j0)
-        _copy_block(S, P.keys_pad, W + j0, P.len_k, rows, bk)
-        _pack_rows(Vp, P.dimv_pad, v + j0 * P.v.s_row, P.v.s_row, bk, P.dim_v, 1.0,
-                   bk, P.dimv_pad)
-        _gemm(P.rows_pad, P.dimv_pad, bk, S, P.keys_pad, Vp, P.dimv_pad, O, P.dimv_pad, 1)
-        j0 += P.block_k
-    for r in range(rows):
-        l[r] = 1
-    _finalize(O, P.dimv_pad, l, rows, out, P.out.s_row, P.dim_v)
-
-
-cdef inline void _pad_and_update(const Problem* P, floating* S, int64_t rows, int64_t bk,
-                                 floating* m, floating* l, floating* O) noexcept nogil:
-    cdef int64_t bkp = _round_up(bk, _col_align(<floating*>NULL))
-    if floating is float:
-        fa_pad_neg_inf_f32(S, P.keys_pad, rows, bk, bkp)
     else:
-        fa_pad_neg_inf_f64(S, P.keys_pad, rows, bk, bkp)
-    _online_softmax(S, P.keys_pad, rows, bkp, m, l, O, P.dimv_pad, P.dimv_pad)
+        # Weights requested: the scores of whole rows land in the caller's
+        # buffer, are normalised there, then multiply V block by block.
+        W = <floating*>_at(&P.weights, b, h, i0, 0, isz)
+        j0 = 0
+        while j0 < P.len_k:
+            bk = min(P.block_k, P.len_k - j0)
+            _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk)
+            _copy_strided(W + j0, P.len_k, 1, ST, 1, L, rows, bk)
+            j0 += P.block_k
+        if floating is float:
+            fa_softmax_rows_f32(W, P.len_k, rows, P.len_k)
+        else:
+            fa_softmax_rows_f64(W, P.len_k, rows, P.len_k)
+        memset(ST, 0, P.block_k * L * isz)  # lanes past `rows` stay zero
+        j0 = 0
+        while j0 < j_end:
+            bk = min(P.block_k, P.len_k - j0)
+            _copy_strided(ST, 1, L, W + j0, P.len_k, 1, rows, bk)
+            _gemm(P.dim_v, L, bk, v + j0 * P.v.s_row, 1, P.v.s_row, ST, L, OT, L, 1, tail)
+            j0 += P.block_k
+        for r in range(rows):
+            l[r] = 1
+    if floating is float:
+        fa_finalize_f32(OT, L, l, rows, P.dim_v, out, P.out.s_row)
+    else:
+        fa_finalize_f64(OT, L, l, rows, P.dim_v, out, P.out.s_row)
+
+
+cdef inline int64_t _scratch_elems(const Problem* P) noexcept nogil:
+    """Per-thread scratch, in elements: Q^T, S^T, O^T, m, l and the tail panel."""
+    return (P.dim + P.block_k + P.dim_v + 2) * P.lanes + P.tail_len
 
 
 cdef int _run(const Problem* P, int num_threads, floating* tag) noexcept nogil:
     """Runs every tile; returns 0, or -1 when a thread's scratch could not be had."""
     cdef int64_t n_work = (P.lead_count * P.heads) * P.n_qblocks
-    cdef int64_t a = _col_align(<floating*>NULL)
-    # Same regions as in _tile: packed Q, K^T, scores, packed V, output
-    # accumulator, running max and sum; the first two rounded so that every
-    # region starts on a vector boundary.
-    cdef int64_t scratch = (_round_up(P.rows_pad * P.dim, a) + _round_up(P.dim * P.keys_pad, a)
-                            + P.rows_pad * P.keys_pad + P.keys_pad * P.dimv_pad
-                            + P.rows_pad * P.dimv_pad + 2 * _round_up(P.rows_pad, a))
     cdef int failed = 0
     cdef int* failed_flag = &failed  # shared: a plain int would be thread-private
     cdef int64_t w
     cdef floating* buf = NULL
     with parallel(num_threads=num_threads):
-        buf = <floating*>fa_aligned_alloc(scratch * sizeof(floating))
+        buf = <floating*>fa_aligned_alloc(_scratch_elems(P) * sizeof(floating))
         if buf == NULL:
             failed_flag[0] = 1
         # dynamic: causal blocks near the bottom cost more than those on top
@@ -463,13 +397,17 @@ def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double 
 
 cdef void _setup_blocks(Problem* P, int64_t block_q, int64_t block_k,
                         floating* tag) noexcept nogil:
-    cdef int64_t ra = _row_align(<floating*>NULL), ca = _col_align(<floating*>NULL)
-    P.block_q = _round_up(min(block_q, max(P.len_q, 1)), ra)
-    P.block_k = _round_up(min(block_k, max(P.len_k, 1)), ca)
+    cdef int64_t ra, ca
+    if floating is float:
+        ra, ca = fa_row_align_f32(), fa_col_align_f32()
+    else:
+        ra, ca = fa_row_align_f64(), fa_col_align_f64()
+    # queries run along vector lanes: a block is a whole number of NR lanes
+    P.block_q = _round_up(min(block_q, max(P.len_q, 1)), ca)
+    P.block_k = min(block_k, max(P.len_k, 1))
     P.n_qblocks = (P.len_q + P.block_q - 1) // P.block_q
-    P.rows_pad = P.block_q
-    P.keys_pad = P.block_k
-    P.dimv_pad = _round_up(P.dim_v, ca)
+    P.lanes = P.block_q
+    P.tail_len = ra * max(P.dim, P.block_k)
 
 
 def isa():

@@ -2,12 +2,15 @@
  * The innermost loops of the attention kernel, written once and included twice
  * by fa_kernels.h: with REAL = float (suffix _f32) and REAL = double (_f64).
  *
- * Layout conventions shared with fastattn/_attention.pxi:
- *  - packed blocks live in per-thread scratch, FA_ALIGN-aligned, and every
- *    leading dimension is a multiple of NR (so every row starts aligned);
- *  - row counts handed to gemm are multiples of FA_MR (padding rows are zero);
- *  - score rows are padded to a multiple of NR with -inf before the softmax,
- *    so the padded lanes weigh exactly zero.
+ * The tile works on transposed blocks, queries along the vector lanes:
+ *   S^T (keys x queries)   = K_block . Q^T          (K read in place)
+ *   O^T (Ev x queries)    += V_block^T . P^T        (V read in place)
+ * so the online softmax is lane-wise (a running max and sum per query lane,
+ * no horizontal reductions) and only Q is packed, once per tile.
+ *
+ * Buffers in per-thread scratch (Q^T, S^T, O^T, m, l) are FA_ALIGN-aligned
+ * with leading dimensions that are multiples of NR; their query columns past
+ * the real ones are zero-padded and never stored.
  */
 
 #define VLEN ((int64_t)(FA_VBYTES / sizeof(REAL)))
@@ -75,179 +78,159 @@ static inline VEC FA(vexp)(VEC x) {
     return FA(vselect)(x > hi, FA(vsplat)((REAL)INFINITY), res);
 }
 
-/* dst[r][c] = scale * src[r * srs + c] for r < rows, c < cols; zero up to
- * rows_pad x cols_pad.  Q (scaled) and V blocks go through here. */
-static void FA(pack_rows)(REAL *restrict dst, int64_t ldd, const REAL *restrict src,
-                          int64_t srs, int64_t rows, int64_t cols, REAL scale,
-                          int64_t rows_pad, int64_t cols_pad) {
-    for (int64_t r = 0; r < rows; r++) {
-        const REAL *s = src + r * srs;
-        REAL *d = dst + r * ldd;
-        for (int64_t c = 0; c < cols; c++) d[c] = scale * s[c];
-        for (int64_t c = cols; c < cols_pad; c++) d[c] = 0;
-    }
-    for (int64_t r = rows; r < rows_pad; r++)
-        for (int64_t c = 0; c < cols_pad; c++) dst[r * ldd + c] = 0;
-}
-
-/* dst[c][r] = src[r * srs + c]: a block of keys, transposed so the score
- * micro-kernel reads NR consecutive keys per vector.  Columns r >= rows
- * (keys past the end) are zero. */
-static void FA(pack_transposed)(REAL *restrict dst, int64_t ldd, const REAL *restrict src,
-                                int64_t srs, int64_t rows, int64_t cols, int64_t rows_pad) {
-    for (int64_t c = 0; c < cols; c++)
-        for (int64_t r = rows; r < rows_pad; r++) dst[c * ldd + r] = 0;
-    /* Walk the keys in groups so each group's source rows stay in L1 while
-     * their columns are scattered into the transposed block. */
-    for (int64_t r0 = 0; r0 < rows; r0 += 8) {
-        int64_t r1 = r0 + 8 < rows ? r0 + 8 : rows;
-        for (int64_t c = 0; c < cols; c++) {
-            REAL *d = dst + c * ldd;
-            for (int64_t r = r0; r < r1; r++) d[r] = src[r * srs + c];
+/* dst[e][i] = scale * src[i * srs + e]: the query block, transposed and
+ * scaled once per tile; columns i >= rows (up to ldd) are zero. */
+static void FA(pack_qt)(REAL *restrict dst, int64_t ldd, const REAL *restrict src, int64_t srs,
+                        int64_t rows, int64_t cols, REAL scale) {
+    for (int64_t e = 0; e < cols; e++)
+        for (int64_t i = rows; i < ldd; i++) dst[e * ldd + i] = 0;
+    /* groups of rows, so each group's source lines stay in L1 while their
+     * columns are scattered */
+    for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+        int64_t i1 = i0 + 8 < rows ? i0 + 8 : rows;
+        for (int64_t e = 0; e < cols; e++) {
+            REAL *d = dst + e * ldd;
+            for (int64_t i = i0; i < i1; i++) d[i] = scale * src[i * srs + e];
         }
     }
 }
 
 /*
- * C[M x N] (+)= A[M x K] * B[K x N], M a multiple of FA_MR, N of NR, B and C
- * rows aligned.  The micro-tile (FA_MR rows x FA_NV vectors) stays in
- * registers across the whole K loop: this is where the FLOPs are.
+ * One FA_MR-row panel: C[r][0:N] (+)= sum_p A(r, p) * B[p][0:N] for r < mr,
+ * A(r, p) = A[r * rs + p * ps].  N is a multiple of NR; B and C rows are
+ * aligned.  The FA_MR x FA_NV accumulator tile stays in registers for the
+ * whole K loop.  Rows >= mr of A must be readable (the caller packs tails).
  */
-static void FA(gemm)(int64_t M, int64_t N, int64_t K, const REAL *restrict A, int64_t lda,
-                     const REAL *restrict B, int64_t ldb, REAL *restrict C, int64_t ldc,
-                     int accumulate) {
-    for (int64_t i = 0; i < M; i += FA_MR) {
-        for (int64_t j = 0; j < N; j += NR) {
-            VEC acc[FA_MR][FA_NV];
-            for (int r = 0; r < FA_MR; r++)
-                for (int v = 0; v < FA_NV; v++)
-                    acc[r][v] = accumulate ? *(const VEC *)(C + (i + r) * ldc + j + v * VLEN)
-                                           : FA(vsplat)(0);
-            const REAL *a = A + i * lda;
-            for (int64_t p = 0; p < K; p++) {
-                VEC b[FA_NV];
-                for (int v = 0; v < FA_NV; v++) b[v] = *(const VEC *)(B + p * ldb + j + v * VLEN);
-                for (int r = 0; r < FA_MR; r++) {
-                    REAL ar = a[r * lda + p];
-                    for (int v = 0; v < FA_NV; v++) acc[r][v] += ar * b[v];
-                }
+static inline void FA(panel)(int64_t N, int64_t K, const REAL *restrict A, int64_t rs,
+                             int64_t ps, const REAL *restrict B, int64_t ldb,
+                             REAL *restrict C, int64_t ldc, int accumulate, int64_t mr) {
+    for (int64_t j = 0; j < N; j += NR) {
+        VEC acc[FA_MR][FA_NV];
+        for (int r = 0; r < FA_MR; r++)
+            for (int v = 0; v < FA_NV; v++)
+                acc[r][v] = (accumulate && r < mr)
+                                ? *(const VEC *)(C + r * ldc + j + v * VLEN)
+                                : FA(vsplat)(0);
+        for (int64_t p = 0; p < K; p++) {
+            VEC b[FA_NV];
+            for (int v = 0; v < FA_NV; v++) b[v] = *(const VEC *)(B + p * ldb + j + v * VLEN);
+            const REAL *a = A + p * ps;
+            for (int r = 0; r < FA_MR; r++) {
+                REAL ar = a[r * rs];
+                for (int v = 0; v < FA_NV; v++) acc[r][v] += ar * b[v];
             }
-            for (int r = 0; r < FA_MR; r++)
-                for (int v = 0; v < FA_NV; v++)
-                    *(VEC *)(C + (i + r) * ldc + j + v * VLEN) = acc[r][v];
+        }
+        for (int r = 0; r < FA_MR; r++) {
+            if (r >= mr) break;
+            for (int v = 0; v < FA_NV; v++) *(VEC *)(C + r * ldc + j + v * VLEN) = acc[r][v];
         }
     }
-}
-
-/* Scores of keys that may not be attended become -inf. */
-static void FA(mask_bool)(REAL *restrict S, int64_t lds, int64_t rows, int64_t cols,
-                          const uint8_t *restrict mask, int64_t m_rs, int64_t m_cs) {
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *m = mask + r * m_rs;
-        REAL *s = S + r * lds;
-        for (int64_t c = 0; c < cols; c++)
-            if (!m[c * m_cs]) s[c] = (REAL)-INFINITY;
-    }
-}
-
-static void FA(mask_add)(REAL *restrict S, int64_t lds, int64_t rows, int64_t cols,
-                         const REAL *restrict mask, int64_t m_rs, int64_t m_cs) {
-    for (int64_t r = 0; r < rows; r++) {
-        const REAL *m = mask + r * m_rs;
-        REAL *s = S + r * lds;
-        for (int64_t c = 0; c < cols; c++) s[c] += m[c * m_cs];
-    }
-}
-
-/* Row r may attend columns c <= first_limit + r; the rest become -inf. */
-static void FA(mask_causal)(REAL *restrict S, int64_t lds, int64_t rows, int64_t cols,
-                            int64_t first_limit) {
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t c0 = first_limit + r + 1;
-        if (c0 < 0) c0 = 0;
-        REAL *s = S + r * lds;
-        for (int64_t c = c0; c < cols; c++) s[c] = (REAL)-INFINITY;
-    }
-}
-
-/* Pads each score row from cols to cols_pad with -inf. */
-static void FA(pad_neg_inf)(REAL *restrict S, int64_t lds, int64_t rows, int64_t cols,
-                            int64_t cols_pad) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = cols; c < cols_pad; c++) S[r * lds + c] = (REAL)-INFINITY;
-}
-
-/* Largest value of a row of n_pad (a multiple of VLEN) aligned entries. */
-static inline REAL FA(row_max)(const REAL *restrict s, int64_t n_pad) {
-    VEC m = FA(vsplat)((REAL)-INFINITY);
-    for (int64_t c = 0; c < n_pad; c += VLEN) m = FA(vmax)(*(const VEC *)(s + c), m);
-    return FA(hmax)(m);
-}
-
-/* s[c] = exp(s[c] - shift) in place; returns the sum. */
-static inline REAL FA(exp_shift_sum)(REAL *restrict s, int64_t n_pad, REAL shift) {
-    VEC acc = FA(vsplat)(0), sh = FA(vsplat)(shift);
-    for (int64_t c = 0; c < n_pad; c += VLEN) {
-        VEC p = FA(vexp)(*(VEC *)(s + c) - sh);
-        *(VEC *)(s + c) = p;
-        acc += p;
-    }
-    return FA(hsum)(acc);
 }
 
 /*
- * One step of the online (streaming) softmax over a block of scores.  For each
- * of the first `rows` rows: new running max, scores -> exp(score - max) in
- * place, running sum rescaled and extended, accumulated output rescaled.  A
- * row that has seen only -inf so far keeps max = -inf, sum = 0 and gets an
- * all-zero block, so fully masked rows end as zeros, never as NaN.
+ * C[M x N] (+)= A[M x K] * B[K x N] with A read through strides (rs between
+ * rows, ps between inner-dimension steps), so K and V are used in place.
+ * A last panel of fewer than FA_MR rows is first copied into `tail`
+ * (FA_MR * K elements), zero-padded, so no read runs past A.
  */
-static void FA(online_softmax)(REAL *restrict S, int64_t lds, int64_t rows, int64_t cols_pad,
-                               REAL *restrict m, REAL *restrict l, REAL *restrict O,
-                               int64_t ldo, int64_t ocols_pad) {
-    for (int64_t r = 0; r < rows; r++) {
-        REAL *s = S + r * lds;
-        REAL mx = FA(row_max)(s, cols_pad);
-        REAL m_new = FA(smax)(mx, m[r]);
-        if (m_new == (REAL)-INFINITY) {
-            for (int64_t c = 0; c < cols_pad; c++) s[c] = 0;
-            continue;
-        }
-        REAL rs = FA(exp_shift_sum)(s, cols_pad, m_new);
-        if (m_new != m[r]) {
-            REAL corr = FA_SCALAR_EXP(m[r] - m_new);
-            l[r] *= corr;
-            VEC vc = FA(vsplat)(corr);
-            REAL *o = O + r * ldo;
-            for (int64_t c = 0; c < ocols_pad; c += VLEN) *(VEC *)(o + c) *= vc;
-        }
-        l[r] += rs;
-        m[r] = m_new;
+static void FA(gemm)(int64_t M, int64_t N, int64_t K, const REAL *restrict A, int64_t rs,
+                     int64_t ps, const REAL *restrict B, int64_t ldb, REAL *restrict C,
+                     int64_t ldc, int accumulate, REAL *restrict tail) {
+    int64_t i = 0;
+    if (rs == 1) {
+        for (; i + FA_MR <= M; i += FA_MR)
+            FA(panel)(N, K, A + i, 1, ps, B, ldb, C + i * ldc, ldc, accumulate, FA_MR);
+    } else if (ps == 1) {
+        for (; i + FA_MR <= M; i += FA_MR)
+            FA(panel)(N, K, A + i * rs, rs, 1, B, ldb, C + i * ldc, ldc, accumulate, FA_MR);
+    } else {
+        for (; i + FA_MR <= M; i += FA_MR)
+            FA(panel)(N, K, A + i * rs, rs, ps, B, ldb, C + i * ldc, ldc, accumulate, FA_MR);
+    }
+    if (i < M) {
+        int64_t mr = M - i;
+        for (int64_t p = 0; p < K; p++)
+            for (int64_t r = 0; r < FA_MR; r++)
+                tail[p * FA_MR + r] = r < mr ? A[(i + r) * rs + p * ps] : 0;
+        FA(panel)(N, K, tail, 1, FA_MR, B, ldb, C + i * ldc, ldc, accumulate, mr);
     }
 }
 
-/* out[r * ors + c] = O[r][c] / l[r]; a row with l == 0 (nothing attended) is
- * 0, and a NaN in l reaches the output as NaN. */
-static void FA(finalize)(const REAL *restrict O, int64_t ldo, const REAL *restrict l,
-                         int64_t rows, REAL *restrict out, int64_t ors, int64_t cols) {
-    for (int64_t r = 0; r < rows; r++) {
-        const REAL *o = O + r * ldo;
-        REAL *d = out + r * ors;
-        if (l[r] == 0) {
-            for (int64_t c = 0; c < cols; c++) d[c] = 0;
+/* Scores S(i, j) = S[i * s_is + j * s_js] of keys that may not be attended
+ * become -inf; i runs over `rows` queries, j over `cols` keys. */
+static void FA(mask_bool)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t rows,
+                          int64_t cols, const uint8_t *restrict mask, int64_t m_is,
+                          int64_t m_js) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++)
+            if (!mask[i * m_is + j * m_js]) S[i * s_is + j * s_js] = (REAL)-INFINITY;
+}
+
+static void FA(mask_add)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t rows,
+                         int64_t cols, const REAL *restrict mask, int64_t m_is, int64_t m_js) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++) S[i * s_is + j * s_js] += mask[i * m_is + j * m_js];
+}
+
+/* Query i may attend keys j <= first_limit + i; the rest become -inf. */
+static void FA(mask_causal)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t rows,
+                            int64_t cols, int64_t first_limit) {
+    for (int64_t i = 0; i < rows; i++) {
+        int64_t j0 = first_limit + i + 1;
+        for (int64_t j = j0 < 0 ? 0 : j0; j < cols; j++) S[i * s_is + j * s_js] = (REAL)-INFINITY;
+    }
+}
+
+/*
+ * One step of the online softmax over a block of transposed scores ST
+ * (nkeys rows, ncols query lanes, ncols a multiple of VLEN).  Per query lane:
+ * new running max m, scores -> exp(score - m) in place, running sum l
+ * rescaled and extended, and the accumulated output O^T (ev rows) rescaled.
+ * A lane that has seen only -inf keeps m = -inf and l = 0 and contributes
+ * zeros (shift 0 instead of -inf - -inf), so fully masked queries end as 0.
+ */
+static void FA(online_softmax)(REAL *restrict ST, int64_t lds, int64_t nkeys, int64_t ncols,
+                               REAL *restrict m, REAL *restrict l, REAL *restrict OT,
+                               int64_t ldo, int64_t ev) {
+    const VEC ninf = FA(vsplat)((REAL)-INFINITY), zero = FA(vsplat)(0);
+    for (int64_t c = 0; c < ncols; c += VLEN) {
+        VEC mx = *(VEC *)(m + c);
+        for (int64_t j = 0; j < nkeys; j++) mx = FA(vmax)(*(const VEC *)(ST + j * lds + c), mx);
+        VEC shift = FA(vselect)(mx == ninf, zero, mx);
+        VEC corr = FA(vexp)(*(VEC *)(m + c) - shift);
+        VEC sum = zero;
+        for (int64_t j = 0; j < nkeys; j++) {
+            VEC p = FA(vexp)(*(VEC *)(ST + j * lds + c) - shift);
+            *(VEC *)(ST + j * lds + c) = p;
+            sum += p;
+        }
+        *(VEC *)(l + c) = *(VEC *)(l + c) * corr + sum;
+        *(VEC *)(m + c) = mx;
+        for (int64_t e = 0; e < ev; e++) *(VEC *)(OT + e * ldo + c) *= corr;
+    }
+}
+
+/* out[i * ors + e] = O^T[e][i] / l[i] for i < rows, e < ev; a query with
+ * l == 0 (nothing attended) gets 0, and a NaN in l reaches the output. */
+static void FA(finalize)(const REAL *restrict OT, int64_t ldo, const REAL *restrict l,
+                         int64_t rows, int64_t ev, REAL *restrict out, int64_t ors) {
+    for (int64_t i = 0; i < rows; i++) {
+        REAL *d = out + i * ors;
+        if (l[i] == 0) {
+            for (int64_t e = 0; e < ev; e++) d[e] = 0;
         } else {
-            REAL inv = (REAL)1 / l[r];
-            for (int64_t c = 0; c < cols; c++) d[c] = o[c] * inv;
+            REAL inv = (REAL)1 / l[i];
+            for (int64_t e = 0; e < ev; e++) d[e] = OT[e * ldo + i] * inv;
         }
     }
 }
 
-/* Copies rows x cols of S into W (row stride ldw).  The weights path keeps
- * the scaled, masked scores of a whole query block in the caller's buffer. */
-static void FA(copy_block)(REAL *restrict W, int64_t ldw, const REAL *restrict S, int64_t lds,
-                           int64_t rows, int64_t cols) {
+/* dst(r, c) = src(r, c) through strides, r < rows, c < cols. */
+static void FA(copy_strided)(REAL *restrict dst, int64_t d_rs, int64_t d_cs,
+                             const REAL *restrict src, int64_t s_rs, int64_t s_cs, int64_t rows,
+                             int64_t cols) {
     for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < cols; c++) W[r * ldw + c] = S[r * lds + c];
+        for (int64_t c = 0; c < cols; c++) dst[r * d_rs + c * d_cs] = src[r * s_rs + c * s_cs];
 }
 
 /* Full softmax of `rows` rows of length n (any stride, any alignment), in
