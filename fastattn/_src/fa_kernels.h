@@ -19,12 +19,11 @@
 #define FA_LN2_HI 0.693145751953125f
 #define FA_LN2_LO 1.428606765330187045e-06f
 #define FA_EXP_MAGIC 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer */
-#define FA_EXP_LO -87.3f         /* 2^-126, the smallest normal power of two */
-#define FA_EXP_HI 88.3f          /* 2^127 */
+#define FA_EXP_LO -88.0296919311f /* -127 ln2: 2^n assembles to exactly 0 */
+#define FA_VMAX(a, b) FA_MAX_PS(a, b)
 #define FA_EXP_BIAS 127
 #define FA_MANT_BITS 23
 #define FA_EXP_DEG 7
-#define FA_SCALAR_EXP expf
 static const float fa_exp_c_f32[8] = {1.0f, 1.0f, 1.0f / 2, 1.0f / 6, 1.0f / 24,
                                       1.0f / 120, 1.0f / 720, 1.0f / 5040};
 #define FA_EXP_C fa_exp_c_f32
@@ -37,11 +36,10 @@ static const float fa_exp_c_f32[8] = {1.0f, 1.0f, 1.0f / 2, 1.0f / 6, 1.0f / 24,
 #undef FA_LN2_LO
 #undef FA_EXP_MAGIC
 #undef FA_EXP_LO
-#undef FA_EXP_HI
+#undef FA_VMAX
 #undef FA_EXP_BIAS
 #undef FA_MANT_BITS
 #undef FA_EXP_DEG
-#undef FA_SCALAR_EXP
 #undef FA_EXP_C
 
 /* ---- double ---- */
@@ -52,12 +50,11 @@ static const float fa_exp_c_f32[8] = {1.0f, 1.0f, 1.0f / 2, 1.0f / 6, 1.0f / 24,
 #define FA_LN2_HI 6.93147180369123816490e-01
 #define FA_LN2_LO 1.90821492927058770002e-10
 #define FA_EXP_MAGIC 6755399441055744.0 /* 1.5 * 2^52 */
-#define FA_EXP_LO -708.0                /* above 2^-1022 */
-#define FA_EXP_HI 709.0                 /* below 2^1024 */
+#define FA_EXP_LO -709.089565712824  /* -1023 ln2: 2^n assembles to exactly 0 */
+#define FA_VMAX(a, b) FA_MAX_PD(a, b)
 #define FA_EXP_BIAS 1023
 #define FA_MANT_BITS 52
 #define FA_EXP_DEG 13
-#define FA_SCALAR_EXP exp
 static const double fa_exp_c_f64[14] = {
     1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320,
     1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0};
@@ -71,11 +68,10 @@ static const double fa_exp_c_f64[14] = {
 #undef FA_LN2_LO
 #undef FA_EXP_MAGIC
 #undef FA_EXP_LO
-#undef FA_EXP_HI
+#undef FA_VMAX
 #undef FA_EXP_BIAS
 #undef FA_MANT_BITS
 #undef FA_EXP_DEG
-#undef FA_SCALAR_EXP
 #undef FA_EXP_C
 
 static const char *fa_isa_name(void) { return FA_ISA_NAME; }

@@ -35,17 +35,30 @@ static inline VEC FA(vselect)(IVEC mask, VEC a, VEC b) {
     return (VEC)((mask & (IVEC)a) | (~mask & (IVEC)b));
 }
 
-/* max that lets a NaN through (as numpy's does): a NaN score then makes its
- * row NaN, as IEEE arithmetic on the plain formula would, instead of being
- * skipped or mistaken for a fully masked row. */
-static inline VEC FA(vmax)(VEC x, VEC m) { return FA(vselect)((x > m) | (x != x), x, m); }
+/* Lane-wise max(a, b); where a lane of b is NaN the result is NaN, where
+ * only a's is, the result may drop it (callers let NaN reach the output
+ * through the exponentials instead). */
+static inline VEC FA(vmax)(VEC a, VEC b) {
+#if defined(FA_MAX_PS)
+    return FA_VMAX(a, b);
+#else
+    return FA(vselect)((b > a) | (b != b), b, a);
+#endif
+}
 
+/* Scalar max that lets a NaN in x through (as numpy's max does). */
 static inline REAL FA(smax)(REAL x, REAL m) { return (x > m || x != x) ? x : m; }
 
 static inline REAL FA(hmax)(VEC v) {
     REAL m = v[0];
     for (int64_t i = 1; i < VLEN; i++) m = FA(smax)(v[i], m);
     return m;
+}
+
+static inline int FA(any)(IVEC mask) {
+    IREAL acc = 0;
+    for (int64_t i = 0; i < VLEN; i++) acc |= mask[i];
+    return acc != 0;
 }
 
 static inline REAL FA(hsum)(VEC v) {
@@ -55,15 +68,15 @@ static inline REAL FA(hsum)(VEC v) {
 }
 
 /*
- * exp(x) lane-wise: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2),
- * exp(r) by its Taylor polynomial, 2^n assembled in the exponent bits.  Below
- * FA_EXP_LO the result is 0 (so exp(-inf) == 0), above FA_EXP_HI it is +inf,
- * and NaN stays NaN.  Relative error: ~1 ulp in float, ~2 ulp in double.
+ * exp(x) lane-wise for x <= 0 (the softmax only exponentiates score - max):
+ * x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), exp(r) by its
+ * Taylor polynomial, 2^n assembled in the exponent bits.  x is first clamped
+ * at FA_EXP_LO, where n reaches -bias and the assembled 2^n is exactly 0, so
+ * exp(-inf) == 0 (and results below the smallest normal flush to 0) with no
+ * select.  NaN stays NaN.  Relative error: ~1 ulp in float, ~2 ulp in double.
  */
 static inline VEC FA(vexp)(VEC x) {
-    const VEC lo = FA(vsplat)(FA_EXP_LO), hi = FA(vsplat)(FA_EXP_HI);
-    VEC xc = FA(vselect)(x < lo, lo, x);
-    xc = FA(vselect)(xc > hi, hi, xc);
+    VEC xc = FA(vmax)(FA(vsplat)(FA_EXP_LO), x);
     const VEC magic = FA(vsplat)(FA_EXP_MAGIC);
     VEC t = xc * FA(vsplat)(FA_LOG2E) + magic;
     VEC kf = t - magic;
@@ -73,9 +86,7 @@ static inline VEC FA(vexp)(VEC x) {
     VEC p = FA(vsplat)(FA_EXP_C[FA_EXP_DEG]);
     for (int d = FA_EXP_DEG - 1; d >= 0; d--) p = p * r + FA(vsplat)(FA_EXP_C[d]);
     IVEC bits = (n + (IREAL)FA_EXP_BIAS) << FA_MANT_BITS;
-    VEC res = p * (VEC)bits;
-    res = FA(vselect)(x < lo, FA(vsplat)(0), res);
-    return FA(vselect)(x > hi, FA(vsplat)((REAL)INFINITY), res);
+    return p * (VEC)bits;
 }
 
 /* dst[e][i] = scale * src[i * srs + e]: the query block, transposed and
@@ -195,7 +206,7 @@ static void FA(online_softmax)(REAL *restrict ST, int64_t lds, int64_t nkeys, in
     const VEC ninf = FA(vsplat)((REAL)-INFINITY), zero = FA(vsplat)(0);
     for (int64_t c = 0; c < ncols; c += VLEN) {
         VEC mx = *(VEC *)(m + c);
-        for (int64_t j = 0; j < nkeys; j++) mx = FA(vmax)(*(const VEC *)(ST + j * lds + c), mx);
+        for (int64_t j = 0; j < nkeys; j++) mx = FA(vmax)(mx, *(const VEC *)(ST + j * lds + c));
         VEC shift = FA(vselect)(mx == ninf, zero, mx);
         VEC corr = FA(vexp)(*(VEC *)(m + c) - shift);
         VEC sum = zero;
@@ -205,8 +216,11 @@ static void FA(online_softmax)(REAL *restrict ST, int64_t lds, int64_t nkeys, in
             sum += p;
         }
         *(VEC *)(l + c) = *(VEC *)(l + c) * corr + sum;
+        /* once the running max has settled (most blocks), corr is all ones */
+        IVEC moved = mx != *(VEC *)(m + c);
         *(VEC *)(m + c) = mx;
-        for (int64_t e = 0; e < ev; e++) *(VEC *)(OT + e * ldo + c) *= corr;
+        if (FA(any)(moved))
+            for (int64_t e = 0; e < ev; e++) *(VEC *)(OT + e * ldo + c) *= corr;
     }
 }
 
@@ -240,11 +254,15 @@ static void FA(softmax_rows)(REAL *restrict W, int64_t ldw, int64_t rows, int64_
     for (int64_t r = 0; r < rows; r++) {
         REAL *w = W + r * ldw;
         VEC vm = FA(vsplat)((REAL)-INFINITY);
-        for (int64_t c = 0; c < nv; c += VLEN) vm = FA(vmax)(*(const FA(uvec) *)(w + c), vm);
+        for (int64_t c = 0; c < nv; c += VLEN) vm = FA(vmax)(vm, *(const FA(uvec) *)(w + c));
         REAL mx = FA(hmax)(vm);
         for (int64_t c = nv; c < n; c++) mx = FA(smax)(w[c], mx);
         if (mx == (REAL)-INFINITY) {
-            for (int64_t c = 0; c < n; c++) w[c] = 0;
+            /* nothing to attend, unless the fast max dropped a NaN */
+            REAL fill = 0;
+            for (int64_t c = 0; c < n; c++)
+                if (w[c] != w[c]) fill = w[c];
+            for (int64_t c = 0; c < n; c++) w[c] = fill;
             continue;
         }
         VEC sh = FA(vsplat)(mx), acc = FA(vsplat)(0);

@@ -27,6 +27,22 @@
 #define FA_ISA_NAME "baseline"
 #endif
 
+/* Lane-wise max in one instruction where there is one.  Operand order
+ * matters for NaN: x86 max returns its second operand when either is NaN. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#if FA_VBYTES == 64
+#define FA_MAX_PS(a, b) ((__typeof__(a))_mm512_max_ps((__m512)(a), (__m512)(b)))
+#define FA_MAX_PD(a, b) ((__typeof__(a))_mm512_max_pd((__m512d)(a), (__m512d)(b)))
+#elif FA_VBYTES == 32
+#define FA_MAX_PS(a, b) ((__typeof__(a))_mm256_max_ps((__m256)(a), (__m256)(b)))
+#define FA_MAX_PD(a, b) ((__typeof__(a))_mm256_max_pd((__m256d)(a), (__m256d)(b)))
+#else
+#define FA_MAX_PS(a, b) ((__typeof__(a))_mm_max_ps((__m128)(a), (__m128)(b)))
+#define FA_MAX_PD(a, b) ((__typeof__(a))_mm_max_pd((__m128d)(a), (__m128d)(b)))
+#endif
+#endif
+
 /* Vectors per micro-tile row: two, so loads of B overlap with the FMAs. */
 #define FA_NV 2
 
