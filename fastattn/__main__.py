@@ -33,10 +33,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  OpenMP:      {'on' if data['openmp'] else 'off (single-threaded build)'}")
     print(f"  threads:     {data['num_threads']}")
     print(f"  numpy:       {data['numpy']}")
-    for lib in data["blas"] or [{"library": "none found", "version": None}]:
-        arch = f", {lib.get('architecture')}" if lib.get("architecture") else ""
-        threads = f", {lib['num_threads']} threads" if "num_threads" in lib else ""
-        print(f"  BLAS:        {lib['library']} {lib.get('version') or ''}{arch}{threads}")
+    print(f"  projections: {data['projections']} (no BLAS in a fastattn call)")
+    blas = data["numpy_blas"]
+    print(f"  numpy BLAS:  {blas['name']} {blas.get('version') or ''} (used by the NumPy comparison)")
     print(f"  python:      {data['python']} on {data['machine']}")
     return 0
 

@@ -66,6 +66,18 @@ cdef extern from "fa_kernels.h" nogil:
                              int64_t s_rs, int64_t s_cs, int64_t rows, int64_t cols)
     void fa_copy_strided_f64(double* dst, int64_t d_rs, int64_t d_cs, const double* src,
                              int64_t s_rs, int64_t s_cs, int64_t rows, int64_t cols)
+    int64_t fa_packed_len_f32(int64_t n_out, int64_t k)
+    int64_t fa_packed_len_f64(int64_t n_out, int64_t k)
+    int64_t fa_padded_bias_len_f32(int64_t n_out)
+    int64_t fa_padded_bias_len_f64(int64_t n_out)
+    void fa_pack_weight_f32(float* dst, const float* W, int64_t n_out, int64_t k)
+    void fa_pack_weight_f64(double* dst, const double* W, int64_t n_out, int64_t k)
+    void fa_linear_block_f32(const float* X, int64_t ldx, int64_t m0, int64_t m1, int64_t K,
+                             const float* Wp, const float* bias, int64_t n_out, int64_t q0,
+                             int64_t q1, float* Y, int64_t ldy, int64_t kc, float* scratch)
+    void fa_linear_block_f64(const double* X, int64_t ldx, int64_t m0, int64_t m1, int64_t K,
+                             const double* Wp, const double* bias, int64_t n_out, int64_t q0,
+                             int64_t q1, double* Y, int64_t ldy, int64_t kc, double* scratch)
     void fa_softmax_rows_f32(float* W, int64_t ldw, int64_t rows, int64_t n)
     void fa_softmax_rows_f64(double* W, int64_t ldw, int64_t rows, int64_t n)
 
@@ -425,33 +437,149 @@ def cpu_features():
     return {"avx512": bool(fa_cpu_has_avx512()), "avx2": bool(fa_cpu_has_avx2())}
 
 
-def _matmul_rows(a, b, out, Py_ssize_t chunk, Py_ssize_t n_chunks, list errors):
-    cdef Py_ssize_t M = a.shape[0]
-    cdef Py_ssize_t lo = M * chunk // n_chunks, hi = M * (chunk + 1) // n_chunks
-    try:
-        if hi > lo:
-            np.matmul(a[lo:hi], b, out=out[lo:hi])
-    except BaseException as exc:
-        errors.append(exc)
+# ---- projections ---------------------------------------------------------
+
+# rows x output panels per work item: a block of packed weights (K x 8 panels)
+# stays in L2 while the rows stream past it
+cdef int64_t LINEAR_ROWS = 64
+cdef int64_t LINEAR_PANELS = 8
 
 
-def parallel_matmul(a, b, out, int num_threads):
-    """out = a @ b with the rows of `a` split over this library's OpenMP threads.
+def _aligned_empty(Py_ssize_t n, dtype):
+    """A 1-D array of n elements whose data starts on a 64-byte boundary."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.empty(n + 64 // itemsize, dtype=dtype)
+    skip = (-raw.ctypes.data % 64) // itemsize
+    return raw[skip:skip + n]
 
-    Each thread calls NumPy's matmul (which releases the GIL) on its share, so
-    the BLAS underneath should be limited to one thread by the caller: then the
-    projections and the attention kernel share one threading layer and one
-    thread count.
+
+def pack_weight(w, bias):
+    """Pack an nn.Linear weight (n_out, k) for :func:`linear`; pad its bias.
+
+    Returns (packed weight, padded bias or None).  The layout depends on this
+    build's vector width, so pack with the kernel module that will run it.
     """
-    cdef Py_ssize_t c, n_chunks = num_threads
-    cdef list errors = []
-    if num_threads <= 1:
-        np.matmul(a, b, out=out)
+    cdef cnp.ndarray W = np.ascontiguousarray(w)
+    cdef int64_t n_out = W.shape[0], k = W.shape[1]
+    if W.ndim != 2:
+        raise ValueError("weight must be 2-D")
+    if W.dtype == np.float32:
+        packed = _aligned_empty(fa_packed_len_f32(n_out, k), np.float32)
+        fa_pack_weight_f32(<float*>cnp.PyArray_DATA(packed), <const float*>cnp.PyArray_DATA(W), n_out, k)
+        blen = fa_padded_bias_len_f32(n_out)
+    elif W.dtype == np.float64:
+        packed = _aligned_empty(fa_packed_len_f64(n_out, k), np.float64)
+        fa_pack_weight_f64(<double*>cnp.PyArray_DATA(packed), <const double*>cnp.PyArray_DATA(W), n_out, k)
+        blen = fa_padded_bias_len_f64(n_out)
+    else:
+        raise TypeError(f"weight dtype must be float32 or float64, got {W.dtype}")
+    padded = None
+    if bias is not None:
+        padded = np.zeros(blen, dtype=W.dtype)
+        padded[:n_out] = bias
+    return packed, padded
+
+
+def linear(x, packed, bias, Py_ssize_t n_out, out, int num_threads):
+    """out[...] = x @ W.T + bias, W as packed by :func:`pack_weight`.
+
+    x (m, k) and out (m, n_out) need a unit stride on their last axis; the
+    rows are split over ``num_threads`` OpenMP threads (no BLAS involved).
+    """
+    cdef cnp.ndarray X = <cnp.ndarray?>x, Y = <cnp.ndarray?>out, Wp = <cnp.ndarray?>packed
+    cdef cnp.ndarray Bp
+    if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0] or Y.shape[1] != n_out:
+        raise ValueError("linear: x must be (m, k) and out (m, n_out)")
+    if X.dtype != Wp.dtype or Y.dtype != Wp.dtype or (bias is not None and bias.dtype != Wp.dtype):
+        raise TypeError("linear: x, out, weight and bias must share one dtype")
+    cdef int64_t isz = X.itemsize
+    cdef int64_t m = X.shape[0], k = X.shape[1]
+    if (X.strides[1] != isz and k > 1) or (Y.strides[1] != isz and n_out > 1):
+        raise ValueError("linear: x and out need a unit stride on their last axis")
+    if X.strides[0] % isz or Y.strides[0] % isz:
+        raise ValueError("linear: strides must be multiples of the item size")
+    cdef int64_t nr, need
+    if X.dtype == np.float32:
+        nr = fa_col_align_f32()
+        need = fa_packed_len_f32(n_out, k)
+    else:
+        nr = fa_col_align_f64()
+        need = fa_packed_len_f64(n_out, k)
+    if Wp.size != need or (<size_t>cnp.PyArray_DATA(Wp)) % 64:
+        raise ValueError("linear: packed weight does not match x, n_out and this build")
+    if bias is not None:
+        Bp = <cnp.ndarray?>bias
+        if Bp.size < ((n_out + nr - 1) // nr) * nr:
+            raise ValueError("linear: bias is not padded for this build")
+    if m == 0 or n_out == 0:
         return out
-    with nogil, parallel(num_threads=num_threads):
-        for c in prange(n_chunks, schedule="static", chunksize=1):
-            with gil:
-                _matmul_rows(a, b, out, c, n_chunks, errors)
-    if errors:
-        raise errors[0]
+    if k == 0:
+        out[...] = 0 if bias is None else bias[:n_out]
+        return out
+    cdef LinearJob J
+    J.x = <char*>cnp.PyArray_DATA(X)
+    J.ldx = X.strides[0] // isz
+    J.y = <char*>cnp.PyArray_DATA(Y)
+    J.ldy = Y.strides[0] // isz
+    J.w = <char*>cnp.PyArray_DATA(Wp)
+    J.bias = NULL if bias is None else <char*>cnp.PyArray_DATA(Bp)
+    J.m = m
+    J.k = k
+    J.n_out = n_out
+    J.panels = (n_out + nr - 1) // nr
+    J.kc = k if k <= 1024 else 512
+    J.row_blocks = (m + LINEAR_ROWS - 1) // LINEAR_ROWS
+    J.panel_blocks = (J.panels + LINEAR_PANELS - 1) // LINEAR_PANELS
+    cdef int rc
+    if X.dtype == np.float32:
+        with nogil:
+            rc = _linear_run(&J, num_threads, <float*>NULL)
+    else:
+        with nogil:
+            rc = _linear_run(&J, num_threads, <double*>NULL)
+    if rc != 0:
+        raise MemoryError("could not allocate the projection's scratch buffers")
     return out
+
+
+cdef struct LinearJob:
+    char* x
+    char* y
+    char* w
+    char* bias
+    int64_t ldx, ldy, m, k, n_out, panels, kc, row_blocks, panel_blocks
+
+
+cdef int _linear_run(const LinearJob* J, int num_threads, floating* tag) noexcept nogil:
+    cdef int64_t n_work = J.row_blocks * J.panel_blocks
+    cdef int64_t ra, ca
+    cdef int failed = 0
+    cdef int* failed_flag = &failed
+    cdef int64_t w, m0, m1, q0, q1
+    cdef floating* buf = NULL
+    if floating is float:
+        ra, ca = fa_row_align_f32(), fa_col_align_f32()
+    else:
+        ra, ca = fa_row_align_f64(), fa_col_align_f64()
+    if n_work < num_threads:
+        num_threads = <int>n_work
+    with parallel(num_threads=num_threads):
+        buf = <floating*>fa_aligned_alloc((ra * ca + ra * J.kc) * sizeof(floating))
+        if buf == NULL:
+            failed_flag[0] = 1
+        for w in prange(n_work, schedule="dynamic"):
+            if buf != NULL:
+                m0 = (w // J.panel_blocks) * LINEAR_ROWS
+                m1 = min(m0 + LINEAR_ROWS, J.m)
+                q0 = (w % J.panel_blocks) * LINEAR_PANELS
+                q1 = min(q0 + LINEAR_PANELS, J.panels)
+                if floating is float:
+                    fa_linear_block_f32(<const float*>J.x, J.ldx, m0, m1, J.k,
+                                        <const float*>J.w, <const float*>J.bias, J.n_out,
+                                        q0, q1, <float*>J.y, J.ldy, J.kc, buf)
+                else:
+                    fa_linear_block_f64(<const double*>J.x, J.ldx, m0, m1, J.k,
+                                        <const double*>J.w, <const double*>J.bias, J.n_out,
+                                        q0, q1, <double*>J.y, J.ldy, J.kc, buf)
+        free(buf)
+    return -1 if failed else 0

@@ -11,12 +11,24 @@ from . import threads
 from ._dispatch import available_isas, kernels
 
 
+def numpy_blas() -> Dict[str, Any]:
+    """The BLAS NumPy was built against (used by the NumPy comparison only:
+    fastattn's projections run on its own GEMM)."""
+    try:
+        cfg = np.show_config(mode="dicts")
+        blas = cfg["Build Dependencies"]["blas"]
+        return {"name": blas.get("name"), "version": blas.get("version")}
+    except Exception:  # older NumPy, or a build without the config
+        return {"name": "unknown", "version": None}
+
+
 def info() -> Dict[str, Any]:
     """A dict describing the running configuration (printed by ``python -m fastattn info``).
 
     Keys: ``version``, ``kernel_isa`` (the instruction-set build in use),
-    ``available_isas``, ``openmp``, ``num_threads``, ``numpy``, ``blas``
-    (the libraries NumPy loaded, from threadpoolctl), ``python``, ``machine``.
+    ``available_isas``, ``openmp``, ``num_threads``, ``projections`` (what
+    runs the Q/K/V and output GEMMs), ``numpy``, ``numpy_blas``, ``python``,
+    ``machine``.
     """
     from . import __version__
 
@@ -27,7 +39,8 @@ def info() -> Dict[str, Any]:
         "openmp": kernels.openmp_enabled(),
         "num_threads": threads.get_num_threads(),
         "numpy": np.__version__,
-        "blas": threads.blas_info(),
+        "projections": f"fastattn GEMM ({kernels.isa()}, OpenMP)",
+        "numpy_blas": numpy_blas(),
         "python": platform.python_version(),
         "machine": platform.machine(),
     }

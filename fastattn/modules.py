@@ -9,8 +9,11 @@ The forward pass, in order:
    merged-heads layout), so no transpose follows;
 4. one GEMM applies the output projection.
 
-Both GEMMs split their rows over fastattn's threads with the BLAS held to one
-thread (see :mod:`fastattn.threads`).
+The GEMMs are fastattn's own (``_kernels.linear``), on weights packed once per
+weight change, and run on the same OpenMP threads as the attention kernel.
+Because the packed copy must follow the weights, the parameter arrays handed
+out (``m.w_q`` ...) are read-only views: change weights by assignment
+(``m.w_q = new``), ``load_state_dict`` or ``reset_parameters``.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from . import interop, threads
+from ._dispatch import kernels
 from .functional import (
     _shape_str,
     as_float_array,
     attention_into,
+    kernel_ready as kernel_rows,
     prepare_mask,
 )
 
@@ -126,6 +131,7 @@ class MultiHeadSelfAttention:
         self._w_o = np.empty((d_model, d_model), dtype=self.dtype)
         self._b_qkv = np.empty(d_model + 2 * kv, dtype=self.dtype) if self.bias else None
         self._b_o = np.empty(d_model, dtype=self.dtype) if self.bias else None
+        self._packed = None
         self.reset_parameters(seed)
 
     # ---- parameters ---------------------------------------------------
@@ -140,11 +146,28 @@ class MultiHeadSelfAttention:
         return {"q": slice(0, D), "k": slice(D, D + kv), "v": slice(D + kv, D + 2 * kv)}
 
     def _param_view(self, name: str) -> Optional[np.ndarray]:
+        """The writable storage of parameter ``name`` (a view of the fused arrays)."""
         kind, part = name[0], name[2]
         if part == "o":
             return self._w_o if kind == "w" else self._b_o
         fused = self._w_qkv if kind == "w" else self._b_qkv
         return None if fused is None else fused[self._slices()[part]]
+
+    def _public_view(self, name: str) -> Optional[np.ndarray]:
+        view = self._param_view(name)
+        if view is None:
+            return None
+        view = view.view()
+        view.flags.writeable = False  # the packed copy would not see in-place edits
+        return view
+
+    def _packed_weights(self):
+        """(packed w_qkv, padded b_qkv, packed w_o, padded b_o), built once per change."""
+        if self._packed is None:
+            self._packed = kernels.pack_weight(self._w_qkv, self._b_qkv) + kernels.pack_weight(
+                self._w_o, self._b_o
+            )
+        return self._packed
 
     def _expected_shape(self, name: str) -> Tuple[int, ...]:
         view = self._param_view(name)
@@ -164,15 +187,16 @@ class MultiHeadSelfAttention:
         if arr.dtype.kind != "f":
             raise TypeError(f"{name}: expected a float array, got dtype {arr.dtype}")
         view[...] = arr
+        self._packed = None
 
-    w_q = property(lambda self: self._param_view("w_q"), lambda self, v: self._set_param("w_q", v))
-    w_k = property(lambda self: self._param_view("w_k"), lambda self, v: self._set_param("w_k", v))
-    w_v = property(lambda self: self._param_view("w_v"), lambda self, v: self._set_param("w_v", v))
-    w_o = property(lambda self: self._param_view("w_o"), lambda self, v: self._set_param("w_o", v))
-    b_q = property(lambda self: self._param_view("b_q"), lambda self, v: self._set_param("b_q", v))
-    b_k = property(lambda self: self._param_view("b_k"), lambda self, v: self._set_param("b_k", v))
-    b_v = property(lambda self: self._param_view("b_v"), lambda self, v: self._set_param("b_v", v))
-    b_o = property(lambda self: self._param_view("b_o"), lambda self, v: self._set_param("b_o", v))
+    w_q = property(lambda self: self._public_view("w_q"), lambda self, v: self._set_param("w_q", v))
+    w_k = property(lambda self: self._public_view("w_k"), lambda self, v: self._set_param("w_k", v))
+    w_v = property(lambda self: self._public_view("w_v"), lambda self, v: self._set_param("w_v", v))
+    w_o = property(lambda self: self._public_view("w_o"), lambda self, v: self._set_param("w_o", v))
+    b_q = property(lambda self: self._public_view("b_q"), lambda self, v: self._set_param("b_q", v))
+    b_k = property(lambda self: self._public_view("b_k"), lambda self, v: self._set_param("b_k", v))
+    b_v = property(lambda self: self._public_view("b_v"), lambda self, v: self._set_param("b_v", v))
+    b_o = property(lambda self: self._public_view("b_o"), lambda self, v: self._set_param("b_o", v))
 
     def reset_parameters(self, seed: Union[None, int, np.random.Generator] = None) -> None:
         """Draw fresh weights like ``torch.nn.Linear``: U(-1/sqrt(D), 1/sqrt(D))."""
@@ -181,6 +205,7 @@ class MultiHeadSelfAttention:
         for name in _WEIGHT_NAMES + (_BIAS_NAMES if self.bias else ()):
             view = self._param_view(name)
             view[...] = rng.uniform(-bound, bound, size=view.shape)
+        self._packed = None
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         """Copies of the parameters under this class's names (w_q, ..., b_o)."""
@@ -217,6 +242,7 @@ class MultiHeadSelfAttention:
         # all checked: only now overwrite, so a failed load changes nothing
         for name, arr in staged.items():
             self._param_view(name)[...] = arr
+        self._packed = None
 
     @classmethod
     def from_torch(cls, module, *, dtype: Any = None) -> "MultiHeadSelfAttention":
@@ -327,28 +353,25 @@ class MultiHeadSelfAttention:
         pad = self._padding_mask(key_padding_mask, B, N, unbatched)
 
         nt = threads.get_num_threads()
-        with threads.blas_single_threaded():
-            qkv = np.empty((B * N, self._w_qkv.shape[0]), dtype=self.dtype)
-            threads.matmul_into(x.reshape(B * N, D), self._w_qkv.T, qkv, nt)
-            if self._b_qkv is not None:
-                qkv += self._b_qkv
-            sl = self._slices()
-            q = qkv[:, sl["q"]].reshape(B, N, H, E).transpose(0, 2, 1, 3)
-            k = qkv[:, sl["k"]].reshape(B, N, Hkv, E).transpose(0, 2, 1, 3)
-            v = qkv[:, sl["v"]].reshape(B, N, Hkv, E).transpose(0, 2, 1, 3)
+        w_qkv, b_qkv, w_o, b_o = self._packed_weights()
+        n_qkv = self._w_qkv.shape[0]
+        qkv = np.empty((B * N, n_qkv), dtype=self.dtype)
+        kernels.linear(kernel_rows(x.reshape(B * N, D)), w_qkv, b_qkv, n_qkv, qkv, nt)
+        sl = self._slices()
+        q = qkv[:, sl["q"]].reshape(B, N, H, E).transpose(0, 2, 1, 3)
+        k = qkv[:, sl["k"]].reshape(B, N, Hkv, E).transpose(0, 2, 1, 3)
+        v = qkv[:, sl["v"]].reshape(B, N, Hkv, E).transpose(0, 2, 1, 3)
 
-            merged = np.empty((B, N, D), dtype=self.dtype)
-            out = merged.reshape(B, N, H, E).transpose(0, 2, 1, 3)
-            weights = np.empty(full, dtype=self.dtype) if need_weights else None
-            attention_into(
-                q, k, v, out,
-                bool_masks=(bmask, pad), float_mask=fmask, is_causal=is_causal,
-                scale=1.0 / math.sqrt(E), weights=weights, num_threads=nt,
-            )
-            y = np.empty((B * N, D), dtype=self.dtype)
-            threads.matmul_into(merged.reshape(B * N, D), self._w_o.T, y, nt)
-        if self._b_o is not None:
-            y += self._b_o
+        merged = np.empty((B, N, D), dtype=self.dtype)
+        out = merged.reshape(B, N, H, E).transpose(0, 2, 1, 3)
+        weights = np.empty(full, dtype=self.dtype) if need_weights else None
+        attention_into(
+            q, k, v, out,
+            bool_masks=(bmask, pad), float_mask=fmask, is_causal=is_causal,
+            scale=1.0 / math.sqrt(E), weights=weights, num_threads=nt,
+        )
+        y = np.empty((B * N, D), dtype=self.dtype)
+        kernels.linear(merged.reshape(B * N, D), w_o, b_o, D, y, nt)
         y = y.reshape(B, N, D)
         if unbatched:
             y = y[0]

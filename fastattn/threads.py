@@ -1,23 +1,18 @@
 """Thread counts, in one place.
 
-One number bounds every busy thread of a fastattn call: the OpenMP threads of
-the attention kernel and the threads that run the Q/K/V and output projections.
-The projections are NumPy matmuls whose rows are split over the same OpenMP
-threads while the BLAS underneath is held to one thread, so BLAS worker
-threads never spin beside the kernel's (on two cores that would be four busy
-threads: see ``shared/MEASURED.md``, "Traps").
+One number bounds every busy thread of a fastattn call.  The Q/K/V and output
+projections run on fastattn's own GEMM (fastattn/_src, the same micro-kernel
+as the attention tiles), inside the same OpenMP thread team as the attention
+kernel, so no BLAS thread pool is involved: nothing spins beside the kernel's
+threads (on two cores, BLAS workers still spinning after a NumPy matmul would
+make four busy threads; see shared/MEASURED.md, "Traps").
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from contextlib import contextmanager
-from typing import Iterator, Optional
 
 import numpy as np
-
-from ._dispatch import kernels
 
 __all__ = ["get_num_threads", "set_num_threads", "default_num_threads"]
 
@@ -67,81 +62,3 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """The number of threads a fastattn call uses."""
     return _num_threads
-
-
-# ---- BLAS held to one thread while fastattn runs -------------------------
-
-_blas_lock = threading.Lock()
-_blas_depth = 0
-_blas_saved: list = []
-_blas_libs: Optional[list] = None
-
-
-def _blas_controllers() -> list:
-    global _blas_libs
-    if _blas_libs is None:
-        from threadpoolctl import ThreadpoolController
-
-        _blas_libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
-    return _blas_libs
-
-
-def blas_info() -> list[dict]:
-    """The BLAS libraries NumPy loaded: name, version, architecture, threads."""
-    return [
-        {
-            "library": lib.internal_api,
-            "version": lib.version,
-            "architecture": getattr(lib, "architecture", None),
-            "num_threads": lib.num_threads,
-            "filepath": lib.filepath,
-        }
-        for lib in _blas_controllers()
-    ]
-
-
-@contextmanager
-def blas_single_threaded() -> Iterator[None]:
-    """Hold NumPy's BLAS to one thread; nested and concurrent uses share one hold.
-
-    The first caller in saves the libraries' thread counts and sets them to 1;
-    the last one out restores them, so user code outside fastattn calls keeps
-    its own BLAS threading.
-    """
-    global _blas_depth, _blas_saved
-    with _blas_lock:
-        if _blas_depth == 0:
-            libs = _blas_controllers()
-            _blas_saved = [(lib, lib.num_threads) for lib in libs]
-            for lib, count in _blas_saved:
-                if count != 1:
-                    lib.set_num_threads(1)
-        _blas_depth += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_depth -= 1
-            if _blas_depth == 0:
-                for lib, count in _blas_saved:
-                    if count != 1:
-                        lib.set_num_threads(count)
-                _blas_saved = []
-
-
-def matmul_into(a: np.ndarray, b: np.ndarray, out: np.ndarray, num_threads: int) -> np.ndarray:
-    """``out[...] = a @ b`` (2-D) on ``num_threads`` threads, BLAS held to one.
-
-    Call inside :func:`blas_single_threaded`.  Small products run on the
-    calling thread: splitting them costs more than it saves.
-    """
-    rows = a.shape[0]
-    work = rows * a.shape[1] * b.shape[1]
-    threads = num_threads if work >= _SPLIT_MIN_WORK else 1
-    threads = max(1, min(threads, rows))
-    kernels.parallel_matmul(a, b, out, threads)
-    return out
-
-
-# Below ~64^3 multiply-adds per thread, fork/join costs more than the split saves.
-_SPLIT_MIN_WORK = 2 * 64 * 64 * 64

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import functional, threads
+from fastattn import functional
 from fastattn._dispatch import available_isas, kernels
 
 from reference import ref_sdpa
@@ -85,25 +85,48 @@ def test_kernel_rejects_inconsistent_operands(rng):
                           64, 64, 1)
 
 
-def test_blas_is_held_to_one_thread_during_a_call_and_restored():
-    libs = threads.blas_info()
-    if not libs:
-        pytest.skip("threadpoolctl finds no BLAS library loaded by NumPy")
-    before = [lib["num_threads"] for lib in libs]
-    with threads.blas_single_threaded():
-        with threads.blas_single_threaded():  # nested holds share one
-            assert all(lib["num_threads"] == 1 for lib in threads.blas_info())
-        assert all(lib["num_threads"] == 1 for lib in threads.blas_info())
-    assert [lib["num_threads"] for lib in threads.blas_info()] == before
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 33, 50), (97, 64, 130), (130, 200, 64), (64, 1100, 40)])
+def test_linear_matches_float64_matmul(rng, dtype, m, k, n):
+    x = rng.standard_normal((m, k)).astype(dtype)
+    w = rng.standard_normal((n, k)).astype(dtype)
+    b = rng.standard_normal(n).astype(dtype)
+    packed, bias = kernels.pack_weight(w, b)
+    expected = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-11)
+    for nt in (1, 2, 3):
+        out = np.full((m, n), np.nan, dtype)
+        kernels.linear(x, packed, bias, n, out, nt)
+        np.testing.assert_allclose(out, expected, **tol)
+    # strided rows in and out (a column slice of a wider buffer), no bias
+    wide_x = np.zeros((m, k + 5), dtype)
+    wide_x[:, 2:2 + k] = x
+    wide_out = np.full((m, n + 3), 7.0, dtype)
+    packed, _ = kernels.pack_weight(w, None)
+    kernels.linear(wide_x[:, 2:2 + k], packed, None, n, wide_out[:, 1:1 + n], 2)
+    np.testing.assert_allclose(wide_out[:, 1:1 + n], expected - b, **tol)
+    assert (wide_out[:, 0] == 7).all() and (wide_out[:, 1 + n:] == 7).all()
 
 
-def test_parallel_matmul_matches_numpy(rng):
-    a = rng.standard_normal((301, 70)).astype(np.float32)
-    b = rng.standard_normal((70, 45)).astype(np.float32)
-    for n in (1, 2, 4):
-        out = np.empty((301, 45), np.float32)
-        kernels.parallel_matmul(a, b.T.copy().T, out, n)
-        np.testing.assert_allclose(out, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-4)
+def test_linear_rejects_mismatched_packing(rng):
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    packed, _ = kernels.pack_weight(rng.standard_normal((6, 9)).astype(np.float32), None)
+    with pytest.raises(ValueError, match="packed weight"):
+        kernels.linear(x, packed, None, 6, np.empty((4, 6), np.float32), 1)
+
+
+def test_module_parameters_are_read_only_views_and_assignment_repacks(rng):
+    m = fastattn.MultiHeadSelfAttention(16, 2, seed=0)
+    x = rng.standard_normal((2, 5, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match="read-only"):
+        m.w_q[0, 0] = 1.0
+    before = m(x)
+    m.w_q = m.w_q * 2  # assignment goes through, and the packed copy follows
+    after = m(x)
+    assert not np.allclose(before, after)
+    fresh = fastattn.MultiHeadSelfAttention(16, 2, seed=0)
+    fresh.load_state_dict(m.state_dict())
+    np.testing.assert_array_equal(fresh(x), after)
 
 
 def test_omp_num_threads_sets_the_default():

@@ -107,21 +107,24 @@ static void FA(pack_qt)(REAL *restrict dst, int64_t ldd, const REAL *restrict sr
 }
 
 /*
- * One FA_MR-row panel: C[r][0:N] (+)= sum_p A(r, p) * B[p][0:N] for r < mr,
- * A(r, p) = A[r * rs + p * ps].  N is a multiple of NR; B and C rows are
- * aligned.  The FA_MR x FA_NV accumulator tile stays in registers for the
- * whole K loop.  Rows >= mr of A must be readable (the caller packs tails).
+ * One FA_MR-row panel: C[r][0:N] = init + sum_p A(r, p) * B[p][0:N] for r < mr,
+ * A(r, p) = A[r * rs + p * ps], where init is C itself (accumulate), the row
+ * vector `bias`, or zero.  N is a multiple of NR; B rows are aligned, C rows
+ * need not be.  The FA_MR x FA_NV accumulator tile stays in registers for the
+ * whole K loop.  Rows >= mr of A must be readable (callers pack tails).
  */
 static inline void FA(panel)(int64_t N, int64_t K, const REAL *restrict A, int64_t rs,
                              int64_t ps, const REAL *restrict B, int64_t ldb,
-                             REAL *restrict C, int64_t ldc, int accumulate, int64_t mr) {
+                             REAL *restrict C, int64_t ldc, int accumulate,
+                             const REAL *restrict bias, int64_t mr) {
+    typedef FA(uvec) UVEC;
     for (int64_t j = 0; j < N; j += NR) {
         VEC acc[FA_MR][FA_NV];
         for (int r = 0; r < FA_MR; r++)
             for (int v = 0; v < FA_NV; v++)
-                acc[r][v] = (accumulate && r < mr)
-                                ? *(const VEC *)(C + r * ldc + j + v * VLEN)
-                                : FA(vsplat)(0);
+                acc[r][v] = (accumulate && r < mr) ? *(const UVEC *)(C + r * ldc + j + v * VLEN)
+                            : bias ? *(const UVEC *)(bias + j + v * VLEN)
+                                   : FA(vsplat)(0);
         for (int64_t p = 0; p < K; p++) {
             VEC b[FA_NV];
             for (int v = 0; v < FA_NV; v++) b[v] = *(const VEC *)(B + p * ldb + j + v * VLEN);
@@ -133,7 +136,7 @@ static inline void FA(panel)(int64_t N, int64_t K, const REAL *restrict A, int64
         }
         for (int r = 0; r < FA_MR; r++) {
             if (r >= mr) break;
-            for (int v = 0; v < FA_NV; v++) *(VEC *)(C + r * ldc + j + v * VLEN) = acc[r][v];
+            for (int v = 0; v < FA_NV; v++) *(UVEC *)(C + r * ldc + j + v * VLEN) = acc[r][v];
         }
     }
 }
@@ -150,20 +153,93 @@ static void FA(gemm)(int64_t M, int64_t N, int64_t K, const REAL *restrict A, in
     int64_t i = 0;
     if (rs == 1) {
         for (; i + FA_MR <= M; i += FA_MR)
-            FA(panel)(N, K, A + i, 1, ps, B, ldb, C + i * ldc, ldc, accumulate, FA_MR);
+            FA(panel)(N, K, A + i, 1, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR);
     } else if (ps == 1) {
         for (; i + FA_MR <= M; i += FA_MR)
-            FA(panel)(N, K, A + i * rs, rs, 1, B, ldb, C + i * ldc, ldc, accumulate, FA_MR);
+            FA(panel)(N, K, A + i * rs, rs, 1, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR);
     } else {
         for (; i + FA_MR <= M; i += FA_MR)
-            FA(panel)(N, K, A + i * rs, rs, ps, B, ldb, C + i * ldc, ldc, accumulate, FA_MR);
+            FA(panel)(N, K, A + i * rs, rs, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR);
     }
     if (i < M) {
         int64_t mr = M - i;
         for (int64_t p = 0; p < K; p++)
             for (int64_t r = 0; r < FA_MR; r++)
                 tail[p * FA_MR + r] = r < mr ? A[(i + r) * rs + p * ps] : 0;
-        FA(panel)(N, K, tail, 1, FA_MR, B, ldb, C + i * ldc, ldc, accumulate, mr);
+        FA(panel)(N, K, tail, 1, FA_MR, B, ldb, C + i * ldc, ldc, accumulate, NULL, mr);
+    }
+}
+
+/* ---- projections: Y = X W^T + b with W packed once per weight change ---- */
+
+/* Elements of W (n_out x k, row-major as in nn.Linear) once packed: panels of
+ * NR output features, each k rows of NR (zero-padded past n_out). */
+static inline int64_t FA(packed_len)(int64_t n_out, int64_t k) {
+    return ((n_out + NR - 1) / NR) * NR * k;
+}
+
+static void FA(pack_weight)(REAL *restrict dst, const REAL *restrict W, int64_t n_out,
+                            int64_t k) {
+    int64_t panels = (n_out + NR - 1) / NR;
+    for (int64_t q = 0; q < panels; q++) {
+        REAL *d = dst + q * k * NR;
+        for (int64_t p = 0; p < k; p++)
+            for (int64_t c = 0; c < NR; c++) {
+                int64_t n = q * NR + c;
+                d[p * NR + c] = n < n_out ? W[n * k + p] : 0;
+            }
+    }
+}
+
+/* Bias padded to whole panels (so the last panel's vector loads stay inside). */
+static inline int64_t FA(padded_bias_len)(int64_t n_out) { return ((n_out + NR - 1) / NR) * NR; }
+
+/*
+ * Rows [m0, m1) x output panels [q0, q1) of Y = X Wp^T (+ bias): the unit of
+ * work one thread takes.  K is walked in chunks of kc so that a panel of Wp
+ * (kc x NR) and the FA_MR rows of X it meets stay in L1.  `scratch` holds
+ * FA_MR * kc elements (a tail of rows, zero-padded) plus one FA_MR x NR tile
+ * (a tail of output features); it must be FA_ALIGN-aligned.
+ */
+static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, int64_t m1,
+                             int64_t K, const REAL *restrict Wp, const REAL *restrict bias,
+                             int64_t n_out, int64_t q0, int64_t q1, REAL *restrict Y,
+                             int64_t ldy, int64_t kc, REAL *restrict scratch) {
+    REAL *tile = scratch;               /* FA_MR x NR, aligned */
+    REAL *rows_tail = scratch + FA_MR * NR;
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        int64_t kl = K - k0 < kc ? K - k0 : kc;
+        int first = k0 == 0;
+        for (int64_t i = m0; i < m1; i += FA_MR) {
+            int64_t mr = m1 - i < FA_MR ? m1 - i : FA_MR;
+            const REAL *a = X + i * ldx + k0;
+            int64_t rs = ldx, ps = 1;
+            if (mr < FA_MR) {
+                for (int64_t p = 0; p < kl; p++)
+                    for (int64_t r = 0; r < FA_MR; r++)
+                        rows_tail[p * FA_MR + r] = r < mr ? a[r * ldx + p] : 0;
+                a = rows_tail;
+                rs = 1;
+                ps = FA_MR;
+            }
+            for (int64_t q = q0; q < q1; q++) {
+                const REAL *b = Wp + q * K * NR + k0 * NR;
+                const REAL *bb = (first && bias) ? bias + q * NR : NULL;
+                int64_t col = q * NR;
+                if (col + NR <= n_out) {
+                    FA(panel)(NR, kl, a, rs, ps, b, NR, Y + i * ldy + col, ldy, !first, bb, mr);
+                } else {
+                    /* last, partial panel: through the tile, then the real columns */
+                    int64_t nr = n_out - col;
+                    if (!first)
+                        for (int64_t r = 0; r < mr; r++)
+                            for (int64_t c = 0; c < nr; c++) tile[r * NR + c] = Y[(i + r) * ldy + col + c];
+                    FA(panel)(NR, kl, a, rs, ps, b, NR, tile, NR, !first, bb, mr);
+                    for (int64_t r = 0; r < mr; r++)
+                        for (int64_t c = 0; c < nr; c++) Y[(i + r) * ldy + col + c] = tile[r * NR + c];
+                }
+            }
+        }
     }
 }
 
