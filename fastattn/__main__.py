@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastattn {info,demo}``."""
+"""Command line: ``python -m fastattn {info,demo,bench}``."""
 
 from __future__ import annotations
 
@@ -69,6 +69,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import benchmark
+
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in shapes if s not in benchmark.PRESETS]
+    if unknown:
+        print(f"unknown shapes {unknown}; known: {', '.join(benchmark.PRESETS)}", file=sys.stderr)
+        return 2
+    parts = [p for p in args.parts.split(",") if p]
+    rows, notes = benchmark.run(shapes, threads=args.threads, rounds=args.rounds, parts=parts,
+                                progress=not args.no_progress)
+    from . import get_num_threads, info
+
+    threads = args.threads or get_num_threads()
+    print(benchmark.format_table(rows, threads))
+    for note in notes:
+        print(f"skipped {note}")
+    extra = {"threads": threads, "info": info()}
+    if args.memory:
+        mem = benchmark.peak_memory()
+        extra["memory"] = mem
+        print(f"peak memory at {tuple(mem['shape'])}: +{mem['growth'] / 2**20:.0f} MiB, "
+              f"{mem['ratio']:.2f}x the bytes of input + output + Q/K/V")
+    if args.overhead:
+        us = benchmark.python_overhead_us()
+        extra["python_overhead_us"] = us
+        print(f"python overhead at small: {us:.1f} us per call (module minus its kernel calls)")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(benchmark.rows_to_json(rows, notes, extra))
+        print(f"wrote {args.json}")
+    if args.plot:
+        if benchmark.plot(rows, args.plot):
+            print(f"wrote {args.plot}")
+        else:
+            print("--plot needs matplotlib: pip install 'fastattn[bench]'", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -84,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--threads", type=int, default=None, help="default: all cores")
     pd.add_argument("--rounds", type=int, default=5)
     pd.set_defaults(func=cmd_demo)
+    pb = sub.add_parser("bench", help="fastattn vs NumPy, torch and ONNX Runtime (those installed)")
+    pb.add_argument("--shapes", default="small,bert,long,wide,decode",
+                    help="comma-separated presets: small, bert, long, wide, decode")
+    pb.add_argument("--parts", default="full,core", help="full (MHSA forward), core (attention)")
+    pb.add_argument("--threads", type=int, default=None, help="default: fastattn's thread count")
+    pb.add_argument("--rounds", type=int, default=7)
+    pb.add_argument("--json", default=None, help="write the results to this file")
+    pb.add_argument("--plot", default=None, help="write a bar chart (PNG) here (needs matplotlib)")
+    pb.add_argument("--memory", action="store_true",
+                    help="also measure peak memory of a forward at (1, 16384, 512, 8)")
+    pb.add_argument("--overhead", action="store_true",
+                    help="also measure fastattn's Python overhead at small")
+    pb.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pb.set_defaults(func=cmd_bench)
     return p
 
 

@@ -78,6 +78,15 @@ cdef extern from "fa_kernels.h" nogil:
     void fa_linear_block_f64(const double* X, int64_t ldx, int64_t m0, int64_t m1, int64_t K,
                              const double* Wp, const double* bias, int64_t n_out, int64_t q0,
                              int64_t q1, double* Y, int64_t ldy, int64_t kc, double* scratch)
+    void fa_dots_f32(float* s, const float* q, int64_t E, const float* k, int64_t ks, int64_t n)
+    void fa_dots_f64(double* s, const double* q, int64_t E, const double* k, int64_t ks, int64_t n)
+    void fa_row_update_f32(float* s, int64_t n_pad, float* m, float* l, float* o, int64_t ev_pad)
+    void fa_row_update_f64(double* s, int64_t n_pad, double* m, double* l, double* o,
+                           int64_t ev_pad)
+    void fa_accum_rows_f32(float* o, int64_t ev, const float* p, int64_t n, const float* v,
+                           int64_t vs)
+    void fa_accum_rows_f64(double* o, int64_t ev, const double* p, int64_t n, const double* v,
+                           int64_t vs)
     void fa_softmax_rows_f32(float* W, int64_t ldw, int64_t rows, int64_t n)
     void fa_softmax_rows_f64(double* W, int64_t ldw, int64_t rows, int64_t n)
 
@@ -105,7 +114,13 @@ cdef struct Problem:
     int64_t block_q, block_k, n_qblocks
     int64_t lanes               # query columns of the transposed tiles (block_q rounded to NR)
     int64_t tail_len            # elements of the gemm tail-panel scratch
+    bint row_mode               # few queries: one row at a time (see _row_tile)
+    int64_t keys_pad, dimv_pad  # row mode: block_k and dim_v rounded to NR
     double scale
+
+
+# At or below this many queries a call runs row by row (decoding).
+cdef int64_t ROW_MODE_MAX_QUERIES = 4
 
 
 cdef inline int64_t _round_up(int64_t x, int64_t m) noexcept nogil:
@@ -149,33 +164,48 @@ cdef void _scores_block(const Problem* P, floating* ST, const floating* QT, cons
     cdef int64_t L = P.lanes
     _gemm(bk, L, P.dim, k + j0 * P.k.s_row, P.k.s_row, 1, QT, L, ST, L, 0, tail)
     # masks index (query i, key j), which sits at ST[i * 1 + j * L]
+    _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk)
+
+
+cdef void _mask_scores(const Problem* P, floating* S, int64_t s_js, int64_t s_is, int64_t b,
+                       int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                       int64_t bk) noexcept nogil:
+    """Applies every mask to scores S(i, j) = S[i * s_is + j * s_js] of queries
+    i0 .. i0+rows against keys j0 .. j0+bk: -inf where a key may not be attended."""
+    cdef int64_t isz = sizeof(floating)
     if P.has_fmask:
         if floating is float:
-            fa_mask_add_f32(ST, 1, L, rows, bk, <const float*>_at(&P.fmask, b, h, i0, j0, isz),
+            fa_mask_add_f32(S, s_is, s_js, rows, bk,
+                            <const float*>_at(&P.fmask, b, h, i0, j0, isz),
                             P.fmask.s_row, P.fmask.s_col)
         else:
-            fa_mask_add_f64(ST, 1, L, rows, bk, <const double*>_at(&P.fmask, b, h, i0, j0, isz),
+            fa_mask_add_f64(S, s_is, s_js, rows, bk,
+                            <const double*>_at(&P.fmask, b, h, i0, j0, isz),
                             P.fmask.s_row, P.fmask.s_col)
     if P.has_bmask1:
         if floating is float:
-            fa_mask_bool_f32(ST, 1, L, rows, bk, <const uint8_t*>_at(&P.bmask1, b, h, i0, j0, 1),
+            fa_mask_bool_f32(S, s_is, s_js, rows, bk,
+                             <const uint8_t*>_at(&P.bmask1, b, h, i0, j0, 1),
                              P.bmask1.s_row, P.bmask1.s_col)
         else:
-            fa_mask_bool_f64(ST, 1, L, rows, bk, <const uint8_t*>_at(&P.bmask1, b, h, i0, j0, 1),
+            fa_mask_bool_f64(S, s_is, s_js, rows, bk,
+                             <const uint8_t*>_at(&P.bmask1, b, h, i0, j0, 1),
                              P.bmask1.s_row, P.bmask1.s_col)
     if P.has_bmask2:
         if floating is float:
-            fa_mask_bool_f32(ST, 1, L, rows, bk, <const uint8_t*>_at(&P.bmask2, b, h, i0, j0, 1),
+            fa_mask_bool_f32(S, s_is, s_js, rows, bk,
+                             <const uint8_t*>_at(&P.bmask2, b, h, i0, j0, 1),
                              P.bmask2.s_row, P.bmask2.s_col)
         else:
-            fa_mask_bool_f64(ST, 1, L, rows, bk, <const uint8_t*>_at(&P.bmask2, b, h, i0, j0, 1),
+            fa_mask_bool_f64(S, s_is, s_js, rows, bk,
+                             <const uint8_t*>_at(&P.bmask2, b, h, i0, j0, 1),
                              P.bmask2.s_row, P.bmask2.s_col)
     # Only blocks that reach past the first query's diagonal need the causal cut.
     if P.causal and j0 + bk - 1 > i0 + P.causal_offset:
         if floating is float:
-            fa_mask_causal_f32(ST, 1, L, rows, bk, i0 + P.causal_offset - j0)
+            fa_mask_causal_f32(S, s_is, s_js, rows, bk, i0 + P.causal_offset - j0)
         else:
-            fa_mask_causal_f64(ST, 1, L, rows, bk, i0 + P.causal_offset - j0)
+            fa_mask_causal_f64(S, s_is, s_js, rows, bk, i0 + P.causal_offset - j0)
 
 
 cdef inline int64_t _keys_end(const Problem* P, int64_t i0, int64_t rows) noexcept nogil:
@@ -269,14 +299,68 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
         fa_finalize_f64(OT, L, l, rows, P.dim_v, out, P.out.s_row)
 
 
+cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept nogil:
+    """One (batch, head) when there are only a few queries (decoding).
+
+    Queries along vector lanes would leave most lanes empty; here each query
+    row streams over the keys on its own, vectorised along E.
+    """
+    cdef int64_t isz = sizeof(floating)
+    cdef int64_t b = work // P.heads
+    cdef int64_t h = work % P.heads
+    cdef int64_t hk = h // P.kv_group
+    cdef int64_t i, j0, bk, c, j_end
+    cdef floating* s = scratch                  # keys_pad scores
+    cdef floating* o = s + P.keys_pad           # dimv_pad accumulator
+    cdef floating* qs = o + P.dimv_pad          # dim: the scaled query
+    cdef floating m, l
+    cdef const floating* q
+    cdef const floating* k = <const floating*>_at(&P.k, b, hk, 0, 0, isz)
+    cdef const floating* v = <const floating*>_at(&P.v, b, hk, 0, 0, isz)
+    cdef floating* out
+    for i in range(P.len_q):
+        q = <const floating*>_at(&P.q, b, h, i, 0, isz)
+        for c in range(P.dim):
+            qs[c] = <floating>P.scale * q[c]
+        memset(o, 0, P.dimv_pad * isz)
+        m = -INFINITY
+        l = 0
+        j_end = _keys_end(P, i, 1)
+        j0 = 0
+        while j0 < j_end:
+            bk = min(P.block_k, j_end - j0)
+            if floating is float:
+                fa_dots_f32(s, qs, P.dim, k + j0 * P.k.s_row, P.k.s_row, bk)
+            else:
+                fa_dots_f64(s, qs, P.dim, k + j0 * P.k.s_row, P.k.s_row, bk)
+            _mask_scores(P, s, 1, 0, b, h, i, 1, j0, bk)
+            for c in range(bk, P.keys_pad):
+                s[c] = -INFINITY
+            if floating is float:
+                fa_row_update_f32(s, P.keys_pad, &m, &l, o, P.dimv_pad)
+                fa_accum_rows_f32(o, P.dim_v, s, bk, v + j0 * P.v.s_row, P.v.s_row)
+            else:
+                fa_row_update_f64(s, P.keys_pad, &m, &l, o, P.dimv_pad)
+                fa_accum_rows_f64(o, P.dim_v, s, bk, v + j0 * P.v.s_row, P.v.s_row)
+            j0 += P.block_k
+        out = <floating*>_at(&P.out, b, h, i, 0, isz)
+        if floating is float:
+            fa_finalize_f32(o, 1, &l, 1, P.dim_v, out, P.out.s_row)
+        else:
+            fa_finalize_f64(o, 1, &l, 1, P.dim_v, out, P.out.s_row)
+
+
 cdef inline int64_t _scratch_elems(const Problem* P) noexcept nogil:
-    """Per-thread scratch, in elements: Q^T, S^T, O^T, m, l and the tail panel."""
+    """Per-thread scratch, in elements: Q^T, S^T, O^T, m, l and the tail panel
+    (row mode: scores, accumulator, query)."""
+    if P.row_mode:
+        return P.keys_pad + P.dimv_pad + P.dim + 16
     return (P.dim + P.block_k + P.dim_v + 2) * P.lanes + P.tail_len
 
 
 cdef int _run(const Problem* P, int num_threads, floating* tag) noexcept nogil:
     """Runs every tile; returns 0, or -1 when a thread's scratch could not be had."""
-    cdef int64_t n_work = (P.lead_count * P.heads) * P.n_qblocks
+    cdef int64_t n_work = (P.lead_count * P.heads) * (1 if P.row_mode else P.n_qblocks)
     cdef int failed = 0
     cdef int* failed_flag = &failed  # shared: a plain int would be thread-private
     cdef int64_t w
@@ -288,7 +372,10 @@ cdef int _run(const Problem* P, int num_threads, floating* tag) noexcept nogil:
         # dynamic: causal blocks near the bottom cost more than those on top
         for w in prange(n_work, schedule="dynamic"):
             if buf != NULL:
-                _tile(P, w, buf)
+                if P.row_mode:
+                    _row_tile(P, w, buf)
+                else:
+                    _tile(P, w, buf)
         free(buf)
     return -1 if failed else 0
 
@@ -420,6 +507,11 @@ cdef void _setup_blocks(Problem* P, int64_t block_q, int64_t block_k,
     P.n_qblocks = (P.len_q + P.block_q - 1) // P.block_q
     P.lanes = P.block_q
     P.tail_len = ra * max(P.dim, P.block_k)
+    # With this few queries most lanes of a tile would idle (the weights path
+    # always uses tiles).
+    P.row_mode = P.len_q <= ROW_MODE_MAX_QUERIES and not P.has_weights
+    P.keys_pad = _round_up(P.block_k, ca)
+    P.dimv_pad = _round_up(P.dim_v, ca)
 
 
 def isa():

@@ -300,6 +300,65 @@ static void FA(online_softmax)(REAL *restrict ST, int64_t lds, int64_t nkeys, in
     }
 }
 
+/* ---- few queries (decoding): one query row at a time, vectorised along E ---- */
+
+/* s[j] = sum_e q[e] * k[j * ks + e] for j < n. */
+static void FA(dots)(REAL *restrict s, const REAL *restrict q, int64_t E,
+                     const REAL *restrict k, int64_t ks, int64_t n) {
+    typedef FA(uvec) UVEC;
+    int64_t ev = E - E % VLEN;
+    for (int64_t j = 0; j < n; j++) {
+        const REAL *kj = k + j * ks;
+        VEC acc = FA(vsplat)(0);
+        for (int64_t e = 0; e < ev; e += VLEN) acc += *(const UVEC *)(q + e) * *(const UVEC *)(kj + e);
+        REAL t = FA(hsum)(acc);
+        for (int64_t e = ev; e < E; e++) t += q[e] * kj[e];
+        s[j] = t;
+    }
+}
+
+/*
+ * Online-softmax step for one query row over n scores (s padded with -inf to
+ * n_pad, a multiple of VLEN): s -> exp(s - shift), running max m and sum l
+ * updated, accumulated output o (ev_pad entries) rescaled.  As in the tiled
+ * path, a row with only -inf so far uses shift 0 and stays at zero.
+ */
+static void FA(row_update)(REAL *restrict s, int64_t n_pad, REAL *restrict m, REAL *restrict l,
+                           REAL *restrict o, int64_t ev_pad) {
+    VEC vm = FA(vsplat)((REAL)-INFINITY);
+    for (int64_t c = 0; c < n_pad; c += VLEN) vm = FA(vmax)(vm, *(const VEC *)(s + c));
+    REAL mx = FA(hmax)(vm);
+    mx = FA(smax)(*m, mx) ;
+    REAL shift = mx == (REAL)-INFINITY ? 0 : mx;
+    VEC sh = FA(vsplat)(shift), sum = FA(vsplat)(0);
+    for (int64_t c = 0; c < n_pad; c += VLEN) {
+        VEC p = FA(vexp)(*(VEC *)(s + c) - sh);
+        *(VEC *)(s + c) = p;
+        sum += p;
+    }
+    if (mx != *m) {
+        VEC corr = FA(vexp)(FA(vsplat)(*m - shift));
+        *l *= corr[0];
+        for (int64_t c = 0; c < ev_pad; c += VLEN) *(VEC *)(o + c) *= corr;
+    }
+    *l += FA(hsum)(sum);
+    *m = mx;
+}
+
+/* o[0:ev] += sum_j p[j] * v[j * vs + 0:ev]; o is padded to whole vectors. */
+static void FA(accum_rows)(REAL *restrict o, int64_t ev, const REAL *restrict p, int64_t n,
+                           const REAL *restrict v, int64_t vs) {
+    typedef FA(uvec) UVEC;
+    int64_t evv = ev - ev % VLEN;
+    for (int64_t j = 0; j < n; j++) {
+        REAL pj = p[j];
+        if (pj == 0) continue; /* masked keys, and most keys far below the max */
+        const REAL *vj = v + j * vs;
+        for (int64_t c = 0; c < evv; c += VLEN) *(VEC *)(o + c) += pj * *(const UVEC *)(vj + c);
+        for (int64_t c = evv; c < ev; c++) o[c] += pj * vj[c];
+    }
+}
+
 /* out[i * ors + e] = O^T[e][i] / l[i] for i < rows, e < ev; a query with
  * l == 0 (nothing attended) gets 0, and a NaN in l reaches the output. */
 static void FA(finalize)(const REAL *restrict OT, int64_t ldo, const REAL *restrict l,
