@@ -1,22 +1,14 @@
-"""Shared presets for the benchmark suites: (B, N, D, H), float32."""
+"""Options for the pytest-benchmark suites: which presets to run."""
 
-import time
-
-import numpy as np
 import pytest
 
-PRESETS = {
-    "small": (1, 128, 512, 8),
-    "bert": (8, 512, 768, 12),
-    "long": (1, 4096, 512, 8),
-    "wide": (1, 1024, 1024, 16),
-}
+from fastattn.benchmark import PRESETS
 
 
 def pytest_addoption(parser):
     parser.addoption(
         "--presets",
-        default="small,bert",
+        default="small,bert,decode",
         help="comma-separated presets to benchmark (of: " + ", ".join(PRESETS) + ")",
     )
 
@@ -28,15 +20,3 @@ def pytest_generate_tests(metafunc):
         if unknown:
             raise pytest.UsageError(f"unknown presets {unknown}; known: {list(PRESETS)}")
         metafunc.parametrize("preset", names)
-
-
-@pytest.fixture
-def settle():
-    """Returns a function that pauses so the previous library's BLAS/OpenMP
-    threads stop spinning before the next one is timed."""
-    return lambda: time.sleep(0.2)
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)

@@ -1,80 +1,55 @@
-"""Full MultiHeadSelfAttention forward and the attention core, fastattn vs peers.
+"""pytest-benchmark suites: the full MultiHeadSelfAttention forward and the
+attention core, fastattn and every peer installed here, on the same inputs.
 
-Run: ``pytest benchmarks/ --benchmark-only [--presets small,bert,long,wide]``.
-Every comparison is checked against fastattn before it is timed; pytest-benchmark's
-table then gives each implementation's time side by side (group = preset).
+Run: ``pytest benchmarks/ --benchmark-only [--presets small,bert,long,wide,decode]``
+(group = preset and part; compare the rows of a group).  Each peer is checked
+against fastattn before it is timed.  ``python -m fastattn bench`` measures the
+same cases in interleaved rounds and prints ratios.
 """
+
+import time
 
 import numpy as np
 import pytest
 
 import fastattn
-from fastattn.reference import mhsa_numpy, sdpa_numpy
+from fastattn import peers
+from fastattn.benchmark import PRESETS, build_cases
 
-from conftest import PRESETS
-
-torch = None
-try:  # optional peer
-    import torch  # noqa: F811
-except ImportError:
-    pass
-
-IMPLS = ["fastattn", "numpy"] + (["torch"] if torch is not None else [])
+FULL_IMPLS = ("fastattn",) + peers.FULL_PEERS
+CORE_IMPLS = ("fastattn",) + peers.CORE_PEERS
 
 
-def _module_and_input(preset, rng):
-    B, N, D, H = PRESETS[preset]
-    m = fastattn.MultiHeadSelfAttention(D, H, seed=0)
-    x = rng.standard_normal((B, N, D)).astype(np.float32)
-    return m, x
+def _case(preset, part, impl):
+    cases, _ = build_cases(preset, fastattn.get_num_threads(), (part,))
+    if part not in cases:
+        pytest.skip(f"{preset} has no {part} case")
+    if impl not in cases[part]:
+        pytest.skip(f"{impl} is not installed")
+    return cases[part][impl]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_mhsa_forward(benchmark, preset, impl, rng, settle):
-    m, x = _module_and_input(preset, rng)
-    expected = m(x)
-    if impl == "fastattn":
-        fn = lambda: m(x)  # noqa: E731
-    elif impl == "numpy":
-        fn = lambda: mhsa_numpy(m, x)  # noqa: E731
-    else:
-        B, N, D, H = PRESETS[preset]
-        t = torch.nn.MultiheadAttention(D, H, batch_first=True).eval()
-        t.load_state_dict({
-            "in_proj_weight": torch.from_numpy(np.concatenate([m.w_q, m.w_k, m.w_v])),
-            "in_proj_bias": torch.from_numpy(np.concatenate([m.b_q, m.b_k, m.b_v])),
-            "out_proj.weight": torch.from_numpy(m.w_o.copy()),
-            "out_proj.bias": torch.from_numpy(m.b_o.copy()),
-        })
-        xt = torch.from_numpy(x)
-
-        def fn():
-            with torch.inference_mode():
-                return t(xt, xt, xt, need_weights=False)[0]
-    np.testing.assert_allclose(np.asarray(fn()), expected, rtol=2e-4, atol=2e-5)
-    settle()
-    benchmark.group = f"mhsa {preset}"
-    benchmark.pedantic(fn, rounds=7, warmup_rounds=1, iterations=1)
+def _bench(benchmark, fn, group):
+    fn()
+    time.sleep(0.15)  # let the previous library's worker threads stop spinning
+    benchmark.group = group
+    benchmark.pedantic(fn, rounds=7, warmup_rounds=2, iterations=1)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_attention_core(benchmark, preset, impl, rng, settle):
-    B, N, D, H = PRESETS[preset]
-    E = D // H
-    q, k, v = (rng.standard_normal((B, H, N, E)).astype(np.float32) for _ in range(3))
-    expected = fastattn.scaled_dot_product_attention(q, k, v)
-    if impl == "fastattn":
-        fn = lambda: fastattn.scaled_dot_product_attention(q, k, v)  # noqa: E731
-    elif impl == "numpy":
-        fn = lambda: sdpa_numpy(q, k, v)  # noqa: E731
-    else:
-        qt, kt, vt = (torch.from_numpy(a) for a in (q, k, v))
+@pytest.mark.parametrize("impl", FULL_IMPLS)
+def test_mhsa_forward(benchmark, preset, impl):
+    _bench(benchmark, _case(preset, "full", impl), f"full {preset} {PRESETS[preset]}")
 
-        def fn():
-            with torch.inference_mode():
-                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
-    np.testing.assert_allclose(np.asarray(fn()), expected, rtol=2e-4, atol=2e-5)
-    settle()
-    benchmark.group = f"core {preset}"
-    benchmark.extra_info["gflop"] = 4 * B * H * N * N * E / 1e9
-    benchmark.pedantic(fn, rounds=7, warmup_rounds=1, iterations=1)
+
+@pytest.mark.parametrize("impl", CORE_IMPLS)
+def test_attention_core(benchmark, preset, impl):
+    _bench(benchmark, _case(preset, "core", impl), f"core {preset} {PRESETS[preset]}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fastattn_dtypes(benchmark, dtype):
+    """fastattn alone, float32 against float64 at small."""
+    B, N, D, H = PRESETS["small"]
+    m = fastattn.MultiHeadSelfAttention(D, H, dtype=dtype, seed=0)
+    x = np.random.default_rng(0).standard_normal((B, N, D)).astype(dtype)
+    _bench(benchmark, lambda: m(x), "fastattn dtype small")

@@ -90,7 +90,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.memory:
         mem = benchmark.peak_memory()
         extra["memory"] = mem
-        print(f"peak memory at {tuple(mem['shape'])}: +{mem['growth'] / 2**20:.0f} MiB, "
+        print(f"peak memory of a forward at {tuple(mem['shape'])}: "
+              f"+{mem['traced_peak'] / 2**20:.0f} MiB of arrays (RSS +{mem['growth'] / 2**20:.0f} MiB), "
               f"{mem['ratio']:.2f}x the bytes of input + output + Q/K/V")
     if args.overhead:
         us = benchmark.python_overhead_us()
