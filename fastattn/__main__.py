@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastattn {info,demo,bench}``."""
+"""Command line: ``python -m fastattn {info,demo,bench,scaling}``."""
 
 from __future__ import annotations
 
@@ -87,6 +87,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"skipped {note}")
     extra = {"threads": threads, "info": info()}
+    sgemm = benchmark.numpy_sgemm_gflops(threads)
+    extra["numpy_sgemm_gflops"] = sgemm
+    print(f"NumPy float32 matmul 2048^3 at {threads} threads: {sgemm:.1f} GFLOP/s")
+    for r in rows:
+        if r.impl == "fastattn" and r.part == "core" and r.shape != "decode":
+            print(f"  fastattn core at {r.shape}: {r.gflops:.1f} GFLOP/s = "
+                  f"{100 * r.gflops / sgemm:.0f}% of it")
     if args.memory:
         mem = benchmark.peak_memory()
         extra["memory"] = mem
@@ -106,6 +113,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"wrote {args.plot}")
         else:
             print("--plot needs matplotlib: pip install 'fastattn[bench]'", file=sys.stderr)
+    return 0
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from . import scaling
+
+    try:
+        dks = [int(d) for d in args.dk.split(",") if d]
+    except ValueError:
+        print(f"--dk must be comma-separated integers, got {args.dk!r}", file=sys.stderr)
+        return 2
+    rows = scaling.measure(dks, trials=args.trials, length=args.length, seed=args.seed,
+                           progress=not args.no_progress)
+    print(scaling.format_table(rows, args.length))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(scaling.to_json(rows, trials=args.trials, length=args.length, seed=args.seed))
+        print(f"wrote {args.json}")
+    if args.plot:
+        if scaling.plot(rows, args.plot, args.length):
+            print(f"wrote {args.plot}")
+        else:
+            print("--plot needs matplotlib: pip install 'fastattn[plot]'", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -138,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also measure fastattn's Python overhead at small")
     pb.add_argument("--no-progress", action="store_true", help="no progress bar")
     pb.set_defaults(func=cmd_bench)
+    ps = sub.add_parser("scaling", help="measure why scores are divided by sqrt(d_k)")
+    ps.add_argument("--dk", default="4,8,16,32,64,128,256,512,1024",
+                    help="comma-separated key widths d_k")
+    ps.add_argument("--trials", type=int, default=200, help="query rows per d_k")
+    ps.add_argument("--length", type=int, default=128, help="keys per row, L")
+    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--json", default=None, help="write the measurements to this file")
+    ps.add_argument("--plot", default=None, help="write the figure (PNG) here (needs matplotlib)")
+    ps.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ps.set_defaults(func=cmd_scaling)
     return p
 
 

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import peers
+from ._progress import Progress as _Progress
 from .functional import scaled_dot_product_attention
 from .modules import MultiHeadSelfAttention
 from .threads import get_num_threads, set_num_threads
@@ -57,29 +58,6 @@ def flops(shape: str, part: str) -> float:
     if part == "core":
         return attn
     return attn + 2.0 * B * Lq * D * 4 * D  # Q, K, V and output projections
-
-
-class _Progress:
-    """A one-line progress bar on stderr (silent when stderr is not a terminal)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done = max(total, 1), 0
-        self.enabled = enabled and sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        frac = self.done / self.total
-        bar = "#" * int(30 * frac)
-        elapsed = time.perf_counter() - self.t0
-        sys.stderr.write(f"\r[{bar:<30}] {100 * frac:5.1f}% {elapsed:6.1f}s {label:<28}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 def _check(name: str, got, expected: np.ndarray) -> None:
@@ -173,7 +151,7 @@ def run(shapes: Sequence[str], *, threads: Optional[int] = None, rounds: int = 7
             notes += skipped
             for part in parts:
                 if part not in cases:
-                    bar.done += rounds
+                    bar.step(count=rounds)
                     continue
                 times = time_interleaved(cases[part], rounds, pause_s, bar, f"{shape} {part}")
                 fl = flops(shape, part)
@@ -224,7 +202,7 @@ def format_table(rows: Sequence[Row], threads: int) -> str:
 
 
 def plot(rows: Sequence[Row], path: str) -> bool:
-    """Bar chart of GFLOP/s per shape and implementation; False without matplotlib."""
+    """Bar charts of GFLOP/s, one panel per part; False without matplotlib."""
     try:
         import matplotlib
 
@@ -232,21 +210,25 @@ def plot(rows: Sequence[Row], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    groups = sorted({(r.shape, r.part) for r in rows}, key=lambda g: (g[1], g[0]))
-    impls = sorted({r.impl for r in rows}, key=lambda n: (n != "fastattn", n))
-    width = 0.8 / max(len(impls), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4))
-    for i, impl in enumerate(impls):
-        vals = [next((r.gflops for r in rows if (r.shape, r.part) == g and r.impl == impl), 0)
-                for g in groups]
-        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=impl)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels([f"{s}\n{p}" for s, p in groups])
-    ax.set_ylabel("GFLOP/s (higher is faster)")
-    ax.set_title("fastattn vs peers, float32")
-    ax.legend(fontsize=8)
+    parts = [p for p in ("full", "core") if any(r.part == p for r in rows)]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        prow = [r for r in rows if r.part == part]
+        shapes = list(dict.fromkeys(r.shape for r in prow))
+        impls = sorted({r.impl for r in prow}, key=lambda n: (n != "fastattn", n))
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            vals = [next((r.gflops for r in prow if r.shape == s and r.impl == impl), 0)
+                    for s in shapes]
+            ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=impl)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
+        ax.set_xticklabels(shapes)
+        ax.set_ylabel("GFLOP/s (higher is faster)")
+        ax.set_title("full MHSA forward" if part == "full" else "attention core")
+        ax.legend(fontsize=8)
+    fig.suptitle("fastattn vs peers, float32")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
 
@@ -260,16 +242,27 @@ def peak_memory(shape: Tuple[int, int, int, int] = (1, 16384, 512, 8)) -> Dict[s
 
     code = f"""
 import json, resource, tracemalloc, numpy as np, fastattn
+def hwm():
+    # VmHWM is the high-water mark of this process's own memory map (ru_maxrss
+    # would carry over the peak of a large parent across fork and exec)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 B, N, D, H = {shape!r}
 m = fastattn.MultiHeadSelfAttention(D, H, seed=0)
 x = np.random.default_rng(0).standard_normal((B, N, D), dtype=np.float32)
 m(x[:, :8])  # load the kernels, pack the weights
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = hwm()
 tracemalloc.start()
 y = m(x)
 traced = tracemalloc.get_traced_memory()[1]
 tracemalloc.stop()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+after = hwm()
 print(json.dumps({{"growth": after - before, "traced_peak": traced,
                   "io_qkv": x.nbytes + y.nbytes + 3 * x.nbytes}}))
 """
@@ -314,6 +307,23 @@ def python_overhead_us(rounds: int = 50) -> float:
     impls = {"module": lambda: m(x), "bare": bare}
     times = time_interleaved(impls, rounds, 0.0, burst_s=0.02)
     return 1e6 * (float(np.median(times["module"])) - float(np.median(times["bare"])))
+
+
+def numpy_sgemm_gflops(num_threads: int, n: int = 2048, rounds: int = 5) -> float:
+    """GFLOP/s of NumPy's float32 matmul of n x n matrices (its BLAS held to
+    ``num_threads`` when threadpoolctl is installed): the yardstick for the core."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), np.float32)
+    notes: List[str] = []
+    limit = _limit_numpy_blas(num_threads, notes)
+    try:
+        times = time_interleaved({"sgemm": lambda: np.matmul(a, b, out=out)}, rounds, 0.0)
+    finally:
+        if limit is not None:
+            limit.restore_original_limits()
+    return 2.0 * n ** 3 / float(np.median(times["sgemm"])) / 1e9
 
 
 def rows_to_json(rows: Sequence[Row], notes: Sequence[str], extra: dict) -> str:
