@@ -117,12 +117,18 @@ class MultiHeadSelfAttention:
             raise ValueError(
                 f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
             )
+        self._allocate(d_model, num_heads, num_kv_heads, bias, _float_dtype(dtype))
+        self.reset_parameters(seed)
+
+    def _allocate(self, d_model: int, num_heads: int, num_kv_heads: int, bias: bool,
+                  dtype: np.dtype) -> None:
+        """Config and (uninitialised) parameter storage."""
         self.d_model = d_model
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = d_model // num_heads
         self.bias = bool(bias)
-        self.dtype = _float_dtype(dtype)
+        self.dtype = dtype
 
         kv = self.kv_dim
         # Q, K and V weights live in one (D + 2*Dkv, D) array so the projection
@@ -134,7 +140,6 @@ class MultiHeadSelfAttention:
         self._b_o = np.empty(d_model, dtype=self.dtype) if self.bias else None
         self._packed = None
         self._workspace = threading.local()
-        self.reset_parameters(seed)
 
     # ---- parameters ---------------------------------------------------
 
@@ -312,6 +317,29 @@ class MultiHeadSelfAttention:
         )
         m.load_state_dict(arrays)
         return m
+
+    # ---- pickling: the arrays and the config, never compiled state -------
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"config": self.config(), "state": self.state_dict()}
+
+    def __setstate__(self, data: Dict[str, Any]) -> None:
+        cfg = data["config"]
+        # packed weights and per-thread scratch start empty in the new process
+        self._allocate(cfg["d_model"], cfg["num_heads"], cfg["num_kv_heads"], cfg["bias"],
+                       _float_dtype(cfg["dtype"]))
+        self.load_state_dict(data["state"])
+
+    def __eq__(self, other: object) -> bool:
+        """Same config and bit-identical parameters."""
+        if not isinstance(other, MultiHeadSelfAttention):
+            return NotImplemented
+        if self.config() != other.config():
+            return False
+        a, b = self.state_dict(), other.state_dict()
+        return all(np.array_equal(a[k], b[k]) for k in a)
+
+    __hash__ = None  # mutable (weights can be reassigned)
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,142 @@
+"""Attention over datasets larger than one machine, with Dask.
+
+``fastattn.dask.apply(module, x)`` maps a :class:`~fastattn.MultiHeadSelfAttention`
+over a dask array of sequences, ``(num_sequences, N, D)`` chunked along the
+first axis, and returns the dask array of outputs.  The module travels to the
+workers once (it pickles as its config and weights), every chunk runs the
+ordinary in-process forward, and each task's fastattn thread count is chosen so
+that, on every machine, worker threads x fastattn threads do not exceed its
+cores.  Dask is an optional dependency (``pip install 'fastattn[dask]'``):
+``import fastattn`` never imports it; ``import fastattn.dask`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+import dask
+import dask.array as da
+
+from . import threads
+from .modules import MultiHeadSelfAttention
+
+__all__ = ["apply", "thread_plan"]
+
+
+def _forward_block(module: MultiHeadSelfAttention, x: np.ndarray, key_padding_mask,
+                   attn_mask, is_causal: bool, plan: Dict[str, int], default: int) -> np.ndarray:
+    """One chunk on a worker: set this task's thread count, run the forward."""
+    n = default
+    try:
+        from distributed import get_worker
+
+        n = plan.get(get_worker().address, default)
+    except (ImportError, ValueError):  # not on a distributed worker
+        pass
+    threads.set_num_threads(max(1, n))
+    return module(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
+
+
+def thread_plan(client=None, threads_per_task: Optional[int] = None) -> Dict[str, Any]:
+    """fastattn threads per task, per worker: ``{"plan": {address: n}, "default": n}``.
+
+    With a distributed client, each host's cores are shared out among the
+    worker threads it runs (cores // worker threads on that host, at least 1).
+    Without one (dask's local schedulers run one task per core), 1.
+    ``threads_per_task`` overrides both.
+    """
+    if threads_per_task is not None:
+        if isinstance(threads_per_task, bool) or not isinstance(threads_per_task, int) \
+                or threads_per_task < 1:
+            raise ValueError(f"threads_per_task must be a positive int, got {threads_per_task!r}")
+        return {"plan": {}, "default": threads_per_task}
+    if client is None:
+        try:
+            from distributed import get_client
+
+            client = get_client()
+        except (ImportError, ValueError):
+            return {"plan": {}, "default": 1}
+    workers = client.scheduler_info()["workers"]
+    cores = client.run(os.cpu_count)  # {address: cores of its host}
+    per_host: Dict[str, int] = {}
+    for addr, w in workers.items():
+        per_host[w["host"]] = per_host.get(w["host"], 0) + int(w["nthreads"])
+    plan = {
+        addr: max(1, int(cores.get(addr) or 1) // max(1, per_host[w["host"]]))
+        for addr, w in workers.items()
+    }
+    return {"plan": plan, "default": 1}
+
+
+def apply(
+    module: MultiHeadSelfAttention,
+    x,
+    *,
+    attn_mask=None,
+    key_padding_mask=None,
+    is_causal: bool = False,
+    threads_per_task: Optional[int] = None,
+    client=None,
+):
+    """Map ``module`` over the sequences of a dask array.
+
+    Parameters
+    ----------
+    module : MultiHeadSelfAttention
+        Sent to the workers once, as its config and weights.
+    x : dask.array.Array or ndarray, shape (S, N, D)
+        Sequences, chunked along the first axis (other axes are merged into
+        one chunk).  A NumPy array is wrapped with one chunk per 64 sequences.
+    attn_mask : ndarray, optional
+        One mask for every sequence, broadcastable to (H, N, N) (bool: True =
+        may attend; float: added to the scores).
+    key_padding_mask : array of bool, shape (S, N), optional
+        Per-sequence padding (True = padding), NumPy or dask; chunked
+        alongside ``x``.
+    is_causal : bool
+        Causal self-attention.
+    threads_per_task : int, optional
+        fastattn threads per chunk; by default each machine's cores divided
+        by the worker threads it runs (see :func:`thread_plan`).
+    client : distributed.Client, optional
+        Defaults to the current client, if any.
+
+    Returns
+    -------
+    dask.array.Array, shape (S, N, D), the module's dtype
+    """
+    if not isinstance(module, MultiHeadSelfAttention):
+        raise TypeError(f"module must be a fastattn.MultiHeadSelfAttention, got {type(module).__name__}")
+    if not isinstance(x, da.Array):
+        x = da.from_array(np.asarray(x), chunks=(64, -1, -1))
+    if x.ndim != 3 or x.shape[2] != module.d_model:
+        raise ValueError(
+            f"x must have shape (num_sequences, N, {module.d_model}), got {tuple(x.shape)}"
+        )
+    x = x.rechunk({1: -1, 2: -1})
+    S, N, D = x.shape
+    kpm_blocks = [None] * len(x.chunks[0])
+    if key_padding_mask is not None:
+        kpm = key_padding_mask
+        if not isinstance(kpm, da.Array):
+            kpm = np.asarray(kpm)
+            if kpm.dtype != np.bool_:
+                raise TypeError(f"key_padding_mask must be a bool array, got dtype {kpm.dtype}")
+            kpm = da.from_array(kpm, chunks=(x.chunks[0], -1))
+        if tuple(kpm.shape) != (S, N):
+            raise ValueError(f"key_padding_mask must have shape {(S, N)}, got {tuple(kpm.shape)}")
+        kpm_blocks = list(kpm.rechunk((x.chunks[0], -1)).to_delayed().ravel())
+    plan = thread_plan(client, threads_per_task)
+    module_d = dask.delayed(module, pure=True, traverse=False)
+    mask_d = dask.delayed(attn_mask, pure=True, traverse=False) if attn_mask is not None else None
+    out = []
+    for block, kpm_block, rows in zip(x.to_delayed().ravel(), kpm_blocks, x.chunks[0]):
+        y = dask.delayed(_forward_block, pure=True)(
+            module_d, block, kpm_block, mask_d, is_causal, plan["plan"], plan["default"]
+        )
+        out.append(da.from_delayed(y, shape=(rows, N, D), dtype=module.dtype))
+    return da.concatenate(out, axis=0)

@@ -1,0 +1,120 @@
+"""Modules pickle cheaply, and fastattn.dask maps them over dask arrays on a
+two-process LocalCluster with the same bits as the in-process call."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastattn
+
+
+def test_module_pickles_as_config_and_arrays(rng):
+    m = fastattn.MultiHeadSelfAttention(64, 4, num_kv_heads=2, dtype=np.float64, seed=3)
+    x = rng.standard_normal((2, 9, 64))
+    y = m(x)  # packs weights and allocates scratch: none of it may travel
+    blob = pickle.dumps(m)
+    param_bytes = sum(a.nbytes for a in m.state_dict().values())
+    assert len(blob) < param_bytes + 4096
+    m2 = pickle.loads(blob)
+    assert m2 == m and m2.config() == m.config()
+    np.testing.assert_array_equal(m2(x), y)
+
+
+def test_unpickled_module_works_in_a_fresh_process(tmp_path, rng):
+    m = fastattn.MultiHeadSelfAttention(32, 4, seed=5)
+    x = rng.standard_normal((3, 7, 32)).astype(np.float32)
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps(m))
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import pickle, numpy as np, fastattn\n"
+        f"m = pickle.loads(open({str(tmp_path / 'm.pkl')!r}, 'rb').read())\n"
+        "fastattn.set_num_threads(1)\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, m(np.load({str(tmp_path / 'x.npy')!r})))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), m(x))
+
+
+def test_importing_fastattn_does_not_import_dask():
+    code = "import sys, fastattn; print('dask' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+import fastattn.dask as fdask  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       host="127.0.0.1", dashboard_address=None)
+    c = distributed.Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def test_apply_on_a_two_process_cluster_matches_in_process_bits(client, rng):
+    m = fastattn.MultiHeadSelfAttention(48, 6, seed=11)
+    S, N = 11, 13
+    x = rng.standard_normal((S, N, 48)).astype(np.float32)
+    kpm = rng.random((S, N)) < 0.2
+    kpm[:, 0] = False  # every sequence keeps at least one key
+    dx = da.from_array(x, chunks=(4, N, 48))
+    y = fdask.apply(m, dx, key_padding_mask=kpm, is_causal=True).compute()
+    assert y.shape == (S, N, 48) and y.dtype == np.float32
+    for lo in range(0, S, 4):
+        hi = min(lo + 4, S)
+        expected = m(x[lo:hi], key_padding_mask=kpm[lo:hi], is_causal=True)
+        np.testing.assert_array_equal(y[lo:hi], expected)
+    # the tasks really ran on both worker processes
+    assert len(client.scheduler_info()["workers"]) == 2
+
+
+def test_thread_plan_shares_each_hosts_cores(client):
+    plan = fdask.thread_plan(client)
+    cores = os.cpu_count()
+    assert set(plan["plan"]) == set(client.scheduler_info()["workers"])
+    assert all(n == max(1, cores // 2) for n in plan["plan"].values())
+    assert fdask.thread_plan(client, threads_per_task=3) == {"plan": {}, "default": 3}
+    with pytest.raises(ValueError, match="threads_per_task"):
+        fdask.thread_plan(client, threads_per_task=0)
+
+
+def test_apply_with_a_shared_mask_and_dask_padding_on_the_local_scheduler(rng):
+    m = fastattn.MultiHeadSelfAttention(16, 2, seed=2)
+    x = rng.standard_normal((6, 5, 16)).astype(np.float32)
+    mask = np.tril(np.ones((5, 5), bool))
+    kpm = da.from_array(np.zeros((6, 5), bool), chunks=(3, 5))
+    y = fdask.apply(m, x, attn_mask=mask, key_padding_mask=kpm).compute(scheduler="threads")
+    np.testing.assert_array_equal(y, m(x, attn_mask=mask))
+
+
+def test_apply_rejects_bad_input(rng):
+    m = fastattn.MultiHeadSelfAttention(16, 2, seed=2)
+    with pytest.raises(ValueError, match="num_sequences"):
+        fdask.apply(m, np.zeros((2, 3, 8), np.float32))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        fdask.apply(m, np.zeros((2, 3, 16), np.float32), key_padding_mask=np.zeros((2, 4), bool))
+    with pytest.raises(TypeError, match="module"):
+        fdask.apply(object(), np.zeros((2, 3, 16), np.float32))
+
+
+def test_example_script_streams_a_dataset_through_a_cluster(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "stream_dataset.py")
+    inp, out = tmp_path / "seqs.npy", tmp_path / "out.npy"
+    res = subprocess.run(
+        [sys.executable, script, "--make", "40", "--seq", "8", "--d-model", "32", "--heads", "4",
+         "--chunk", "16", "--input", str(inp), "--output", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "sequences/s" in res.stdout
+    m = fastattn.MultiHeadSelfAttention(32, 4, seed=0)
+    np.testing.assert_array_equal(np.load(out), m(np.load(inp)))
