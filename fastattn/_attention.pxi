@@ -11,7 +11,7 @@
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from libc.math cimport INFINITY
 cimport numpy as cnp
 import numpy as np
@@ -50,10 +50,17 @@ cdef extern from "fa_kernels.h" nogil:
                          const float* mask, int64_t m_is, int64_t m_js)
     void fa_mask_add_f64(double* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
                          const double* mask, int64_t m_is, int64_t m_js)
-    void fa_mask_causal_f32(float* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
-                            int64_t first_limit)
-    void fa_mask_causal_f64(double* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
-                            int64_t first_limit)
+    void fa_mask_band_f32(float* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
+                          int64_t lo, int64_t hi)
+    void fa_mask_band_f64(double* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
+                          int64_t lo, int64_t hi)
+    void fa_add_alibi_f32(float* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
+                          float slope, int64_t rel)
+    void fa_add_alibi_f64(double* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
+                          double slope, int64_t rel)
+    void fa_merge_splits_f32(float* out, int64_t ev, const float* parts, int64_t stride, int64_t n)
+    void fa_merge_splits_f64(double* out, int64_t ev, const double* parts, int64_t stride,
+                             int64_t n)
     void fa_online_softmax_f32(float* ST, int64_t lds, int64_t nkeys, int64_t ncols, float* m,
                                float* l, float* OT, int64_t ldo, int64_t ev)
     void fa_online_softmax_f64(double* ST, int64_t lds, int64_t nkeys, int64_t ncols, double* m,
@@ -110,7 +117,15 @@ cdef struct Problem:
     Operand q, k, v, out, weights, bmask1, bmask2, fmask
     bint has_weights, has_bmask1, has_bmask2, has_fmask, causal
     int64_t lead_count, heads, kv_group, len_q, len_k, dim, dim_v
-    int64_t causal_offset      # query i may attend key j <= i + causal_offset
+    int64_t causal_offset      # Lk - Lq: query i sits at key position i + causal_offset
+    # the band of keys query i may attend: i + off - band_left <= j <= i + off + band_right
+    # (causal: band_right <= 0; a sliding window sets both; BAND_OPEN = unbounded)
+    bint has_band
+    int64_t band_left, band_right
+    const double* slopes        # ALiBi slope per query head, or NULL
+    int64_t n_splits            # row mode: key splits per query row (split-K)
+    char* parts                 # row mode with splits: (m, l, o[Ev]) per row and split
+    int64_t parts_stride
     int64_t block_q, block_k, n_qblocks
     int64_t lanes               # query columns of the transposed tiles (block_q rounded to NR)
     int64_t tail_len            # elements of the gemm tail-panel scratch
@@ -121,6 +136,10 @@ cdef struct Problem:
 
 # At or below this many queries a call runs row by row (decoding).
 cdef int64_t ROW_MODE_MAX_QUERIES = 4
+# An unbounded side of the band (large, but far from overflowing int64 sums).
+cdef int64_t BAND_OPEN = 1 << 40
+# Split-K: keys per split at least this many, so the merge stays cheap.
+cdef int64_t MIN_KEYS_PER_SPLIT = 512
 
 
 cdef inline int64_t _round_up(int64_t x, int64_t m) noexcept nogil:
@@ -200,24 +219,30 @@ cdef void _mask_scores(const Problem* P, floating* S, int64_t s_js, int64_t s_is
             fa_mask_bool_f64(S, s_is, s_js, rows, bk,
                              <const uint8_t*>_at(&P.bmask2, b, h, i0, j0, 1),
                              P.bmask2.s_row, P.bmask2.s_col)
-    # Only blocks that reach past the first query's diagonal need the causal cut.
-    if P.causal and j0 + bk - 1 > i0 + P.causal_offset:
+    if P.slopes != NULL:
         if floating is float:
-            fa_mask_causal_f32(S, s_is, s_js, rows, bk, i0 + P.causal_offset - j0)
+            fa_add_alibi_f32(S, s_is, s_js, rows, bk, <float>P.slopes[h],
+                             j0 - i0 - P.causal_offset)
         else:
-            fa_mask_causal_f64(S, s_is, s_js, rows, bk, i0 + P.causal_offset - j0)
+            fa_add_alibi_f64(S, s_is, s_js, rows, bk, P.slopes[h], j0 - i0 - P.causal_offset)
+    # Only blocks that reach outside some row's band need the cut.
+    cdef int64_t lo = i0 + P.causal_offset - P.band_left - j0
+    cdef int64_t hi = i0 + P.causal_offset + P.band_right - j0
+    if P.has_band and (lo + rows - 1 > 0 or hi < bk - 1):
+        if floating is float:
+            fa_mask_band_f32(S, s_is, s_js, rows, bk, lo, hi)
+        else:
+            fa_mask_band_f64(S, s_is, s_js, rows, bk, lo, hi)
 
 
-cdef inline int64_t _keys_end(const Problem* P, int64_t i0, int64_t rows) noexcept nogil:
-    """One past the last key any query of the block may attend."""
-    cdef int64_t end = P.len_k
-    if P.causal:
-        end = i0 + rows + P.causal_offset
-        if end > P.len_k:
-            end = P.len_k
-        if end < 0:
-            end = 0
-    return end
+cdef inline void _key_range(const Problem* P, int64_t i0, int64_t rows, int64_t* lo,
+                            int64_t* hi) noexcept nogil:
+    """Keys [lo, hi) that some query of i0 .. i0+rows may attend (empty: lo >= hi)."""
+    lo[0] = 0
+    hi[0] = P.len_k
+    if P.has_band:
+        lo[0] = max(<int64_t>0, i0 + P.causal_offset - P.band_left)
+        hi[0] = min(P.len_k, i0 + rows - 1 + P.causal_offset + P.band_right + 1)
 
 
 cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogil:
@@ -230,7 +255,7 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
     cdef int64_t i0 = (work % P.n_qblocks) * P.block_q
     cdef int64_t rows = min(P.block_q, P.len_q - i0)
     cdef int64_t L = P.lanes
-    cdef int64_t j0, bk, j_end, r
+    cdef int64_t j0, bk, j_start, j_end, r
 
     # regions as sized in _scratch_elems; each starts on a vector boundary
     cdef floating* QT = scratch                    # E x L: queries, transposed, scaled
@@ -255,13 +280,14 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
     for r in range(L):
         m[r] = -INFINITY
         l[r] = 0
-    j_end = _keys_end(P, i0, rows)
+    _key_range(P, i0, rows, &j_start, &j_end)
 
     if not P.has_weights:
-        # Streaming: walk the keys once with a running max and sum per query.
-        j0 = 0
+        # Streaming: walk the keys once with a running max and sum per query;
+        # blocks outside every row's band are never touched.
+        j0 = j_start
         while j0 < j_end:
-            bk = min(P.block_k, P.len_k - j0)
+            bk = min(P.block_k, j_end - j0)
             _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk)
             if floating is float:
                 fa_online_softmax_f32(ST, L, bk, L, m, l, OT, L, P.dim_v)
@@ -285,9 +311,9 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
         else:
             fa_softmax_rows_f64(W, P.len_k, rows, P.len_k)
         memset(ST, 0, P.block_k * L * isz)  # lanes past `rows` stay zero
-        j0 = 0
+        j0 = j_start
         while j0 < j_end:
-            bk = min(P.block_k, P.len_k - j0)
+            bk = min(P.block_k, j_end - j0)
             _copy_strided(ST, 1, L, W + j0, P.len_k, 1, rows, bk)
             _gemm(P.dim_v, L, bk, v + j0 * P.v.s_row, 1, P.v.s_row, ST, L, OT, L, 1, tail)
             j0 += P.block_k
@@ -300,24 +326,32 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
 
 
 cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept nogil:
-    """One (batch, head) when there are only a few queries (decoding).
+    """One (batch, head, key split) when there are only a few queries (decoding).
 
     Queries along vector lanes would leave most lanes empty; here each query
-    row streams over the keys on its own, vectorised along E.
+    row streams over the keys on its own, vectorised along E.  With several
+    splits (split-K, so that one sequence still uses every core), each split
+    leaves its (max, sum, unnormalised output) for _merge_row.
     """
     cdef int64_t isz = sizeof(floating)
-    cdef int64_t b = work // P.heads
-    cdef int64_t h = work % P.heads
+    cdef int64_t split = work % P.n_splits
+    cdef int64_t bh = work // P.n_splits
+    cdef int64_t b = bh // P.heads
+    cdef int64_t h = bh % P.heads
     cdef int64_t hk = h // P.kv_group
-    cdef int64_t i, j0, bk, c, j_end
+    cdef int64_t i, j0, bk, c, j_start, j_end, s0, s1, span
     cdef floating* s = scratch                  # keys_pad scores
     cdef floating* o = s + P.keys_pad           # dimv_pad accumulator
     cdef floating* qs = o + P.dimv_pad          # dim: the scaled query
     cdef floating m, l
+    cdef floating* part
     cdef const floating* q
     cdef const floating* k = <const floating*>_at(&P.k, b, hk, 0, 0, isz)
     cdef const floating* v = <const floating*>_at(&P.v, b, hk, 0, 0, isz)
     cdef floating* out
+    span = (P.len_k + P.n_splits - 1) // P.n_splits
+    s0 = split * span
+    s1 = min(P.len_k, s0 + span)
     for i in range(P.len_q):
         q = <const floating*>_at(&P.q, b, h, i, 0, isz)
         for c in range(P.dim):
@@ -325,8 +359,9 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
         memset(o, 0, P.dimv_pad * isz)
         m = -INFINITY
         l = 0
-        j_end = _keys_end(P, i, 1)
-        j0 = 0
+        _key_range(P, i, 1, &j_start, &j_end)
+        j0 = max(j_start, s0)
+        j_end = min(j_end, s1)
         while j0 < j_end:
             bk = min(P.block_k, j_end - j0)
             if floating is float:
@@ -342,12 +377,31 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
             else:
                 fa_row_update_f64(s, P.keys_pad, &m, &l, o, P.dimv_pad)
                 fa_accum_rows_f64(o, P.dim_v, s, bk, v + j0 * P.v.s_row, P.v.s_row)
-            j0 += P.block_k
+            j0 += bk
+        if P.n_splits > 1:
+            part = (<floating*>P.parts) + ((bh * P.len_q + i) * P.n_splits + split) * P.parts_stride
+            part[0] = m
+            part[1] = l
+            memcpy(part + 2, o, P.dim_v * isz)
+            continue
         out = <floating*>_at(&P.out, b, h, i, 0, isz)
         if floating is float:
             fa_finalize_f32(o, 1, &l, 1, P.dim_v, out, P.out.s_row)
         else:
             fa_finalize_f64(o, 1, &l, 1, P.dim_v, out, P.out.s_row)
+
+
+cdef void _merge_row(const Problem* P, int64_t row, floating* tag) noexcept nogil:
+    """Final output of one query row from its key splits."""
+    cdef int64_t isz = sizeof(floating)
+    cdef int64_t bh = row // P.len_q
+    cdef int64_t i = row % P.len_q
+    cdef floating* out = <floating*>_at(&P.out, bh // P.heads, bh % P.heads, i, 0, isz)
+    cdef const floating* parts = (<const floating*>P.parts) + row * P.n_splits * P.parts_stride
+    if floating is float:
+        fa_merge_splits_f32(out, P.dim_v, parts, P.parts_stride, P.n_splits)
+    else:
+        fa_merge_splits_f64(out, P.dim_v, parts, P.parts_stride, P.n_splits)
 
 
 cdef inline int64_t _scratch_elems(const Problem* P) noexcept nogil:
@@ -360,7 +414,8 @@ cdef inline int64_t _scratch_elems(const Problem* P) noexcept nogil:
 
 cdef int _run(const Problem* P, int num_threads, floating* tag) noexcept nogil:
     """Runs every tile; returns 0, or -1 when a thread's scratch could not be had."""
-    cdef int64_t n_work = (P.lead_count * P.heads) * (1 if P.row_mode else P.n_qblocks)
+    cdef int64_t n_work = (P.lead_count * P.heads) * (P.n_splits if P.row_mode else P.n_qblocks)
+    cdef int64_t n_rows = P.lead_count * P.heads * P.len_q
     cdef int failed = 0
     cdef int* failed_flag = &failed  # shared: a plain int would be thread-private
     cdef int64_t w
@@ -376,6 +431,10 @@ cdef int _run(const Problem* P, int num_threads, floating* tag) noexcept nogil:
                     _row_tile(P, w, buf)
                 else:
                     _tile(P, w, buf)
+        # (the loop above ends with a barrier: every split is written)
+        if P.row_mode and P.n_splits > 1:
+            for w in prange(n_rows, schedule="static"):
+                _merge_row(P, w, <floating*>NULL)
         free(buf)
     return -1 if failed else 0
 
@@ -427,13 +486,17 @@ cdef int64_t _fill(Operand* op, object arr, int nlead, list keep) except -1:
 
 
 def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double scale,
-              Py_ssize_t block_q, Py_ssize_t block_k, int num_threads):
-    """Fills `out` (and `weights`, when given) with softmax(scale q k^T + masks) v.
+              Py_ssize_t block_q, Py_ssize_t block_k, int num_threads, window=None,
+              slopes=None):
+    """Fills `out` (and `weights`, when given) with softmax(scale q k^T + bias + masks) v.
 
+    window: (left, right) of the key band around each query's position (None
+    on a side: unbounded); slopes: float64 ALiBi slope per query head.
     Private: fastattn.functional validates shapes, dtypes and layouts first.
     """
     cdef Problem P
     cdef list keep = []
+    cdef cnp.ndarray slope_arr
     cdef int nlead = q.ndim - 3
     cdef int rc
     memset(&P, 0, sizeof(Problem))
@@ -479,15 +542,48 @@ def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double 
     P.kv_group = P.heads // k.shape[nlead]
     P.causal = causal
     P.causal_offset = P.len_k - P.len_q
+    P.band_left = BAND_OPEN
+    P.band_right = BAND_OPEN
+    if window is not None:
+        left, right = window
+        if left is not None:
+            P.band_left = min(<int64_t>left, BAND_OPEN)
+        if right is not None:
+            P.band_right = min(<int64_t>right, BAND_OPEN)
+    if causal:
+        P.band_right = min(P.band_right, <int64_t>0)
+    P.has_band = P.band_left < BAND_OPEN or P.band_right < BAND_OPEN
+    P.slopes = NULL
+    if slopes is not None:
+        slope_arr = np.ascontiguousarray(slopes, dtype=np.float64)
+        if slope_arr.ndim != 1 or slope_arr.shape[0] != P.heads:
+            raise ValueError("kernel slopes must have one entry per query head")
+        keep.append(slope_arr)
+        P.slopes = <const double*>cnp.PyArray_DATA(slope_arr)
     P.scale = scale
     if P.lead_count == 0 or P.heads == 0 or P.len_q == 0 or P.dim_v == 0:
         return
     if q.dtype == np.float32:
         _setup_blocks(&P, block_q, block_k, <float*>NULL)
+    else:
+        _setup_blocks(&P, block_q, block_k, <double*>NULL)
+    P.n_splits = 1
+    if P.row_mode:
+        # split-K when (batch x heads) alone would leave threads idle
+        busy = P.lead_count * P.heads
+        if busy < 2 * num_threads:
+            P.n_splits = max(1, min((2 * num_threads + busy - 1) // busy,
+                                    P.len_k // MIN_KEYS_PER_SPLIT))
+    if P.n_splits > 1:
+        P.parts_stride = P.dim_v + 2
+        parts = np.empty(P.lead_count * P.heads * P.len_q * P.n_splits * P.parts_stride,
+                         dtype=q.dtype)
+        keep.append(parts)
+        P.parts = <char*>cnp.PyArray_DATA(parts)
+    if q.dtype == np.float32:
         with nogil:
             rc = _run(&P, num_threads, <float*>NULL)
     else:
-        _setup_blocks(&P, block_q, block_k, <double*>NULL)
         with nogil:
             rc = _run(&P, num_threads, <double*>NULL)
     if rc != 0:

@@ -24,7 +24,7 @@ import numpy as np
 from . import threads
 from ._dispatch import kernels
 
-__all__ = ["scaled_dot_product_attention"]
+__all__ = ["scaled_dot_product_attention", "alibi_slopes"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -148,6 +148,59 @@ def check_qkv(q, k, v) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, k, v
 
 
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """The ALiBi paper's head slopes: 2^(-8k/n) for k = 1..n when n is a power
+    of two; otherwise those of the largest power of two below, followed by
+    every other slope of the next power of two."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+
+    def power_of_two(n: int) -> list:
+        return [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
+
+    n = 1 << (int(num_heads).bit_length() - 1)
+    slopes = power_of_two(n)
+    if n < num_heads:
+        slopes += power_of_two(2 * n)[0::2][: num_heads - n]
+    return np.array(slopes, dtype=np.float64)
+
+
+def check_window(window):
+    """``window`` as (left, right) with None for an unbounded side, or None."""
+    if window is None:
+        return None
+    try:
+        left, right = window
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be a (left, right) pair, got {window!r}") from None
+    for side, value in (("left", left), ("right", right)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"window {side} side must be an int >= 0 or None, got {value!r}")
+        if value < 0:
+            raise ValueError(f"window {side} side must be >= 0 (or None), got {value}")
+    return (None if left is None else int(left), None if right is None else int(right))
+
+
+def check_alibi(alibi: bool, slopes, num_heads: int) -> Optional[np.ndarray]:
+    """float64 slopes per query head, or None when ALiBi is off."""
+    if slopes is None:
+        return alibi_slopes(num_heads) if alibi else None
+    arr = np.asarray(slopes)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"alibi_slopes must be a real array, got dtype {arr.dtype}")
+    if arr.shape != (num_heads,):
+        raise ValueError(
+            f"alibi_slopes must have shape ({num_heads},) (one slope per query head), "
+            f"got {_shape_str(arr.shape)}"
+        )
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("alibi_slopes must be finite")
+    return arr
+
+
 def resolve_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
@@ -170,6 +223,8 @@ def attention_into(
     is_causal: bool = False,
     scale: float,
     weights: Optional[np.ndarray] = None,
+    window=None,
+    slopes: Optional[np.ndarray] = None,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
     num_threads: Optional[int] = None,
@@ -198,6 +253,8 @@ def attention_into(
         block_q,
         block_k,
         num_threads or threads.get_num_threads(),
+        window,
+        slopes,
     )
 
 
@@ -210,6 +267,9 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     scale: Optional[float] = None,
     need_weights: bool = False,
+    window: Optional[Tuple[Optional[int], Optional[int]]] = None,
+    alibi: bool = False,
+    alibi_slopes: Optional[np.ndarray] = None,
 ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``, per head.
 
@@ -234,6 +294,14 @@ def scaled_dot_product_attention(
     need_weights : bool
         Also return the attention probabilities (this materialises them; the
         default path streams over keys and never holds an ``Lq x Lk`` matrix).
+    window : (int or None, int or None), optional
+        Sliding window: query ``i`` attends keys ``j`` with
+        ``i' - left <= j <= i' + right``, ``i' = i + Lk - Lq``.
+    alibi : bool
+        Add ALiBi's linear distance penalty ``-slope_h * |j - i'|``, with the
+        paper's slopes for H heads (see :func:`alibi_slopes`).
+    alibi_slopes : array of shape (H,), optional
+        Explicit ALiBi slopes (implies ``alibi``).
 
     Returns
     -------
@@ -258,12 +326,14 @@ def scaled_dot_product_attention(
     full = lead + (H, Lq, Lk)
     bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, q.dtype)
     scale = resolve_scale(scale, E)
+    window = check_window(window)
+    slopes = check_alibi(alibi, alibi_slopes, H)
     out = np.empty(lead + (H, Lq, Ev), dtype=q.dtype)
     weights = np.empty(full, dtype=q.dtype) if need_weights else None
     attention_into(
         q, k, v, out,
         bool_masks=(bmask,), float_mask=fmask, is_causal=is_causal, scale=scale,
-        weights=weights,
+        weights=weights, window=window, slopes=slopes,
     )
     if need_weights:
         return out, weights

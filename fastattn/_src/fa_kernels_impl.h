@@ -259,13 +259,26 @@ static void FA(mask_add)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t r
         for (int64_t j = 0; j < cols; j++) S[i * s_is + j * s_js] += mask[i * m_is + j * m_js];
 }
 
-/* Query i may attend keys j <= first_limit + i; the rest become -inf. */
-static void FA(mask_causal)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t rows,
-                            int64_t cols, int64_t first_limit) {
+/* Query row i may attend the columns c with lo + i <= c <= hi + i (a band:
+ * causal masks and sliding windows); the rest become -inf. */
+static void FA(mask_band)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t rows,
+                          int64_t cols, int64_t lo, int64_t hi) {
     for (int64_t i = 0; i < rows; i++) {
-        int64_t j0 = first_limit + i + 1;
-        for (int64_t j = j0 < 0 ? 0 : j0; j < cols; j++) S[i * s_is + j * s_js] = (REAL)-INFINITY;
+        int64_t a = lo + i, b = hi + i;
+        for (int64_t j = 0; j < cols; j++)
+            if (j < a || j > b) S[i * s_is + j * s_js] = (REAL)-INFINITY;
     }
+}
+
+/* ALiBi: S(i, j) -= slope * |rel + j - i|, rel the key-minus-query distance
+ * of (0, 0); a linear penalty on distance, no bias matrix in memory. */
+static void FA(add_alibi)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t rows,
+                          int64_t cols, REAL slope, int64_t rel) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++) {
+            int64_t d = rel + j - i;
+            S[i * s_is + j * s_js] -= slope * (REAL)(d < 0 ? -d : d);
+        }
 }
 
 /*
@@ -356,6 +369,28 @@ static void FA(accum_rows)(REAL *restrict o, int64_t ev, const REAL *restrict p,
         const REAL *vj = v + j * vs;
         for (int64_t c = 0; c < evv; c += VLEN) *(VEC *)(o + c) += pj * *(const UVEC *)(vj + c);
         for (int64_t c = evv; c < ev; c++) o[c] += pj * vj[c];
+    }
+}
+
+/* Merges the partial results of key splits of one query row: each part is
+ * (m, l, o[0:ev]) over its keys; out = sum_s o_s e^(m_s - m) / sum_s l_s e^(m_s - m). */
+static void FA(merge_splits)(REAL *restrict out, int64_t ev, const REAL *restrict parts,
+                             int64_t stride, int64_t n) {
+    REAL m = (REAL)-INFINITY;
+    for (int64_t s = 0; s < n; s++) m = FA(smax)(parts[s * stride], m);
+    REAL shift = m == (REAL)-INFINITY ? 0 : m, l = 0;
+    for (int64_t c = 0; c < ev; c++) out[c] = 0;
+    for (int64_t s = 0; s < n; s++) {
+        const REAL *p = parts + s * stride;
+        REAL w = p[1] == 0 ? 0 : (REAL)exp((double)(p[0] - shift));
+        l += w * p[1];
+        for (int64_t c = 0; c < ev; c++) out[c] += w * p[2 + c];
+    }
+    if (l == 0) {
+        for (int64_t c = 0; c < ev; c++) out[c] = 0;
+    } else {
+        REAL inv = (REAL)1 / l;
+        for (int64_t c = 0; c < ev; c++) out[c] *= inv;
     }
 }
 
