@@ -6,9 +6,10 @@ streaming (online) softmax and the weighted sum of values without holding an
 head splitting.  See ``fastattn.functional`` for the mask conventions.
 """
 
-from .functional import scaled_dot_product_attention
+from .cache import KVCache
+from .functional import alibi_slopes, scaled_dot_product_attention
 from .info import info
-from .modules import MultiHeadSelfAttention
+from .modules import MultiHeadAttention, MultiHeadSelfAttention
 from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
@@ -16,7 +17,10 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "MultiHeadSelfAttention",
+    "MultiHeadAttention",
+    "KVCache",
     "scaled_dot_product_attention",
+    "alibi_slopes",
     "get_num_threads",
     "set_num_threads",
     "info",

@@ -287,7 +287,8 @@ def python_overhead_us(rounds: int = 50) -> float:
     E = D // H
     m = MultiHeadSelfAttention(D, H, seed=0)
     x = np.random.default_rng(0).standard_normal((B, N, D)).astype(np.float32)
-    wq, bq, wo, bo = m._packed_weights()
+    wq, bq = m._packed_weight("qkv")
+    wo, bo = m._packed_weight("o")
     qkv = np.empty((B * N, 3 * D), np.float32)
     merged = np.empty((B, N, D), np.float32)
     y = np.empty((B * N, D), np.float32)

@@ -55,7 +55,8 @@ def _shape(value: Any) -> tuple:
     return tuple(getattr(value, "shape", np.shape(value)))
 
 
-def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool) -> Dict[str, Any]:
+def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool,
+                 embed_dim: int) -> Dict[str, Any]:
     """Rename ``state`` to w_q ... b_o, splitting torch's stacked in_proj tensors.
 
     Raises ValueError for unknown keys, keys missing for a complete module,
@@ -76,7 +77,7 @@ def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool)
         elif key in _TORCH_STACKED:
             kind = _TORCH_STACKED[key]
             shape = _shape(value)
-            expected = (total, slices["q"].stop) if kind == "w" else (total,)
+            expected = (total, embed_dim) if kind == "w" else (total,)
             if shape != expected:
                 raise ValueError(
                     f"{key}: expected shape {expected} (q, k, v stacked), got {shape}"
@@ -125,13 +126,10 @@ def torch_module_config(module) -> tuple:
                 "from_torch: add_bias_kv and add_zero_attn of torch.nn.MultiheadAttention "
                 "are not supported"
             )
-        if not getattr(module, "_qkv_same_embed_dim", True):
-            raise ValueError(
-                "from_torch: a torch.nn.MultiheadAttention with kdim/vdim != embed_dim is "
-                "cross-attention; MultiHeadSelfAttention needs kdim == vdim == embed_dim"
-            )
         d_model = int(module.embed_dim)
         num_heads = int(module.num_heads)
+        kdim = int(getattr(module, "kdim", d_model))
+        vdim = int(getattr(module, "vdim", d_model))
         bias = "in_proj_bias" in params and params["in_proj_bias"] is not None
         weight = params.get("in_proj_weight", params.get("q_proj_weight"))
         if not bias:
@@ -142,6 +140,7 @@ def torch_module_config(module) -> tuple:
         num_heads = int(module.num_heads)
         weight = params["query.weight"]
         d_model = int(weight.shape[1])
+        kdim, vdim = int(params["key.weight"].shape[1]), int(params["value.weight"].shape[1])
         bias = "query.bias" in params
     else:
         raise TypeError(
@@ -149,7 +148,9 @@ def torch_module_config(module) -> tuple:
             f"value and fc linear layers, got {type(module).__name__}"
         )
     dtype = np.float64 if str(weight.dtype) == "torch.float64" else np.float32
-    return {"d_model": d_model, "num_heads": num_heads, "bias": bias, "dtype": dtype}, params
+    cfg = {"d_model": d_model, "num_heads": num_heads, "kdim": kdim, "vdim": vdim, "bias": bias,
+           "dtype": dtype}
+    return cfg, params
 
 
 def parse_config(raw: Optional[np.ndarray], fmt: str, path) -> Dict[str, Any]:
@@ -163,13 +164,15 @@ def parse_config(raw: Optional[np.ndarray], fmt: str, path) -> Dict[str, Any]:
         raise ValueError(f"{where}: __config__ is not valid JSON ({exc})") from None
     if not isinstance(cfg, dict) or cfg.get("format") != fmt:
         raise ValueError(f"{where}: __config__ format is not {fmt!r}")
+    positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
     checks = {
-        "d_model": lambda v: isinstance(v, int) and v > 0,
-        "num_heads": lambda v: isinstance(v, int) and v > 0,
-        "num_kv_heads": lambda v: isinstance(v, int) and v > 0,
+        "num_heads": positive,
+        "num_kv_heads": positive,
         "bias": lambda v: isinstance(v, bool),
         "dtype": lambda v: v in ("float32", "float64"),
     }
+    dims = ("d_model",) if "d_model" in cfg else ("embed_dim", "kdim", "vdim")
+    checks.update({d: positive for d in dims})
     for key, ok in checks.items():
         if key not in cfg or not ok(cfg[key]):
             raise ValueError(f"{where}: __config__ field {key!r} is missing or invalid")

@@ -1,17 +1,20 @@
-"""MultiHeadSelfAttention: weights, initialisation, head split, projections.
+"""MultiHeadSelfAttention and MultiHeadAttention: weights, head split, projections.
 
-The forward pass, in order:
+Both classes share one implementation (:class:`_MultiHeadBase`).  A forward
+pass, in order:
 
-1. one GEMM projects x to Q, K and V together, into a (B*N, D + 2*Dkv) buffer;
-2. Q, K and V are strided *views* of that buffer with shape (B, heads, N, E):
-   the kernel reads them in place, no per-head copies;
-3. the kernel writes its output straight into a (B, N, H*E) buffer (the
+1. the projections: for self-attention one GEMM projects x to Q, K and V
+   together into a (B*N, D + 2*Dkv) buffer; cross-attention projects query,
+   key and value separately;
+2. Q, K and V are strided *views* of those buffers with shape (B, heads, L, E)
+   (or of the KV cache): the kernel reads them in place, no per-head copies;
+3. the kernel writes its output straight into a (B, Lq, H*E) buffer (the
    merged-heads layout), so no transpose follows;
 4. one GEMM applies the output projection.
 
 The GEMMs are fastattn's own (``_kernels.linear``), on weights packed once per
 weight change, and run on the same OpenMP threads as the attention kernel.
-Because the packed copy must follow the weights, the parameter arrays handed
+Because the packed copies must follow the weights, the parameter arrays handed
 out (``m.w_q`` ...) are read-only views: change weights by assignment
 (``m.w_q = new``), ``load_state_dict`` or ``reset_parameters``.
 """
@@ -28,19 +31,22 @@ import numpy as np
 
 from . import interop, threads
 from ._dispatch import kernels
+from .cache import KVCache
 from .functional import (
     _shape_str,
     as_float_array,
     attention_into,
-    kernel_ready as kernel_rows,
+    check_alibi,
+    check_window,
+    kernel_ready,
     prepare_mask,
 )
 
-__all__ = ["MultiHeadSelfAttention"]
+__all__ = ["MultiHeadSelfAttention", "MultiHeadAttention"]
 
-_FORMAT = "fastattn.MultiHeadSelfAttention/1"
 _WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o")
 _BIAS_NAMES = ("b_q", "b_k", "b_v", "b_o")
+_IN_DIM = {"q": "embed_dim", "k": "kdim", "v": "vdim", "o": "embed_dim"}
 
 
 def _positive_int(value, name: str) -> int:
@@ -61,7 +67,450 @@ def _float_dtype(dtype) -> np.dtype:
     return dt
 
 
-class MultiHeadSelfAttention:
+def _param_property(name: str) -> property:
+    return property(lambda self: self._public_view(name),
+                    lambda self, value: self._set_param(name, value),
+                    doc=f"The {name} parameter (a read-only view; assign to replace it).")
+
+
+class _MultiHeadBase:
+    """Parameters, packing, persistence and the forward pass shared by both modules."""
+
+    _FORMAT = ""  # set by each subclass: the .npz format name
+
+    def _init_config(self, embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
+                     dim_name: str) -> Dict[str, Any]:
+        embed_dim = _positive_int(embed_dim, dim_name)
+        num_heads = _positive_int(num_heads, "num_heads")
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"{dim_name} ({embed_dim}) must be divisible by num_heads ({num_heads}): "
+                f"each head gets {dim_name} // num_heads features"
+            )
+        num_kv_heads = num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
+            )
+        kdim = embed_dim if kdim is None else _positive_int(kdim, "kdim")
+        vdim = embed_dim if vdim is None else _positive_int(vdim, "vdim")
+        return dict(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                    kdim=kdim, vdim=vdim, bias=bool(bias), dtype=_float_dtype(dtype))
+
+    def _allocate(self, embed_dim: int, num_heads: int, num_kv_heads: int, kdim: int,
+                  vdim: int, bias: bool, dtype: np.dtype) -> None:
+        """Config and (uninitialised) parameter storage."""
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim = kdim
+        self.vdim = vdim
+        self.bias = bool(bias)
+        self.dtype = np.dtype(dtype)
+        D, kv = embed_dim, self.kv_dim
+        # With kdim == vdim == D the Q, K and V weights live in one (D + 2*Dkv, D)
+        # array so a self-attention projection is one GEMM; otherwise each has
+        # its own.  Biases are always stacked (as torch's in_proj_bias).
+        if self.fused:
+            self._w_qkv = np.empty((D + 2 * kv, D), dtype=self.dtype)
+            self._w_in = {}
+        else:
+            self._w_qkv = None
+            self._w_in = {
+                "q": np.empty((D, D), dtype=self.dtype),
+                "k": np.empty((kv, kdim), dtype=self.dtype),
+                "v": np.empty((kv, vdim), dtype=self.dtype),
+            }
+        self._w_o = np.empty((D, D), dtype=self.dtype)
+        self._b_qkv = np.empty(D + 2 * kv, dtype=self.dtype) if self.bias else None
+        self._b_o = np.empty(D, dtype=self.dtype) if self.bias else None
+        self._packed: Dict[str, tuple] = {}
+        self._workspace = threading.local()
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the K and V projections: ``num_kv_heads * head_dim``."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def fused(self) -> bool:
+        """True when kdim == vdim == embed_dim: one stacked Q/K/V weight."""
+        return self.kdim == self.embed_dim and self.vdim == self.embed_dim
+
+    def _slices(self) -> Dict[str, slice]:
+        D, kv = self.embed_dim, self.kv_dim
+        return {"q": slice(0, D), "k": slice(D, D + kv), "v": slice(D + kv, D + 2 * kv)}
+
+    def _param_view(self, name: str) -> Optional[np.ndarray]:
+        """The writable storage of parameter ``name``."""
+        kind, part = name[0], name[2]
+        if part == "o":
+            return self._w_o if kind == "w" else self._b_o
+        if kind == "b":
+            return None if self._b_qkv is None else self._b_qkv[self._slices()[part]]
+        return self._w_qkv[self._slices()[part]] if self.fused else self._w_in[part]
+
+    def _public_view(self, name: str) -> Optional[np.ndarray]:
+        view = self._param_view(name)
+        if view is None:
+            return None
+        view = view.view()
+        view.flags.writeable = False  # the packed copy would not see in-place edits
+        return view
+
+    def _set_param(self, name: str, value) -> None:
+        view = self._param_view(name)
+        if view is None:
+            if value is None:
+                return
+            raise ValueError(f"{name}: this module was built with bias=False and has no {name}")
+        arr = interop.to_numpy(value, name)
+        if arr.shape != view.shape:
+            raise ValueError(
+                f"{name}: expected shape {_shape_str(view.shape)}, got {_shape_str(arr.shape)}"
+            )
+        view[...] = arr
+        self._packed = {}
+
+    w_q = _param_property("w_q")
+    w_k = _param_property("w_k")
+    w_v = _param_property("w_v")
+    w_o = _param_property("w_o")
+    b_q = _param_property("b_q")
+    b_k = _param_property("b_k")
+    b_v = _param_property("b_v")
+    b_o = _param_property("b_o")
+
+    def _packed_weight(self, part: str):
+        """(packed weight, padded bias) of projection ``part``: "qkv", "q", "k",
+        "v" or "o"; packed on first use after each weight change."""
+        if part not in self._packed:
+            if part == "qkv":
+                w, b = self._w_qkv, self._b_qkv
+            elif part == "o":
+                w, b = self._w_o, self._b_o
+            else:
+                w = self._param_view("w_" + part)
+                b = None if self._b_qkv is None else self._b_qkv[self._slices()[part]]
+            self._packed[part] = kernels.pack_weight(w, b)
+        return self._packed[part]
+
+    def _project(self, x2d: np.ndarray, part: str, n_out: int, out: Optional[np.ndarray] = None,
+                 num_threads: int = 1) -> np.ndarray:
+        w, b = self._packed_weight(part)
+        if out is None:
+            out = np.empty((x2d.shape[0], n_out), dtype=self.dtype)
+        kernels.linear(kernel_ready(x2d), w, b, n_out, out, num_threads)
+        return out
+
+    def _buffers(self, rows: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(qkv, merged) scratch of a self-attention pass, kept per calling thread.
+
+        Reused while the row count stays the same: fresh pages cost a page
+        fault and a zeroing pass each (about 5 ms per call at the bert preset
+        on this kind of machine).  Only the last size is kept.
+        """
+        ws = self._workspace
+        bufs = getattr(ws, "bufs", None)
+        if bufs is None or bufs[0].shape[0] != rows:
+            bufs = (
+                np.empty((rows, self.embed_dim + 2 * self.kv_dim), dtype=self.dtype),
+                np.empty((rows, self.embed_dim), dtype=self.dtype),
+            )
+            ws.bufs = bufs
+        return bufs
+
+    def reset_parameters(self, seed: Union[None, int, np.random.Generator] = None) -> None:
+        """Draw fresh weights like ``torch.nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        for name in _WEIGHT_NAMES + (_BIAS_NAMES if self.bias else ()):
+            view = self._param_view(name)
+            bound = 1.0 / math.sqrt(getattr(self, _IN_DIM[name[2]]))
+            view[...] = rng.uniform(-bound, bound, size=view.shape)
+        self._packed = {}
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """Copies of the parameters under this class's names (w_q, ..., b_o)."""
+        names = _WEIGHT_NAMES + (_BIAS_NAMES if self.bias else ())
+        return {name: self._param_view(name).copy() for name in names}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load parameters from a dict of numpy arrays or torch tensors.
+
+        Accepts this class's names (``w_q`` ...), those of
+        ``torch.nn.MultiheadAttention`` (``in_proj_weight``, ``in_proj_bias``,
+        ``out_proj.weight``, ``out_proj.bias``, or ``q_proj_weight`` ...) and
+        those of the seed's PyTorch class (``query.weight`` ... ``fc.bias``).
+
+        Raises
+        ------
+        ValueError
+            Unknown or missing keys, or a shape that does not fit (the message
+            names the key and both shapes).  A failed load changes nothing.
+        """
+        params = interop.to_own_names(state, self._slices(), self.bias, self.embed_dim)
+        staged = {}
+        for name, value in params.items():
+            view = self._param_view(name)
+            if view is None:
+                raise ValueError(f"{name}: this module was built with bias=False")
+            arr = interop.to_numpy(value, name)
+            if arr.shape != view.shape:
+                raise ValueError(
+                    f"{interop.source_key(state, name)}: expected shape "
+                    f"{_shape_str(view.shape)}, got {_shape_str(arr.shape)}"
+                )
+            staged[name] = arr
+        for name, arr in staged.items():
+            self._param_view(name)[...] = arr
+        self._packed = {}
+
+    def to_torch(self):
+        """A ``torch.nn.MultiheadAttention`` (batch_first=True, eval mode) with these
+        weights, which gives the same outputs (with torch's mask conventions).
+
+        Raises ImportError without torch, and ValueError for grouped-query
+        modules, which torch's class cannot express.
+        """
+        try:
+            import torch
+        except ImportError:
+            raise ImportError("to_torch needs PyTorch: pip install torch") from None
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(
+                f"to_torch: torch.nn.MultiheadAttention has no grouped-query attention "
+                f"(num_kv_heads {self.num_kv_heads} != num_heads {self.num_heads})"
+            )
+        tdtype = torch.float64 if self.dtype == np.float64 else torch.float32
+        t = torch.nn.MultiheadAttention(self.embed_dim, self.num_heads, bias=self.bias,
+                                        kdim=self.kdim, vdim=self.vdim, batch_first=True,
+                                        dtype=tdtype)
+        state = {"out_proj.weight": torch.from_numpy(self._w_o.copy())}
+        if self.fused:
+            state["in_proj_weight"] = torch.from_numpy(self._w_qkv.copy())
+        else:
+            for part in "qkv":
+                state[f"{part}_proj_weight"] = torch.from_numpy(self._w_in[part].copy())
+        if self.bias:
+            state["in_proj_bias"] = torch.from_numpy(self._b_qkv.copy())
+            state["out_proj.bias"] = torch.from_numpy(self._b_o.copy())
+        t.load_state_dict(state)
+        return t.eval()
+
+    def new_cache(self, batch_size: int, max_len: int, *, grow: bool = False) -> KVCache:
+        """An empty :class:`~fastattn.cache.KVCache` for incremental decoding.
+
+        Parameters
+        ----------
+        batch_size : int
+            Sequences decoded together.
+        max_len : int
+            Positions it holds; a call that would exceed it raises ValueError,
+            unless ``grow=True`` (then the capacity doubles).
+        """
+        return KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim, self.dtype,
+                       grow=grow)
+
+    def config(self) -> Dict[str, Any]:  # pragma: no cover - each subclass names its own
+        raise NotImplementedError
+
+    @classmethod
+    def _from_config(cls, cfg: Dict[str, Any]):
+        raise NotImplementedError
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the parameters and the config to an ``.npz`` file."""
+        header = json.dumps({"format": self._FORMAT, **self.config()})
+        np.savez(path, __config__=np.array(header), **self.state_dict())
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]):
+        """Read a module written by :meth:`save` (no pickles are ever loaded).
+
+        Raises ValueError, with the reason, for a file that is not one.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except (OSError, ValueError, EOFError, KeyError) as exc:
+            raise ValueError(f"{os.fspath(path)}: not a readable fastattn .npz file ({exc})") from exc
+        except Exception as exc:  # zipfile.BadZipFile and other corruption
+            raise ValueError(f"{os.fspath(path)}: not a readable fastattn .npz file ({exc})") from exc
+        cfg = interop.parse_config(arrays.pop("__config__", None), cls._FORMAT, path)
+        m = cls._from_config(cfg)
+        m.load_state_dict(arrays)
+        return m
+
+    # ---- pickling: the arrays and the config, never compiled state -------
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"config": self.config(), "state": self.state_dict()}
+
+    def __setstate__(self, data: Dict[str, Any]) -> None:
+        template = type(self)._from_config(data["config"], initialise=False)
+        self.__dict__.update(template.__dict__)
+        self.load_state_dict(data["state"])
+
+    def __eq__(self, other: object) -> bool:
+        """Same class, config and bit-identical parameters."""
+        if type(other) is not type(self):
+            return NotImplemented
+        if self.config() != other.config():
+            return False
+        a, b = self.state_dict(), other.state_dict()
+        return all(np.array_equal(a[k], b[k]) for k in a)
+
+    __hash__ = None  # mutable (weights can be reassigned)
+
+    # ---- forward --------------------------------------------------------
+
+    def _forward(self, query, key, value, *, self_attention: bool, attn_mask, key_padding_mask,
+                 is_causal: bool, need_weights: bool, average_attn_weights: bool,
+                 cache: Optional[KVCache], window, alibi: bool, alibi_slopes):
+        q_in = as_float_array(query, "query" if not self_attention else "x", self.dtype)
+        unbatched = q_in.ndim == 2
+        qname = "x" if self_attention else "query"
+        if q_in.ndim not in (2, 3) or q_in.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"{qname} must have shape (B, L, {self.embed_dim}) or (L, {self.embed_dim}), "
+                f"got {_shape_str(q_in.shape)}"
+            )
+        if unbatched:
+            q_in = q_in[None]
+        B, Lq, D = q_in.shape
+        H, Hkv, E, kv = self.num_heads, self.num_kv_heads, self.head_dim, self.kv_dim
+        if not self_attention:
+            k_in = self._check_source(key, "key", self.kdim, B, unbatched)
+            v_in = self._check_source(value, "value", self.vdim, B, unbatched)
+            if k_in.shape[1] != v_in.shape[1]:
+                raise ValueError(
+                    f"key and value must have the same length, got key {_shape_str(k_in.shape)} "
+                    f"and value {_shape_str(v_in.shape)}"
+                )
+            if cache is not None and k_in.shape[1] != Lq:
+                raise ValueError(
+                    f"with a cache, key and value hold the new positions of query "
+                    f"({Lq}), got key {_shape_str(k_in.shape)}"
+                )
+        window = check_window(window)
+        slopes = check_alibi(alibi, alibi_slopes, H)
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a KVCache from new_cache(), got {type(cache).__name__}")
+            cache.check(B, self.dtype, Hkv, E)
+            is_causal = True  # new positions follow every cached one
+        nt = threads.get_num_threads()
+
+        # 1. projections into buffers the kernel reads through strides
+        merged = None
+        if self_attention and self.fused and cache is None:
+            qkv, merged = self._buffers(B * Lq)
+            self._project(q_in.reshape(B * Lq, D), "qkv", D + 2 * kv, qkv, nt)
+            sl = self._slices()
+            q = qkv[:, sl["q"]].reshape(B, Lq, H, E).transpose(0, 2, 1, 3)
+            k = qkv[:, sl["k"]].reshape(B, Lq, Hkv, E).transpose(0, 2, 1, 3)
+            v = qkv[:, sl["v"]].reshape(B, Lq, Hkv, E).transpose(0, 2, 1, 3)
+        else:
+            if self_attention and self.fused:
+                qkv = self._project(q_in.reshape(B * Lq, D), "qkv", D + 2 * kv, num_threads=nt)
+                sl = self._slices()
+                q2, k2, v2 = qkv[:, sl["q"]], qkv[:, sl["k"]], qkv[:, sl["v"]]
+            else:
+                src_k = q_in if self_attention else k_in
+                src_v = q_in if self_attention else v_in
+                Lk_new = src_k.shape[1]
+                q2 = self._project(q_in.reshape(B * Lq, D), "q", D, num_threads=nt)
+                k2 = self._project(src_k.reshape(B * Lk_new, src_k.shape[2]), "k", kv, num_threads=nt)
+                v2 = self._project(src_v.reshape(B * Lk_new, src_v.shape[2]), "v", kv, num_threads=nt)
+            q = q2.reshape(B, Lq, H, E).transpose(0, 2, 1, 3)
+            if cache is not None:
+                cache.append(k2.reshape(B, Lq, kv), v2.reshape(B, Lq, kv))
+                k, v = cache.keys(), cache.values()
+            else:
+                Lk_new = k2.shape[0] // B
+                k = k2.reshape(B, Lk_new, Hkv, E).transpose(0, 2, 1, 3)
+                v = v2.reshape(B, Lk_new, Hkv, E).transpose(0, 2, 1, 3)
+        Lk = k.shape[2]
+
+        # 2. masks as broadcast views, 3. the kernel, into the merged layout
+        full = (B, H, Lq, Lk)
+        bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, self.dtype)
+        pad = self._padding_mask(key_padding_mask, B, Lq, Lk, unbatched)
+        if merged is None:
+            merged = np.empty((B * Lq, D), dtype=self.dtype)
+        out = merged.reshape(B, Lq, H, E).transpose(0, 2, 1, 3)
+        weights = np.empty(full, dtype=self.dtype) if need_weights else None
+        attention_into(
+            q, k, v, out,
+            bool_masks=(bmask, pad), float_mask=fmask, is_causal=is_causal,
+            scale=1.0 / math.sqrt(E), weights=weights, window=window, slopes=slopes,
+            num_threads=nt,
+        )
+        # 4. output projection
+        y = self._project(merged, "o", D, num_threads=nt).reshape(B, Lq, D)
+        if unbatched:
+            y = y[0]
+        if not need_weights:
+            return y
+        if average_attn_weights:
+            weights = weights.mean(axis=1, dtype=self.dtype)
+        return y, (weights[0] if unbatched else weights)
+
+    def _check_source(self, arr, name: str, dim: int, B: int, unbatched: bool) -> np.ndarray:
+        a = as_float_array(arr, name, self.dtype)
+        expected = f"(L, {dim})" if unbatched else f"({B}, L, {dim})"
+        if a.ndim != (2 if unbatched else 3) or a.shape[-1] != dim or (not unbatched and a.shape[0] != B):
+            raise ValueError(f"{name} must have shape {expected}, got {_shape_str(a.shape)}")
+        return a[None] if unbatched else a
+
+    def _padding_mask(self, key_padding_mask, B: int, Lq: int, Lk: int, unbatched: bool):
+        """key_padding_mask (True = padding) as a broadcast 'may attend' view."""
+        if key_padding_mask is None:
+            return None
+        kpm = np.asarray(key_padding_mask)
+        expected = (Lk,) if unbatched else (B, Lk)
+        if kpm.dtype != np.bool_:
+            raise TypeError(
+                f"key_padding_mask must be a bool array (True = padding), got dtype {kpm.dtype}"
+            )
+        if kpm.shape != expected:
+            raise ValueError(
+                f"key_padding_mask must have shape {_shape_str(expected)} (one entry per key), "
+                f"got {_shape_str(kpm.shape)}"
+            )
+        allowed = ~kpm.reshape(B, 1, 1, Lk)
+        return np.broadcast_to(allowed, (B, self.num_heads, Lq, Lk))
+
+
+_FORWARD_DOC = """
+        attn_mask : ndarray, optional
+            Broadcastable to (B, H, Lq, Lk) (or (H, Lq, Lk) unbatched).  Bool:
+            ``True`` = may attend (note: ``torch.nn.MultiheadAttention`` uses
+            ``True`` = blocked).  Float: added to the scaled scores.
+        key_padding_mask : ndarray of bool, shape (B, Lk) or (Lk,), optional
+            ``True`` marks a padding key that no query attends (as in torch).
+            With a cache, Lk counts every cached position.
+        is_causal : bool
+            Query ``i`` attends keys ``j <= i + (Lk - Lq)`` only.
+        need_weights : bool
+            Also return the attention weights.
+        average_attn_weights : bool
+            With ``need_weights``: average over heads, (B, Lq, Lk), instead of
+            (B, H, Lq, Lk).
+        cache : KVCache, optional
+            From :meth:`new_cache`: the new positions' keys and values are
+            appended and the queries attend causally over every cached
+            position (one token per call, or a chunk).
+        window : (int or None, int or None), optional
+            Sliding window around each query's position (see
+            :func:`fastattn.scaled_dot_product_attention`).
+        alibi : bool, alibi_slopes : array of shape (H,), optional
+            ALiBi linear distance biases, computed inside the kernel.
+"""
+
+
+class MultiHeadSelfAttention(_MultiHeadBase):
     """Multi-head self-attention over NumPy arrays, like the PyTorch class it mirrors.
 
     ``y = fc(attention(query(x), key(x), value(x)))`` with the heads split
@@ -90,10 +539,12 @@ class MultiHeadSelfAttention:
     w_q, w_k, w_v, w_o : ndarray
         Projection weights, ``(out_features, in_features)`` as in
         ``torch.nn.Linear``: ``w_q`` and ``w_o`` are (D, D), ``w_k`` and
-        ``w_v`` are (num_kv_heads * head_dim, D).
+        ``w_v`` are (num_kv_heads * head_dim, D).  Read-only views.
     b_q, b_k, b_v, b_o : ndarray or None
         Biases (None with ``bias=False``).
     """
+
+    _FORMAT = "fastattn.MultiHeadSelfAttention/1"
 
     def __init__(
         self,
@@ -105,249 +556,50 @@ class MultiHeadSelfAttention:
         dtype: Any = np.float32,
         seed: Union[None, int, np.random.Generator] = None,
     ) -> None:
-        d_model = _positive_int(d_model, "d_model")
-        num_heads = _positive_int(num_heads, "num_heads")
-        if d_model % num_heads:
-            raise ValueError(
-                f"d_model ({d_model}) must be divisible by num_heads ({num_heads}): "
-                f"each head gets d_model // num_heads features"
-            )
-        num_kv_heads = num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
-        if num_heads % num_kv_heads:
-            raise ValueError(
-                f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
-            )
-        self._allocate(d_model, num_heads, num_kv_heads, bias, _float_dtype(dtype))
+        cfg = self._init_config(d_model, num_heads, num_kv_heads, None, None, bias, dtype,
+                                "d_model")
+        self._allocate(**cfg)
         self.reset_parameters(seed)
 
-    def _allocate(self, d_model: int, num_heads: int, num_kv_heads: int, bias: bool,
-                  dtype: np.dtype) -> None:
-        """Config and (uninitialised) parameter storage."""
-        self.d_model = d_model
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = d_model // num_heads
-        self.bias = bool(bias)
-        self.dtype = dtype
-
-        kv = self.kv_dim
-        # Q, K and V weights live in one (D + 2*Dkv, D) array so the projection
-        # is one GEMM; w_q, w_k and w_v are views of it, so in-place edits of
-        # them are seen by the next forward call.
-        self._w_qkv = np.empty((d_model + 2 * kv, d_model), dtype=self.dtype)
-        self._w_o = np.empty((d_model, d_model), dtype=self.dtype)
-        self._b_qkv = np.empty(d_model + 2 * kv, dtype=self.dtype) if self.bias else None
-        self._b_o = np.empty(d_model, dtype=self.dtype) if self.bias else None
-        self._packed = None
-        self._workspace = threading.local()
-
-    # ---- parameters ---------------------------------------------------
-
     @property
-    def kv_dim(self) -> int:
-        """Width of the K and V projections: ``num_kv_heads * head_dim``."""
-        return self.num_kv_heads * self.head_dim
-
-    def _slices(self) -> Dict[str, slice]:
-        D, kv = self.d_model, self.kv_dim
-        return {"q": slice(0, D), "k": slice(D, D + kv), "v": slice(D + kv, D + 2 * kv)}
-
-    def _param_view(self, name: str) -> Optional[np.ndarray]:
-        """The writable storage of parameter ``name`` (a view of the fused arrays)."""
-        kind, part = name[0], name[2]
-        if part == "o":
-            return self._w_o if kind == "w" else self._b_o
-        fused = self._w_qkv if kind == "w" else self._b_qkv
-        return None if fused is None else fused[self._slices()[part]]
-
-    def _public_view(self, name: str) -> Optional[np.ndarray]:
-        view = self._param_view(name)
-        if view is None:
-            return None
-        view = view.view()
-        view.flags.writeable = False  # the packed copy would not see in-place edits
-        return view
-
-    def _buffers(self, rows: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(qkv, merged) scratch of the forward pass, kept per calling thread.
-
-        Reused while the row count stays the same: fresh pages cost a page
-        fault and a zeroing pass each (about 5 ms per call at the bert preset
-        on this kind of machine).  Only the last size is kept.
-        """
-        ws = self._workspace
-        bufs = getattr(ws, "bufs", None)
-        if bufs is None or bufs[0].shape[0] != rows or bufs[0].dtype != self.dtype:
-            bufs = (
-                np.empty((rows, self._w_qkv.shape[0]), dtype=self.dtype),
-                np.empty((rows, self.d_model), dtype=self.dtype),
-            )
-            ws.bufs = bufs
-        return bufs
-
-    def _packed_weights(self):
-        """(packed w_qkv, padded b_qkv, packed w_o, padded b_o), built once per change."""
-        if self._packed is None:
-            self._packed = kernels.pack_weight(self._w_qkv, self._b_qkv) + kernels.pack_weight(
-                self._w_o, self._b_o
-            )
-        return self._packed
-
-    def _expected_shape(self, name: str) -> Tuple[int, ...]:
-        view = self._param_view(name)
-        return view.shape if view is not None else ()
-
-    def _set_param(self, name: str, value) -> None:
-        view = self._param_view(name)
-        if view is None:
-            if value is None:
-                return
-            raise ValueError(f"{name}: this module was built with bias=False and has no {name}")
-        arr = interop.to_numpy(value, name)
-        if arr.shape != view.shape:
-            raise ValueError(
-                f"{name}: expected shape {_shape_str(view.shape)}, got {_shape_str(arr.shape)}"
-            )
-        if arr.dtype.kind != "f":
-            raise TypeError(f"{name}: expected a float array, got dtype {arr.dtype}")
-        view[...] = arr
-        self._packed = None
-
-    w_q = property(lambda self: self._public_view("w_q"), lambda self, v: self._set_param("w_q", v))
-    w_k = property(lambda self: self._public_view("w_k"), lambda self, v: self._set_param("w_k", v))
-    w_v = property(lambda self: self._public_view("w_v"), lambda self, v: self._set_param("w_v", v))
-    w_o = property(lambda self: self._public_view("w_o"), lambda self, v: self._set_param("w_o", v))
-    b_q = property(lambda self: self._public_view("b_q"), lambda self, v: self._set_param("b_q", v))
-    b_k = property(lambda self: self._public_view("b_k"), lambda self, v: self._set_param("b_k", v))
-    b_v = property(lambda self: self._public_view("b_v"), lambda self, v: self._set_param("b_v", v))
-    b_o = property(lambda self: self._public_view("b_o"), lambda self, v: self._set_param("b_o", v))
-
-    def reset_parameters(self, seed: Union[None, int, np.random.Generator] = None) -> None:
-        """Draw fresh weights like ``torch.nn.Linear``: U(-1/sqrt(D), 1/sqrt(D))."""
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        bound = 1.0 / math.sqrt(self.d_model)  # every projection reads D features
-        for name in _WEIGHT_NAMES + (_BIAS_NAMES if self.bias else ()):
-            view = self._param_view(name)
-            view[...] = rng.uniform(-bound, bound, size=view.shape)
-        self._packed = None
-
-    def state_dict(self) -> Dict[str, np.ndarray]:
-        """Copies of the parameters under this class's names (w_q, ..., b_o)."""
-        names = _WEIGHT_NAMES + (_BIAS_NAMES if self.bias else ())
-        return {name: self._param_view(name).copy() for name in names}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load parameters from a dict of numpy arrays or torch tensors.
-
-        Accepts this class's names (``w_q`` ...), those of
-        ``torch.nn.MultiheadAttention`` (``in_proj_weight``, ``in_proj_bias``,
-        ``out_proj.weight``, ``out_proj.bias``, or ``q_proj_weight`` ...) and
-        those of the seed's PyTorch class (``query.weight`` ... ``fc.bias``).
-
-        Raises
-        ------
-        ValueError
-            Unknown or missing keys, or a shape that does not fit (the message
-            names the key and both shapes).
-        """
-        params = interop.to_own_names(state, self._slices(), self.bias)
-        staged = {}
-        for name, value in params.items():
-            view = self._param_view(name)
-            if view is None:
-                raise ValueError(f"{name}: this module was built with bias=False")
-            arr = interop.to_numpy(value, name)
-            if arr.shape != view.shape:
-                raise ValueError(
-                    f"{interop.source_key(state, name)}: expected shape "
-                    f"{_shape_str(view.shape)}, got {_shape_str(arr.shape)}"
-                )
-            staged[name] = arr
-        # all checked: only now overwrite, so a failed load changes nothing
-        for name, arr in staged.items():
-            self._param_view(name)[...] = arr
-        self._packed = None
-
-    @classmethod
-    def from_torch(cls, module, *, dtype: Any = None) -> "MultiHeadSelfAttention":
-        """Build from a ``torch.nn.MultiheadAttention`` or a module laid out like
-        the seed's class (``query``, ``key``, ``value``, ``fc`` linears and
-        ``num_heads``).  torch is needed only for the module itself.
-        """
-        cfg, state = interop.torch_module_config(module)
-        m = cls(
-            cfg["d_model"],
-            cfg["num_heads"],
-            bias=cfg["bias"],
-            dtype=dtype if dtype is not None else cfg["dtype"],
-        )
-        m.load_state_dict(state)
-        return m
+    def d_model(self) -> int:
+        """Model width D (the same as ``embed_dim``)."""
+        return self.embed_dim
 
     def config(self) -> Dict[str, Any]:
         """The constructor arguments that rebuild this module's shapes."""
-        return {
-            "d_model": self.d_model,
-            "num_heads": self.num_heads,
-            "num_kv_heads": self.num_kv_heads,
-            "bias": self.bias,
-            "dtype": self.dtype.name,
-        }
-
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the parameters and the config to an ``.npz`` file."""
-        header = json.dumps({"format": _FORMAT, **self.config()})
-        np.savez(path, __config__=np.array(header), **self.state_dict())
+        return {"d_model": self.embed_dim, "num_heads": self.num_heads,
+                "num_kv_heads": self.num_kv_heads, "bias": self.bias, "dtype": self.dtype.name}
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "MultiHeadSelfAttention":
-        """Read a module written by :meth:`save` (no pickles are ever loaded)."""
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError, KeyError) as exc:
-            raise ValueError(f"{os.fspath(path)}: not a readable fastattn .npz file ({exc})") from exc
-        cfg = interop.parse_config(arrays.pop("__config__", None), _FORMAT, path)
-        m = cls(
-            cfg["d_model"],
-            cfg["num_heads"],
-            num_kv_heads=cfg["num_kv_heads"],
-            bias=cfg["bias"],
-            dtype=cfg["dtype"],
-        )
-        m.load_state_dict(arrays)
+    def _from_config(cls, cfg: Dict[str, Any], initialise: bool = True) -> "MultiHeadSelfAttention":
+        m = cls.__new__(cls)
+        m._allocate(**m._init_config(cfg["d_model"], cfg["num_heads"], cfg["num_kv_heads"],
+                                     None, None, cfg["bias"], cfg["dtype"], "d_model"))
         return m
 
-    # ---- pickling: the arrays and the config, never compiled state -------
-
-    def __getstate__(self) -> Dict[str, Any]:
-        return {"config": self.config(), "state": self.state_dict()}
-
-    def __setstate__(self, data: Dict[str, Any]) -> None:
-        cfg = data["config"]
-        # packed weights and per-thread scratch start empty in the new process
-        self._allocate(cfg["d_model"], cfg["num_heads"], cfg["num_kv_heads"], cfg["bias"],
-                       _float_dtype(cfg["dtype"]))
-        self.load_state_dict(data["state"])
-
-    def __eq__(self, other: object) -> bool:
-        """Same config and bit-identical parameters."""
-        if not isinstance(other, MultiHeadSelfAttention):
-            return NotImplemented
-        if self.config() != other.config():
-            return False
-        a, b = self.state_dict(), other.state_dict()
-        return all(np.array_equal(a[k], b[k]) for k in a)
-
-    __hash__ = None  # mutable (weights can be reassigned)
+    @classmethod
+    def from_torch(cls, module, *, dtype: Any = None) -> "MultiHeadSelfAttention":
+        """Build from a ``torch.nn.MultiheadAttention`` (kdim == vdim == embed_dim) or
+        a module laid out like the seed's class (``query``, ``key``, ``value``,
+        ``fc`` linears and ``num_heads``).  torch is needed only for the module.
+        """
+        cfg, state = interop.torch_module_config(module)
+        if cfg["kdim"] != cfg["d_model"] or cfg["vdim"] != cfg["d_model"]:
+            raise ValueError(
+                "from_torch: this torch.nn.MultiheadAttention has kdim/vdim != embed_dim "
+                "(cross-attention); use fastattn.MultiHeadAttention.from_torch"
+            )
+        m = cls(cfg["d_model"], cfg["num_heads"], bias=cfg["bias"],
+                dtype=dtype if dtype is not None else cfg["dtype"])
+        m.load_state_dict(state)
+        return m
 
     def __repr__(self) -> str:
         return (
-            f"MultiHeadSelfAttention(d_model={self.d_model}, num_heads={self.num_heads}, "
+            f"MultiHeadSelfAttention(d_model={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, bias={self.bias}, dtype={self.dtype.name})"
         )
-
-    # ---- forward ------------------------------------------------------
 
     def __call__(
         self,
@@ -358,89 +610,140 @@ class MultiHeadSelfAttention:
         is_causal: bool = False,
         need_weights: bool = False,
         average_attn_weights: bool = True,
+        cache: Optional[KVCache] = None,
+        window=None,
+        alibi: bool = False,
+        alibi_slopes=None,
     ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
-        """Self-attention over ``x``.
+        return self._forward(
+            x, None, None, self_attention=True, attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=need_weights,
+            average_attn_weights=average_attn_weights, cache=cache, window=window,
+            alibi=alibi, alibi_slopes=alibi_slopes,
+        )
+
+    __call__.__doc__ = """Self-attention over ``x``.
 
         Parameters
         ----------
         x : ndarray, shape (B, N, D) or (N, D)
             Input sequence(s); cast to the module's dtype.
-        attn_mask : ndarray, optional
-            Broadcastable to (B, H, N, N) (or (H, N, N) unbatched).  Bool:
-            ``True`` = may attend (note: ``torch.nn.MultiheadAttention`` uses
-            ``True`` = blocked).  Float: added to the scaled scores.
-        key_padding_mask : ndarray of bool, shape (B, N) or (N,), optional
-            ``True`` marks a padding key that no query attends (as in torch).
-        is_causal : bool
-            Query ``i`` attends keys ``j <= i`` only.
-        need_weights : bool
-            Also return the attention weights.
-        average_attn_weights : bool
-            With ``need_weights``: average the weights over heads, (B, N, N),
-            instead of returning them per head, (B, H, N, N).
-
+""" + _FORWARD_DOC + """
         Returns
         -------
         y : ndarray, same shape as ``x``
         weights : ndarray, only with ``need_weights``
         """
-        x = as_float_array(x, "x", self.dtype)
-        unbatched = x.ndim == 2
-        if x.ndim not in (2, 3) or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"x must have shape (B, N, {self.d_model}) or (N, {self.d_model}), "
-                f"got {_shape_str(x.shape)}"
-            )
-        if unbatched:
-            x = x[None]
-        B, N, D = x.shape
-        H, Hkv, E = self.num_heads, self.num_kv_heads, self.head_dim
-        full = (B, H, N, N)
-        bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, self.dtype)
-        pad = self._padding_mask(key_padding_mask, B, N, unbatched)
 
-        nt = threads.get_num_threads()
-        w_qkv, b_qkv, w_o, b_o = self._packed_weights()
-        n_qkv = self._w_qkv.shape[0]
-        qkv, merged = self._buffers(B * N)
-        kernels.linear(kernel_rows(x.reshape(B * N, D)), w_qkv, b_qkv, n_qkv, qkv, nt)
-        sl = self._slices()
-        q = qkv[:, sl["q"]].reshape(B, N, H, E).transpose(0, 2, 1, 3)
-        k = qkv[:, sl["k"]].reshape(B, N, Hkv, E).transpose(0, 2, 1, 3)
-        v = qkv[:, sl["v"]].reshape(B, N, Hkv, E).transpose(0, 2, 1, 3)
 
-        out = merged.reshape(B, N, H, E).transpose(0, 2, 1, 3)
-        weights = np.empty(full, dtype=self.dtype) if need_weights else None
-        attention_into(
-            q, k, v, out,
-            bool_masks=(bmask, pad), float_mask=fmask, is_causal=is_causal,
-            scale=1.0 / math.sqrt(E), weights=weights, num_threads=nt,
+class MultiHeadAttention(_MultiHeadBase):
+    """Multi-head attention of queries over separate keys and values (cross-attention),
+    like ``torch.nn.MultiheadAttention(batch_first=True)``.
+
+    Parameters
+    ----------
+    embed_dim : int
+        Width of the queries and of the output, E.
+    num_heads : int
+        Query heads; ``head_dim = embed_dim // num_heads``.
+    kdim, vdim : int, optional
+        Widths of the key and value inputs (default ``embed_dim``).
+    num_kv_heads : int, optional
+        Key/value heads (grouped-query attention); must divide ``num_heads``.
+    bias, dtype, seed
+        As for :class:`MultiHeadSelfAttention`.
+
+    Attributes
+    ----------
+    w_q (E, E), w_k (Dkv, kdim), w_v (Dkv, vdim), w_o (E, E), b_q ... b_o
+        As in ``torch.nn.Linear``; ``Dkv = num_kv_heads * head_dim``.
+    """
+
+    _FORMAT = "fastattn.MultiHeadAttention/1"
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        num_kv_heads: Optional[int] = None,
+        bias: bool = True,
+        dtype: Any = np.float32,
+        seed: Union[None, int, np.random.Generator] = None,
+    ) -> None:
+        cfg = self._init_config(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
+                                "embed_dim")
+        self._allocate(**cfg)
+        self.reset_parameters(seed)
+
+    def config(self) -> Dict[str, Any]:
+        """The constructor arguments that rebuild this module's shapes."""
+        return {"embed_dim": self.embed_dim, "num_heads": self.num_heads,
+                "num_kv_heads": self.num_kv_heads, "kdim": self.kdim, "vdim": self.vdim,
+                "bias": self.bias, "dtype": self.dtype.name}
+
+    @classmethod
+    def _from_config(cls, cfg: Dict[str, Any], initialise: bool = True) -> "MultiHeadAttention":
+        m = cls.__new__(cls)
+        m._allocate(**m._init_config(cfg["embed_dim"], cfg["num_heads"], cfg["num_kv_heads"],
+                                     cfg["kdim"], cfg["vdim"], cfg["bias"], cfg["dtype"],
+                                     "embed_dim"))
+        return m
+
+    @classmethod
+    def from_torch(cls, module, *, dtype: Any = None) -> "MultiHeadAttention":
+        """Build from a ``torch.nn.MultiheadAttention`` (any kdim/vdim) or a module
+        laid out like the seed's class."""
+        cfg, state = interop.torch_module_config(module)
+        m = cls(cfg["d_model"], cfg["num_heads"], kdim=cfg["kdim"], vdim=cfg["vdim"],
+                bias=cfg["bias"], dtype=dtype if dtype is not None else cfg["dtype"])
+        m.load_state_dict(state)
+        return m
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"kdim={self.kdim}, vdim={self.vdim}, num_kv_heads={self.num_kv_heads}, "
+            f"bias={self.bias}, dtype={self.dtype.name})"
         )
-        y = np.empty((B * N, D), dtype=self.dtype)
-        kernels.linear(merged, w_o, b_o, D, y, nt)
-        y = y.reshape(B, N, D)
-        if unbatched:
-            y = y[0]
-        if not need_weights:
-            return y
-        if average_attn_weights:
-            weights = weights.mean(axis=1, dtype=self.dtype)
-        return y, (weights[0] if unbatched else weights)
 
-    def _padding_mask(self, key_padding_mask, B: int, N: int, unbatched: bool):
-        """key_padding_mask (True = padding) as a broadcast 'may attend' view."""
-        if key_padding_mask is None:
-            return None
-        kpm = np.asarray(key_padding_mask)
-        expected = (N,) if unbatched else (B, N)
-        if kpm.dtype != np.bool_:
-            raise TypeError(
-                f"key_padding_mask must be a bool array (True = padding), got dtype {kpm.dtype}"
-            )
-        if kpm.shape != expected:
-            raise ValueError(
-                f"key_padding_mask must have shape {_shape_str(expected)}, "
-                f"got {_shape_str(kpm.shape)}"
-            )
-        allowed = ~kpm.reshape(B, 1, 1, N)
-        return np.broadcast_to(allowed, (B, self.num_heads, N, N))
+    def __call__(
+        self,
+        query,
+        key,
+        value,
+        *,
+        attn_mask=None,
+        key_padding_mask=None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+        average_attn_weights: bool = True,
+        cache: Optional[KVCache] = None,
+        window=None,
+        alibi: bool = False,
+        alibi_slopes=None,
+    ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+        # the same array three times is self-attention: one fused projection
+        same = key is query and value is query
+        return self._forward(
+            query, key, value, self_attention=same, attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=need_weights,
+            average_attn_weights=average_attn_weights, cache=cache, window=window,
+            alibi=alibi, alibi_slopes=alibi_slopes,
+        )
+
+    __call__.__doc__ = """Attention of ``query`` over ``key`` and ``value``.
+
+        Parameters
+        ----------
+        query : ndarray, shape (B, Lq, embed_dim) or (Lq, embed_dim)
+        key : ndarray, shape (B, Lk, kdim) or (Lk, kdim)
+        value : ndarray, shape (B, Lk, vdim) or (Lk, vdim)
+""" + _FORWARD_DOC + """
+        Returns
+        -------
+        y : ndarray, shape (B, Lq, embed_dim) (or (Lq, embed_dim))
+        weights : ndarray, only with ``need_weights``
+        """

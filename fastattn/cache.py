@@ -1,0 +1,108 @@
+"""KVCache: the keys and values of past positions, for incremental decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["KVCache"]
+
+
+class KVCache:
+    """Projected keys and values of the positions decoded so far.
+
+    Made by ``module.new_cache(batch_size, max_len)``; a module called with
+    ``cache=`` appends the keys and values of its new positions and attends
+    causally over every cached one.  Storage is (B, capacity, Hkv * E) per
+    tensor, so the kernel reads the cached heads in place through strides.
+
+    Parameters
+    ----------
+    batch_size, max_len : int
+        Sequences decoded together, and positions the cache holds.
+    num_kv_heads, head_dim : int
+        Of the module the cache belongs to.
+    dtype : float32 or float64
+        The module's dtype.
+    grow : bool
+        When full, double the capacity instead of raising.
+    """
+
+    def __init__(self, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype, grow: bool = False) -> None:
+        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.batch_size = int(batch_size)
+        self.num_kv_heads = int(num_kv_heads)
+        self.head_dim = int(head_dim)
+        self.dtype = np.dtype(dtype)
+        self.grow = bool(grow)
+        width = self.num_kv_heads * self.head_dim
+        self._k = np.empty((self.batch_size, int(max_len), width), dtype=self.dtype)
+        self._v = np.empty_like(self._k)
+        self._length = 0
+
+    def __len__(self) -> int:
+        """Positions cached so far."""
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        """Positions the cache can hold before it is full (or grows)."""
+        return self._k.shape[1]
+
+    def reset(self) -> None:
+        """Forget every cached position (the storage is kept)."""
+        self._length = 0
+
+    def _heads(self, buf: np.ndarray, length: int) -> np.ndarray:
+        B, H, E = self.batch_size, self.num_kv_heads, self.head_dim
+        return buf[:, :length].reshape(B, length, H, E).transpose(0, 2, 1, 3)
+
+    def keys(self) -> np.ndarray:
+        """Cached keys as a (B, Hkv, len, E) view."""
+        return self._heads(self._k, self._length)
+
+    def values(self) -> np.ndarray:
+        """Cached values as a (B, Hkv, len, E) view."""
+        return self._heads(self._v, self._length)
+
+    def check(self, batch_size: int, dtype: np.dtype, num_kv_heads: int, head_dim: int) -> None:
+        """Raise ValueError naming ``cache`` if it does not fit this call."""
+        if (num_kv_heads, head_dim) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(
+                f"cache holds {self.num_kv_heads} heads of {self.head_dim}, the module has "
+                f"{num_kv_heads} of {head_dim}: make it with this module's new_cache()"
+            )
+        if batch_size != self.batch_size:
+            raise ValueError(
+                f"cache was made for batch size {self.batch_size}, got input of batch size "
+                f"{batch_size}"
+            )
+        if np.dtype(dtype) != self.dtype:
+            raise ValueError(f"cache has dtype {self.dtype}, the module computes in {dtype}")
+
+    def append(self, k_new: np.ndarray, v_new: np.ndarray) -> None:
+        """Store T new positions; k_new and v_new are (B, T, Hkv * E)."""
+        T = k_new.shape[1]
+        end = self._length + T
+        if end > self.capacity:
+            if not self.grow:
+                raise ValueError(
+                    f"cache is full: it holds {self.capacity} positions, {self._length} used, "
+                    f"and cannot take {T} more (make it with a larger max_len, or grow=True)"
+                )
+            capacity = max(end, 2 * self.capacity)
+            for name in ("_k", "_v"):
+                old = getattr(self, name)
+                new = np.empty((self.batch_size, capacity, old.shape[2]), dtype=self.dtype)
+                new[:, : self._length] = old[:, : self._length]
+                setattr(self, name, new)
+        self._k[:, self._length:end] = k_new
+        self._v[:, self._length:end] = v_new
+        self._length = end
+
+    def __repr__(self) -> str:
+        return (f"KVCache(batch_size={self.batch_size}, length={self._length}, "
+                f"capacity={self.capacity}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, dtype={self.dtype.name}, grow={self.grow})")
