@@ -141,6 +141,10 @@ def max_scaled_score(q, k, scale):
 
 # --------------------------------------------------------------- strategies
 
+def p_nonempty(lead, H, Lq, Lk):
+    return math.prod(lead) * H * Lq * Lk > 0
+
+
 @st.composite
 def problems(draw, allow_empty=True):
     lo = 0 if allow_empty else 1
@@ -168,6 +172,8 @@ def problems(draw, allow_empty=True):
                            st.floats(-3.0, 3.0, allow_nan=False, allow_infinity=False)))
     layouts = [draw(st.sampled_from(LAYOUTS)) for _ in range(4)]
     need_weights = draw(st.booleans())
+    # weights with Ev = 0: see test_weights_with_empty_values
+    assume(not (need_weights and Ev == 0 and p_nonempty(lead, H, Lq, Lk)))
     seed = draw(st.integers(0, 2**32 - 1))
     return dict(dtype=dtype, lead=lead, H=H, hkv=hkv, Lq=Lq, Lk=Lk, E=E, Ev=Ev,
                 mask_kind=mask_kind, mask_dims=mask_dims, mask_drop=mask_drop,
@@ -406,6 +412,24 @@ def test_sdpa_zero_heads(dtype):
     v = np.ones((2, 0, 5, 2), dtype)
     out = sdpa(q, k, v)
     assert out.shape == (2, 0, 3, 2)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: need_weights=True with v of last dimension Ev = 0 returns the weights "
+    "array uninitialised (np.empty memory, e.g. leftovers of a freed array): the "
+    "kernel returns early when dim_v == 0 before computing the probabilities; "
+    "expected softmax(q k^T * scale) of shape (..., H, Lq, Lk)"))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weights_with_empty_values(dtype):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 3, 4)).astype(dtype)
+    k = rng.standard_normal((1, 2, 5, 4)).astype(dtype)
+    v = np.zeros((1, 2, 5, 0), dtype)
+    junk = np.full(2 * 3 * 5, 7.0, dtype)  # freed memory that np.empty may hand back
+    del junk
+    out, w = sdpa(q, k, v, need_weights=True)
+    assert out.shape == (1, 2, 3, 0)
+    np.testing.assert_allclose(w, ref_sdpa(q, k, v)[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
