@@ -139,6 +139,28 @@ def max_scaled_score(q, k, scale):
     return float(s.max()) if s.size else 0.0
 
 
+def relevant_score_max(q, k, mask, ref_w, *, is_causal=False, scale=None, **extra):
+    """max |s| over the (query, key) pairs whose reference weight is not
+    negligible (> 1e-9), s = q k^T * scale + mask + window/ALiBi bias: the
+    float32 error of exp(s - max) is about eps32 * |s| on those pairs, and the
+    others do not contribute."""
+    q = np.asarray(q, np.float64)
+    k = np.asarray(k, np.float64)
+    if q.size == 0 or k.size == 0 or ref_w.size == 0:
+        return 0.0
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    k = np.repeat(k, q.shape[-3] // k.shape[-3], axis=-3)
+    S = np.matmul(q, np.swapaxes(k, -1, -2)) * scale
+    if mask is not None and np.asarray(mask).dtype.kind == "f":
+        S = S + np.asarray(mask, np.float64)
+    bias = band_and_alibi(q.shape[-3], q.shape[-2], k.shape[-2], **extra)
+    if bias is not None:
+        S = S + bias
+    sel = np.abs(S[(ref_w > 1e-9) & np.isfinite(S)])
+    return float(sel.max()) if sel.size else 0.0
+
+
 # --------------------------------------------------------------- strategies
 
 def p_nonempty(lead, H, Lq, Lk):
@@ -157,7 +179,8 @@ def problems(draw, allow_empty=True):
     # lengths around the 64-wide blocks and the <= 4-query row mode
     length = st.one_of(st.integers(lo, 6), st.integers(lo, 80), st.sampled_from([63, 64, 65, 129]))
     Lq = draw(length)
-    Lk = draw(length)
+    # a few queries over >= 1024 keys: split-K decoding (keys split over threads)
+    Lk = draw(st.one_of(length, st.sampled_from([1024, 1500, 2100]) if Lq <= 4 else length))
     E = draw(st.integers(lo, 24))
     Ev = draw(st.integers(lo, 12))
     # keep each example cheap
@@ -171,6 +194,10 @@ def problems(draw, allow_empty=True):
     scale = draw(st.one_of(st.none(), st.just(0.0),
                            st.floats(-3.0, 3.0, allow_nan=False, allow_infinity=False)))
     layouts = [draw(st.sampled_from(LAYOUTS)) for _ in range(4)]
+    side = st.one_of(st.none(), st.integers(0, 12), st.sampled_from([0, 2**62, 2**63 - 1]))
+    window = draw(st.one_of(st.none(), st.tuples(side, side)))
+    alibi = draw(st.sampled_from(["none", "paper", "slopes"]))
+    slopes = [draw(st.floats(-0.5, 2.0, allow_nan=False)) for _ in range(H)]
     need_weights = draw(st.booleans())
     # weights with Ev = 0: see test_weights_with_empty_values
     assume(not (need_weights and Ev == 0 and p_nonempty(lead, H, Lq, Lk)))
@@ -178,7 +205,44 @@ def problems(draw, allow_empty=True):
     return dict(dtype=dtype, lead=lead, H=H, hkv=hkv, Lq=Lq, Lk=Lk, E=E, Ev=Ev,
                 mask_kind=mask_kind, mask_dims=mask_dims, mask_drop=mask_drop,
                 mask_p=mask_p, mask_dtype=mask_dtype, causal=causal, scale=scale,
-                layouts=layouts, need_weights=need_weights, seed=seed)
+                layouts=layouts, need_weights=need_weights, seed=seed,
+                window=window, alibi=alibi, slopes=slopes)
+
+
+def extra_kwargs(p):
+    """window / alibi / alibi_slopes arguments of problem ``p``."""
+    kw = {}
+    if p.get("window") is not None:
+        kw["window"] = p["window"]
+    if p.get("alibi") == "paper":
+        kw["alibi"] = True
+    elif p.get("alibi") == "slopes":
+        kw["alibi_slopes"] = np.array(p["slopes"])
+    return kw
+
+
+def band_and_alibi(H, Lq, Lk, window=None, alibi=False, alibi_slopes=None):
+    """(H, Lq, Lk) float64 bias of a window (-inf outside) and ALiBi
+    (-slope_h * |j - i'|, i' = i + Lk - Lq); None when neither is on."""
+    if window is None and not alibi and alibi_slopes is None:
+        return None
+    i = np.arange(Lq)[:, None] + (Lk - Lq)
+    j = np.arange(Lk)[None, :]
+    bias = np.zeros((H, Lq, Lk))
+    if window is not None:
+        left, right = window
+        ok = np.ones((Lq, Lk), bool)
+        if left is not None:
+            ok &= j >= i - min(left, 2 * (Lq + Lk))
+        if right is not None:
+            ok &= j <= i + min(right, 2 * (Lq + Lk))
+        bias[:, ~ok] = -np.inf
+    slopes = alibi_slopes
+    if slopes is None and alibi:
+        slopes = fastattn.alibi_slopes(H)
+    if slopes is not None:
+        bias = bias - np.asarray(slopes, np.float64)[:, None, None] * np.abs(j - i)[None]
+    return bias
 
 
 def build(p):
@@ -204,21 +268,30 @@ def build(p):
     return q, k, v, mask
 
 
-def reference(q, k, v, attn_mask=None, is_causal=False, scale=None):
-    """ref_sdpa, plus the cases it does not model: zero heads (H = Hkv = 0)
-    and E = 0, where fastattn's default scale is 1 (all scores are 0)."""
+def reference(q, k, v, attn_mask=None, is_causal=False, scale=None, **extra):
+    """ref_sdpa, plus what it does not model: zero heads (H = Hkv = 0), E = 0
+    (fastattn's default scale is then 1: all scores are 0), and the window /
+    ALiBi arguments (folded into a float mask)."""
     if q.shape[-3] == 0:
         lead, Lq, Lk, Ev = q.shape[:-3], q.shape[-2], k.shape[-2], v.shape[-1]
         return np.zeros(lead + (0, Lq, Ev)), np.zeros(lead + (0, Lq, Lk))
     if scale is None and q.shape[-1] == 0:
         scale = 1.0
+    bias = band_and_alibi(q.shape[-3], q.shape[-2], k.shape[-2], **extra)
+    if bias is not None:
+        if attn_mask is None:
+            attn_mask = bias
+        else:
+            m = np.asarray(attn_mask)
+            m = np.where(m, 0.0, -np.inf) if m.dtype == np.bool_ else m.astype(np.float64)
+            attn_mask = m + bias
     return ref_sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 
 
 def _check_sdpa(p):
     q, k, v, mask = build(p)
     copies = [None if a is None else np.array(a, copy=True) for a in (q, k, v, mask)]
-    kw = dict(is_causal=p["causal"], scale=p["scale"])
+    kw = dict(is_causal=p["causal"], scale=p["scale"], **extra_kwargs(p))
     if p["need_weights"]:
         out, w = sdpa(q, k, v, mask, need_weights=True, **kw)
     else:
@@ -232,13 +305,7 @@ def _check_sdpa(p):
     assert out.dtype == p["dtype"]
     assert out.shape == ref_out.shape
     assert out.flags.c_contiguous
-    scale = p["scale"] if p["scale"] is not None else (
-        1.0 / math.sqrt(p["E"]) if p["E"] else 1.0)
-    smax = max_scaled_score(q, k, scale)
-    if mask is not None and mask.dtype.kind == "f":
-        fin = np.asarray(mask, np.float64)
-        fin = fin[np.isfinite(fin)]
-        smax += float(np.abs(fin).max()) if fin.size else 0.0
+    smax = relevant_score_max(q, k, mask, ref_w, **kw)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, ref_out, **tolerance(p["dtype"], v, smax))
     if w is not None:
