@@ -40,6 +40,9 @@ class KVCache:
         self.dtype = np.dtype(dtype)
         self.grow = bool(grow)
         shape = (self.batch_size, self.num_kv_heads, int(max_len), self.head_dim)
+        from .functional import ensure_memory
+
+        ensure_memory([shape, shape], self.dtype.itemsize, "the cache")
         self._k = np.empty(shape, dtype=self.dtype)
         self._v = np.empty_like(self._k)
         self._length = 0

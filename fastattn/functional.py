@@ -33,6 +33,34 @@ BLOCK_Q = 64
 BLOCK_K = 64
 
 
+def available_memory() -> Optional[int]:
+    """Bytes the OS could still give this process (Linux: MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def ensure_memory(shapes: Sequence[Tuple[int, ...]], itemsize: int, what: str) -> None:
+    """Raise MemoryError before allocating arrays of ``shapes`` that cannot fit.
+
+    Sizes are computed with Python integers (no overflow); with overcommit an
+    oversized allocation could otherwise succeed and be killed later, when its
+    pages are touched.
+    """
+    nbytes = sum(math.prod(int(d) for d in shape) for shape in shapes) * itemsize
+    avail = available_memory()
+    if nbytes > 2 ** 62 or (avail is not None and nbytes > avail):
+        raise MemoryError(
+            f"{what} needs {nbytes / 2 ** 30:.3g} GiB, more than the "
+            + (f"{avail / 2 ** 30:.3g} GiB available" if avail is not None else "addressable size")
+        )
+
+
 def _shape_str(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
@@ -328,6 +356,8 @@ def scaled_dot_product_attention(
     scale = resolve_scale(scale, E)
     window = check_window(window)
     slopes = check_alibi(alibi, alibi_slopes, H)
+    ensure_memory([lead + (H, Lq, Ev)] + ([full] if need_weights else []), q.dtype.itemsize,
+                  "the output" + (" and attention weights" if need_weights else ""))
     out = np.empty(lead + (H, Lq, Ev), dtype=q.dtype)
     weights = np.empty(full, dtype=q.dtype) if need_weights else None
     attention_into(

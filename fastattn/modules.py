@@ -38,6 +38,7 @@ from .functional import (
     attention_into,
     check_alibi,
     check_window,
+    ensure_memory,
     kernel_ready,
     prepare_mask,
 )
@@ -109,6 +110,8 @@ class _MultiHeadBase:
         self.bias = bool(bias)
         self.dtype = np.dtype(dtype)
         D, kv = embed_dim, self.kv_dim
+        ensure_memory([(D, D), (kv, kdim), (kv, vdim), (D, D), (2 * D + 2 * kv,)],
+                      self.dtype.itemsize, "the module's parameters")
         # With kdim == vdim == D the Q, K and V weights live in one (D + 2*Dkv, D)
         # array so a self-attention projection is one GEMM; otherwise each has
         # its own.  Biases are always stacked (as torch's in_proj_bias).
@@ -401,6 +404,7 @@ class _MultiHeadBase:
             cache.check(B, self.dtype, Hkv, E)
             is_causal = True  # new positions follow every cached one
         nt = threads.get_num_threads()
+        ensure_memory([(B * Lq, D + 2 * kv)], self.dtype.itemsize, "the projections")
 
         # 1. projections into buffers the kernel reads through strides
         merged = None
@@ -435,6 +439,8 @@ class _MultiHeadBase:
 
         # 2. masks as broadcast views, 3. the kernel, into the merged layout
         full = (B, H, Lq, Lk)
+        ensure_memory([(B * Lq, D)] * 2 + ([full] if need_weights else []), self.dtype.itemsize,
+                      "the forward pass's buffers" + (" and weights" if need_weights else ""))
         bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, self.dtype)
         pad = self._padding_mask(key_padding_mask, B, Lq, Lk, unbatched)
         if merged is None:
