@@ -120,3 +120,26 @@ def ref_mhsa(x, params, num_heads, num_kv_heads=None, attn_mask=None,
     if unbatched:
         return y[0], w[0]
     return y, w
+
+
+def positional_bias(Lq, Lk, H=1, window=None, slopes=None):
+    """(H, Lq, Lk) float64 additive bias for windows and ALiBi.
+
+    Query i sits at key position i' = i + (Lk - Lq); -inf outside
+    i' - left <= j <= i' + right (None = unbounded side), and
+    -slope_h * |j - i'| for ALiBi slopes.
+    """
+    i = np.arange(Lq)[:, None] + (Lk - Lq)
+    j = np.arange(Lk)[None, :]
+    bias = np.zeros((H, Lq, Lk))
+    if window is not None:
+        left, right = window
+        ok = np.ones((Lq, Lk), bool)
+        if left is not None:
+            ok &= j >= i - left
+        if right is not None:
+            ok &= j <= i + right
+        bias[:, ~ok] = -np.inf
+    if slopes is not None:
+        bias = bias - np.asarray(slopes)[:, None, None] * np.abs(j - i)[None]
+    return bias

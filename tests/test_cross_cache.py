@@ -10,7 +10,7 @@ import pytest
 import fastattn
 from fastattn import MultiHeadAttention, MultiHeadSelfAttention, alibi_slopes
 
-from reference import combine_masks, params_of, ref_sdpa
+from reference import combine_masks, params_of, positional_bias, ref_sdpa
 
 TOL32 = dict(rtol=2e-5, atol=2e-5)
 TOL64 = dict(rtol=1e-11, atol=1e-12)
@@ -43,23 +43,6 @@ def ref_mha(query, key, value, m, attn_mask=None, key_padding_mask=None, is_caus
     out, w = ref_sdpa(q, k, v, attn_mask=mask, is_causal=is_causal)
     y = lin(out.transpose(0, 2, 1, 3).reshape(B, Lq, H * E), p["w_o"], p["b_o"])
     return y, w
-
-
-def positional_bias(Lq, Lk, H, window=None, slopes=None):
-    i = np.arange(Lq)[:, None] + (Lk - Lq)
-    j = np.arange(Lk)[None, :]
-    bias = np.zeros((H, Lq, Lk))
-    if window is not None:
-        left, right = window
-        ok = np.ones((Lq, Lk), bool)
-        if left is not None:
-            ok &= j >= i - left
-        if right is not None:
-            ok &= j <= i + right
-        bias[:, ~ok] = -np.inf
-    if slopes is not None:
-        bias -= np.asarray(slopes)[:, None, None] * np.abs(j - i)[None]
-    return bias
 
 
 # ---- cross-attention ------------------------------------------------------------

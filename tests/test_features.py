@@ -7,27 +7,9 @@ import fastattn
 from fastattn import functional
 from fastattn.functional import alibi_slopes
 
-from reference import ref_sdpa
+from reference import positional_bias, ref_sdpa
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-11, atol=1e-12)}
-
-
-def band_bias(Lq, Lk, window=None, slopes=None, H=1):
-    """(H, Lq, Lk) float64 additive bias: -inf outside the window, -slope*|j-i'|."""
-    i = np.arange(Lq)[:, None] + (Lk - Lq)
-    j = np.arange(Lk)[None, :]
-    bias = np.zeros((H, Lq, Lk))
-    if window is not None:
-        left, right = window
-        ok = np.ones((Lq, Lk), bool)
-        if left is not None:
-            ok &= j >= i - left
-        if right is not None:
-            ok &= j <= i + right
-        bias[:, ~ok] = -np.inf
-    if slopes is not None:
-        bias = bias - np.asarray(slopes)[:, None, None] * np.abs(j - i)[None]
-    return bias
 
 
 def qkv(rng, dtype, B=2, H=4, Hkv=2, Lq=70, Lk=90, E=16):
@@ -50,7 +32,7 @@ def test_alibi_slopes_follow_the_paper():
 def test_window_matches_reference(rng, dtype, window, causal):
     q, k, v = qkv(rng, dtype)
     mask = rng.random((70, 90)) > 0.2
-    bias = band_bias(70, 90, window)
+    bias = positional_bias(70, 90, 1, window)
     allowed = mask & np.isfinite(bias[0])
     ref, ref_w = ref_sdpa(q, k, v, attn_mask=allowed, is_causal=causal)
     out, w = fastattn.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, window=window,
@@ -71,12 +53,12 @@ def test_window_matches_reference(rng, dtype, window, causal):
 def test_alibi_matches_reference(rng, dtype, causal, Lq):
     q, k, v = qkv(rng, dtype, Lq=Lq)
     fmask = np.where(rng.random((Lq, 90)) > 0.1, rng.standard_normal((Lq, 90)), -np.inf)
-    bias = band_bias(Lq, 90, slopes=alibi_slopes(4), H=4) + fmask
+    bias = positional_bias(Lq, 90, 4, slopes=alibi_slopes(4)) + fmask
     ref, _ = ref_sdpa(q, k, v, attn_mask=bias, is_causal=causal)
     out = fastattn.scaled_dot_product_attention(q, k, v, fmask, is_causal=causal, alibi=True)
     np.testing.assert_allclose(out, ref, **TOL[dtype])
     slopes = np.array([0.5, 0.1, 0.0, 2.0])
-    ref2, ref_w2 = ref_sdpa(q, k, v, attn_mask=band_bias(Lq, 90, (20, 20), slopes, 4),
+    ref2, ref_w2 = ref_sdpa(q, k, v, attn_mask=positional_bias(Lq, 90, 4, (20, 20), slopes),
                             is_causal=causal)
     out2, w2 = fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal, window=(20, 20),
                                                      alibi_slopes=slopes, need_weights=True)
