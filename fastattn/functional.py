@@ -92,7 +92,9 @@ def kernel_ready(a: np.ndarray) -> np.ndarray:
     """
     if a.flags.aligned and (a.size == 0 or a.shape[-1] <= 1 or a.strides[-1] == a.itemsize):
         return a
-    return np.ascontiguousarray(a)
+    # np.require copies a misaligned array too (ascontiguousarray would keep
+    # one that is contiguous but misaligned)
+    return np.require(a, requirements=["C", "A"])
 
 
 def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
@@ -127,7 +129,7 @@ def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
         ) from None
     if kind == "float":
         if not view.flags.aligned:
-            view = np.broadcast_to(np.ascontiguousarray(m), full_shape)
+            view = np.broadcast_to(np.require(m, requirements=["A"]), full_shape)
         return None, view
     return view, None
 
@@ -211,7 +213,8 @@ def check_window(window):
     return (None if left is None else int(left), None if right is None else int(right))
 
 
-def check_alibi(alibi: bool, slopes, num_heads: int) -> Optional[np.ndarray]:
+def check_alibi(alibi: bool, slopes, num_heads: int,
+                dtype: np.dtype = np.dtype(np.float64)) -> Optional[np.ndarray]:
     """float64 slopes per query head, or None when ALiBi is off."""
     if slopes is None:
         return alibi_slopes(num_heads) if alibi else None
@@ -224,19 +227,22 @@ def check_alibi(alibi: bool, slopes, num_heads: int) -> Optional[np.ndarray]:
             f"got {_shape_str(arr.shape)}"
         )
     arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("alibi_slopes must be finite")
+    if not np.all(np.isfinite(arr)) or np.any(np.abs(arr) > float(np.finfo(dtype).max)):
+        raise ValueError(f"alibi_slopes must be finite in {np.dtype(dtype).name}")
     return arr
 
 
-def resolve_scale(scale, head_dim: int) -> float:
+def resolve_scale(scale, head_dim: int, dtype: np.dtype = np.dtype(np.float64)) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
         raise TypeError(f"scale must be a real number or None, got {scale!r}")
-    value = float(scale)
-    if not math.isfinite(value):
-        raise ValueError(f"scale must be finite, got {value}")
+    try:
+        value = float(scale)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value) or abs(value) > float(np.finfo(dtype).max):
+        raise ValueError(f"scale must be finite in {np.dtype(dtype).name}, got {scale!r}")
     return value
 
 
@@ -353,9 +359,9 @@ def scaled_dot_product_attention(
     Lk, Ev = k.shape[-2], v.shape[-1]
     full = lead + (H, Lq, Lk)
     bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, q.dtype)
-    scale = resolve_scale(scale, E)
+    scale = resolve_scale(scale, E, q.dtype)
     window = check_window(window)
-    slopes = check_alibi(alibi, alibi_slopes, H)
+    slopes = check_alibi(alibi, alibi_slopes, H, q.dtype)
     ensure_memory([lead + (H, Lq, Ev)] + ([full] if need_weights else []), q.dtype.itemsize,
                   "the output" + (" and attention weights" if need_weights else ""))
     out = np.empty(lead + (H, Lq, Ev), dtype=q.dtype)

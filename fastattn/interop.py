@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Mapping, Optional
+import zipfile
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["to_numpy", "to_own_names", "torch_module_config"]
+from .functional import _shape_str
+
+__all__ = ["to_numpy", "to_own_names", "torch_module_config", "read_module_file"]
 
 _OWN = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
 _SEED = {
@@ -164,7 +167,8 @@ def parse_config(raw: Optional[np.ndarray], fmt: str, path) -> Dict[str, Any]:
         raise ValueError(f"{where}: __config__ is not valid JSON ({exc})") from None
     if not isinstance(cfg, dict) or cfg.get("format") != fmt:
         raise ValueError(f"{where}: __config__ format is not {fmt!r}")
-    positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    # bounded, so that no later size computation can overflow
+    positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2 ** 31  # noqa: E731
     checks = {
         "num_heads": positive,
         "num_kv_heads": positive,
@@ -177,3 +181,79 @@ def parse_config(raw: Optional[np.ndarray], fmt: str, path) -> Dict[str, Any]:
         if key not in cfg or not ok(cfg[key]):
             raise ValueError(f"{where}: __config__ field {key!r} is missing or invalid")
     return cfg
+
+
+_CONFIG_MAX_BYTES = 1 << 16
+
+
+def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo):
+    """(shape, dtype) from an .npy member's header, reading no data."""
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    return tuple(shape), np.dtype(dtype)
+
+
+def _member_array(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with zf.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def read_module_file(path, fmt: str,
+                     expected_shapes: Callable[[Dict[str, Any]], Dict[str, Tuple[int, ...]]]):
+    """(config, arrays) of a module file, checking everything before reading data.
+
+    The archive's member names and each .npy header (shape and dtype) are
+    checked against the config before any array is read, so a truncated,
+    corrupted, pickled, oversized or mislabelled file is refused with a
+    ValueError and nothing in it is executed or allocated.
+    """
+    where = os.fspath(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # not a zip archive at all (an .npy, random bytes, ...)
+        raise ValueError(f"{where}: not a fastattn .npz archive ({exc})") from None
+    try:
+        with zf:
+            members: Dict[str, zipfile.ZipInfo] = {}
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise ValueError(f"unexpected archive member {info.filename!r}")
+                members[info.filename[:-4]] = info
+            if "__config__" not in members:
+                raise ValueError("no __config__ entry; not written by fastattn's save()")
+            shape, dtype = _member_header(zf, members["__config__"])
+            if shape != () or dtype.kind != "U" or dtype.itemsize > _CONFIG_MAX_BYTES:
+                raise ValueError("__config__ is not a JSON string")
+            cfg = parse_config(_member_array(zf, members["__config__"]), fmt, path)
+            expected = expected_shapes(cfg)
+            names = set(members) - {"__config__"}
+            unexpected, missing = sorted(names - set(expected)), sorted(set(expected) - names)
+            if unexpected or missing:
+                raise ValueError(f"parameters do not match the config: unexpected {unexpected}, "
+                                 f"missing {missing}")
+            for name, want in expected.items():
+                shape, dtype = _member_header(zf, members[name])
+                if dtype.hasobject or dtype.kind != "f":
+                    raise ValueError(f"{name}: expected a float array, got dtype {dtype}")
+                if shape != tuple(want):
+                    raise ValueError(f"{name}: expected shape {_shape_str(want)} from the config, "
+                                     f"got {_shape_str(shape)}")
+            arrays = {name: _member_array(zf, members[name]) for name in expected}
+    except ValueError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise ValueError(f"{where}: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # zipfile, zlib and header parsing fail in many ways
+        raise ValueError(f"{where}: corrupted fastattn .npz archive "
+                         f"({type(exc).__name__}: {exc})") from None
+    return cfg, arrays

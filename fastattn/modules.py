@@ -79,7 +79,8 @@ class _MultiHeadBase:
 
     _FORMAT = ""  # set by each subclass: the .npz format name
 
-    def _init_config(self, embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
+    @staticmethod
+    def _init_config(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
                      dim_name: str) -> Dict[str, Any]:
         embed_dim = _positive_int(embed_dim, dim_name)
         num_heads = _positive_int(num_heads, "num_heads")
@@ -129,6 +130,8 @@ class _MultiHeadBase:
         self._b_qkv = np.empty(D + 2 * kv, dtype=self.dtype) if self.bias else None
         self._b_o = np.empty(D, dtype=self.dtype) if self.bias else None
         self._packed: Dict[str, tuple] = {}
+        # guards _packed against a weight change racing a pack in another thread
+        self._lock = threading.Lock()
         self._workspace = threading.local()
 
     @property
@@ -173,8 +176,9 @@ class _MultiHeadBase:
             raise ValueError(
                 f"{name}: expected shape {_shape_str(view.shape)}, got {_shape_str(arr.shape)}"
             )
-        view[...] = arr
-        self._packed = {}
+        with self._lock:
+            view[...] = arr
+            self._packed = {}
 
     w_q = _param_property("w_q")
     w_k = _param_property("w_k")
@@ -188,16 +192,18 @@ class _MultiHeadBase:
     def _packed_weight(self, part: str):
         """(packed weight, padded bias) of projection ``part``: "qkv", "q", "k",
         "v" or "o"; packed on first use after each weight change."""
-        if part not in self._packed:
-            if part == "qkv":
-                w, b = self._w_qkv, self._b_qkv
-            elif part == "o":
-                w, b = self._w_o, self._b_o
-            else:
-                w = self._param_view("w_" + part)
-                b = None if self._b_qkv is None else self._b_qkv[self._slices()[part]]
-            self._packed[part] = kernels.pack_weight(w, b)
-        return self._packed[part]
+        with self._lock:
+            entry = self._packed.get(part)
+            if entry is None:
+                if part == "qkv":
+                    w, b = self._w_qkv, self._b_qkv
+                elif part == "o":
+                    w, b = self._w_o, self._b_o
+                else:
+                    w = self._param_view("w_" + part)
+                    b = None if self._b_qkv is None else self._b_qkv[self._slices()[part]]
+                entry = self._packed[part] = kernels.pack_weight(w, b)
+            return entry
 
     def _project(self, x2d: np.ndarray, part: str, n_out: int, out: Optional[np.ndarray] = None,
                  num_threads: int = 1) -> np.ndarray:
@@ -227,11 +233,12 @@ class _MultiHeadBase:
     def reset_parameters(self, seed: Union[None, int, np.random.Generator] = None) -> None:
         """Draw fresh weights like ``torch.nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        for name in _WEIGHT_NAMES + (_BIAS_NAMES if self.bias else ()):
-            view = self._param_view(name)
-            bound = 1.0 / math.sqrt(getattr(self, _IN_DIM[name[2]]))
-            view[...] = rng.uniform(-bound, bound, size=view.shape)
-        self._packed = {}
+        with self._lock:
+            for name in _WEIGHT_NAMES + (_BIAS_NAMES if self.bias else ()):
+                view = self._param_view(name)
+                bound = 1.0 / math.sqrt(getattr(self, _IN_DIM[name[2]]))
+                view[...] = rng.uniform(-bound, bound, size=view.shape)
+            self._packed = {}
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         """Copies of the parameters under this class's names (w_q, ..., b_o)."""
@@ -265,9 +272,10 @@ class _MultiHeadBase:
                     f"{_shape_str(view.shape)}, got {_shape_str(arr.shape)}"
                 )
             staged[name] = arr
-        for name, arr in staged.items():
-            self._param_view(name)[...] = arr
-        self._packed = {}
+        with self._lock:
+            for name, arr in staged.items():
+                self._param_view(name)[...] = arr
+            self._packed = {}
 
     def to_torch(self):
         """A ``torch.nn.MultiheadAttention`` (batch_first=True, eval mode) with these
@@ -331,19 +339,24 @@ class _MultiHeadBase:
     def load(cls, path: Union[str, os.PathLike]):
         """Read a module written by :meth:`save` (no pickles are ever loaded).
 
-        Raises ValueError, with the reason, for a file that is not one.
+        Member names and array headers are checked against the stored config
+        before any array is read; a file that is not such a module raises
+        ValueError with the reason.
         """
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError, KeyError) as exc:
-            raise ValueError(f"{os.fspath(path)}: not a readable fastattn .npz file ({exc})") from exc
-        except Exception as exc:  # zipfile.BadZipFile and other corruption
-            raise ValueError(f"{os.fspath(path)}: not a readable fastattn .npz file ({exc})") from exc
-        cfg = interop.parse_config(arrays.pop("__config__", None), cls._FORMAT, path)
+        cfg, arrays = interop.read_module_file(path, cls._FORMAT, cls._param_shapes)
         m = cls._from_config(cfg)
         m.load_state_dict(arrays)
         return m
+
+    @classmethod
+    def _param_shapes(cls, cfg: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+        """Parameter shapes a config implies (validating it, allocating nothing)."""
+        c = cls._normalise_config(cfg)
+        D, kv = c["embed_dim"], c["num_kv_heads"] * (c["embed_dim"] // c["num_heads"])
+        shapes = {"w_q": (D, D), "w_k": (kv, c["kdim"]), "w_v": (kv, c["vdim"]), "w_o": (D, D)}
+        if c["bias"]:
+            shapes.update({"b_q": (D,), "b_k": (kv,), "b_v": (kv,), "b_o": (D,)})
+        return shapes
 
     # ---- pickling: the arrays and the config, never compiled state -------
 
@@ -397,7 +410,7 @@ class _MultiHeadBase:
                     f"({Lq}), got key {_shape_str(k_in.shape)}"
                 )
         window = check_window(window)
-        slopes = check_alibi(alibi, alibi_slopes, H)
+        slopes = check_alibi(alibi, alibi_slopes, H, self.dtype)
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a KVCache from new_cache(), got {type(cache).__name__}")
@@ -578,10 +591,14 @@ class MultiHeadSelfAttention(_MultiHeadBase):
                 "num_kv_heads": self.num_kv_heads, "bias": self.bias, "dtype": self.dtype.name}
 
     @classmethod
+    def _normalise_config(cls, cfg: Dict[str, Any]) -> Dict[str, Any]:
+        return cls._init_config(cfg["d_model"], cfg["num_heads"], cfg["num_kv_heads"],
+                                None, None, cfg["bias"], cfg["dtype"], "d_model")
+
+    @classmethod
     def _from_config(cls, cfg: Dict[str, Any], initialise: bool = True) -> "MultiHeadSelfAttention":
         m = cls.__new__(cls)
-        m._allocate(**m._init_config(cfg["d_model"], cfg["num_heads"], cfg["num_kv_heads"],
-                                     None, None, cfg["bias"], cfg["dtype"], "d_model"))
+        m._allocate(**cls._normalise_config(cfg))
         return m
 
     @classmethod
@@ -691,11 +708,14 @@ class MultiHeadAttention(_MultiHeadBase):
                 "bias": self.bias, "dtype": self.dtype.name}
 
     @classmethod
+    def _normalise_config(cls, cfg: Dict[str, Any]) -> Dict[str, Any]:
+        return cls._init_config(cfg["embed_dim"], cfg["num_heads"], cfg["num_kv_heads"],
+                                cfg["kdim"], cfg["vdim"], cfg["bias"], cfg["dtype"], "embed_dim")
+
+    @classmethod
     def _from_config(cls, cfg: Dict[str, Any], initialise: bool = True) -> "MultiHeadAttention":
         m = cls.__new__(cls)
-        m._allocate(**m._init_config(cfg["embed_dim"], cfg["num_heads"], cfg["num_kv_heads"],
-                                     cfg["kdim"], cfg["vdim"], cfg["bias"], cfg["dtype"],
-                                     "embed_dim"))
+        m._allocate(**cls._normalise_config(cfg))
         return m
 
     @classmethod

@@ -9,7 +9,11 @@ float64, a grouped-query ratio, no mask / a bool mask / a float mask with
 -inf entries (itself float32 or float64, broadcast over some axes, in any
 layout), causality, a scale, a sliding window and ALiBi, then compares fastattn
 with ``reference.ref_sdpa`` computed in float64 from the very same arrays (the
-window and ALiBi folded into a float mask).
+window and ALiBi folded into a float mask).  The module forward is checked the
+same way against ``reference.ref_mhsa`` (random D, heads, GQA, bias, masks,
+key padding, causality, window, ALiBi, batched or not, any input layout and
+float dtype); equivalences (bool mask == float mask, GQA == repeated heads, key
+permutation invariance, weights path == streaming path) are checked too.
 
 Profiles (``HYPOTHESIS_PROFILE``):
 
@@ -407,11 +411,15 @@ def module_problems(draw):
     average = draw(st.booleans())
     x_layout = draw(st.sampled_from(LAYOUTS))
     x_dtype = draw(st.sampled_from([F32, F64, np.dtype(np.float16)]))
+    side = st.one_of(st.none(), st.integers(0, 6))
+    window = draw(st.one_of(st.none(), st.tuples(side, side)))
+    alibi = draw(st.sampled_from(["none", "paper", "slopes"]))
+    slopes = [draw(st.floats(-0.5, 2.0, allow_nan=False)) for _ in range(H)]
     seed = draw(st.integers(0, 2**32 - 1))
     return dict(dtype=dtype, H=H, hkv=hkv, E=E, B=B, N=N, unbatched=unbatched,
                 mask_kind=mask_kind, kpm=kpm, causal=causal, bias=bias,
                 need_weights=need_weights, average=average, x_layout=x_layout,
-                x_dtype=x_dtype, seed=seed)
+                x_dtype=x_dtype, seed=seed, window=window, alibi=alibi, slopes=slopes)
 
 
 @PROFILE_SETTINGS
@@ -433,14 +441,20 @@ def test_module_matches_reference(p):
     kpm = None
     if p["kpm"]:
         kpm = rng.random((N,) if p["unbatched"] else (B, N)) < 0.3
+    extra = extra_kwargs(p)
     res = m(x, attn_mask=mask, key_padding_mask=kpm, is_causal=p["causal"],
-            need_weights=p["need_weights"], average_attn_weights=p["average"])
+            need_weights=p["need_weights"], average_attn_weights=p["average"], **extra)
     y, w = res if p["need_weights"] else (res, None)
 
     # the reference expects (B, N) padding and (B|1, H|1, N, N) masks
     xb = np.asarray(x, np.float64).astype(p["dtype"]).astype(np.float64)
     xb = xb[None] if p["unbatched"] else xb
     kb = None if kpm is None else (kpm[None] if p["unbatched"] else kpm)
+    bias = band_and_alibi(p["H"], N, N, **extra)
+    if bias is not None:  # window / ALiBi folded into a (H, N, N) float mask
+        m_ = np.zeros((N, N)) if mask is None else np.asarray(mask)
+        m_ = np.where(m_, 0.0, -np.inf) if m_.dtype == np.bool_ else m_.astype(np.float64)
+        mask = m_ + bias
     ref_y, ref_w = ref_mhsa(xb, params_of(m), p["H"], p["hkv"], attn_mask=mask,
                             key_padding_mask=kb, is_causal=p["causal"])
     if p["unbatched"]:
