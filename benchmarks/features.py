@@ -11,7 +11,6 @@
 """
 
 import argparse
-import math
 
 import numpy as np
 

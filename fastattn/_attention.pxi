@@ -530,6 +530,8 @@ def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double 
     P.dim = q.shape[nlead + 2]
     P.len_k = k.shape[nlead + 1]
     P.dim_v = v.shape[nlead + 2]
+    if P.heads == 0 or out.size == 0 and weights is None:
+        return  # nothing to compute
     if (k.shape[nlead] < 1 or P.heads % k.shape[nlead] or v.shape[nlead] != k.shape[nlead]
             or k.shape[nlead + 2] != P.dim or v.shape[nlead + 1] != P.len_k
             or out.shape[nlead:] != (P.heads, P.len_q, P.dim_v)):
@@ -561,7 +563,7 @@ def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double 
         keep.append(slope_arr)
         P.slopes = <const double*>cnp.PyArray_DATA(slope_arr)
     P.scale = scale
-    if P.lead_count == 0 or P.heads == 0 or P.len_q == 0 or P.dim_v == 0:
+    if P.lead_count == 0 or P.heads == 0 or P.len_q == 0 or (P.dim_v == 0 and not P.has_weights):
         return
     if q.dtype == np.float32:
         _setup_blocks(&P, block_q, block_k, <float*>NULL)
@@ -682,6 +684,8 @@ def linear(x, packed, bias, Py_ssize_t n_out, out, int num_threads):
         raise TypeError("linear: x, out, weight and bias must share one dtype")
     cdef int64_t isz = X.itemsize
     cdef int64_t m = X.shape[0], k = X.shape[1]
+    if m == 0 or n_out == 0:
+        return out  # (empty arrays may carry any strides)
     if (X.strides[1] != isz and k > 1) or (Y.strides[1] != isz and n_out > 1):
         raise ValueError("linear: x and out need a unit stride on their last axis")
     if X.strides[0] % isz or Y.strides[0] % isz:
@@ -699,8 +703,6 @@ def linear(x, packed, bias, Py_ssize_t n_out, out, int num_threads):
         Bp = <cnp.ndarray?>bias
         if Bp.size < ((n_out + nr - 1) // nr) * nr:
             raise ValueError("linear: bias is not padded for this build")
-    if m == 0 or n_out == 0:
-        return out
     if k == 0:
         out[...] = 0 if bias is None else bias[:n_out]
         return out

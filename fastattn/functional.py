@@ -105,33 +105,30 @@ def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
     if mask is None:
         return None, None
     m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
-    if m.dtype == np.bool_:
-        kind = "bool"
-    elif m.dtype.kind == "f":
-        kind = "float"
-        m = m.astype(dtype, copy=False)
-    else:
+    if m.dtype != np.bool_ and m.dtype.kind != "f":
         raise TypeError(
             f"{name} must be a bool array (True = may attend) or a float array "
             f"(added to the scores), got dtype {m.dtype}"
         )
-    if m.ndim > len(full_shape):
+    # plain shape arithmetic: numpy's helpers fail on shapes of > 2**63 elements
+    fits = m.ndim <= len(full_shape) and all(
+        a in (1, b) for a, b in zip(m.shape[::-1], tuple(full_shape)[::-1]))
+    if not fits:
         raise ValueError(
             f"{name} has shape {_shape_str(m.shape)}, which does not broadcast to "
             f"(..., H, Lq, Lk) = {_shape_str(full_shape)}"
         )
-    try:
-        view = np.broadcast_to(m, full_shape)
-    except ValueError:
-        raise ValueError(
-            f"{name} has shape {_shape_str(m.shape)}, which does not broadcast to "
-            f"(..., H, Lq, Lk) = {_shape_str(full_shape)}"
-        ) from None
-    if kind == "float":
-        if not view.flags.aligned:
-            view = np.broadcast_to(np.require(m, requirements=["A"]), full_shape)
-        return None, view
-    return view, None
+    if math.prod(full_shape) >= 2 ** 63:
+        raise ValueError(f"{name}: (..., H, Lq, Lk) = {_shape_str(full_shape)} has more than "
+                         f"2**63 elements")
+    # Axes the caller already broadcast (stride 0) are collapsed first, so a
+    # cast or an aligned copy touches only the distinct values.
+    m = m[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                for st, n in zip(m.strides, m.shape))]
+    if m.dtype == np.bool_:
+        return np.broadcast_to(m, full_shape), None
+    m = np.require(m.astype(dtype, copy=False), requirements=["A"])
+    return None, np.broadcast_to(m, full_shape)
 
 
 def check_qkv(q, k, v) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -210,7 +207,8 @@ def check_window(window):
             raise TypeError(f"window {side} side must be an int >= 0 or None, got {value!r}")
         if value < 0:
             raise ValueError(f"window {side} side must be >= 0 (or None), got {value}")
-    return (None if left is None else int(left), None if right is None else int(right))
+    # any side longer than 2**40 keys is as good as unbounded (and fits int64)
+    return tuple(None if v is None else min(int(v), 2 ** 40) for v in (left, right))
 
 
 def check_alibi(alibi: bool, slopes, num_heads: int,
@@ -269,6 +267,8 @@ def attention_into(
     head-merged layout, so no transpose copy follows).  Masks are the broadcast
     views of :func:`prepare_mask`; at most two bool masks.
     """
+    if out.size == 0 and (weights is None or weights.size == 0):
+        return  # nothing to compute (zero batch, heads, queries or value width)
     masks = [m for m in bool_masks if m is not None]
     if len(masks) > 2:
         raise ValueError("at most two bool masks reach the kernel")

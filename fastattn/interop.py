@@ -92,7 +92,7 @@ def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool,
             unknown.append(key)
     if unknown:
         raise ValueError(
-            f"unexpected keys in state dict: {sorted(unknown)}; expected fastattn names "
+            f"unexpected keys in state dict: {sorted(map(repr, unknown))}; expected fastattn names "
             f"{list(_OWN)}, torch.nn.MultiheadAttention names or the seed class's names"
         )
     needed = _OWN if bias else _OWN[:4]

@@ -133,7 +133,6 @@ def core_peer(name: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, num_thread
     """A callable computing softmax(q k^T / sqrt(E)) v on (B, H, L, E) inputs with peer
     ``name``; its result comes back in (B, H, Lq, E) layout."""
     B, H, Lq, E = q.shape
-    Lk = k.shape[2]
     if name == "numpy":
         if is_causal:
             raise PeerUnavailable("the numpy formulation here has no causal mask")

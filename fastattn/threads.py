@@ -32,7 +32,11 @@ def default_num_threads() -> int:
     return _cpu_count()
 
 
-_num_threads = default_num_threads()
+# More threads than this is a mistake (each one gets its own OpenMP stack and
+# scratch); the OpenMP runtime would fail, or crash, trying to start them.
+MAX_THREADS = 1024
+
+_num_threads = min(default_num_threads(), MAX_THREADS)
 
 
 def set_num_threads(n: int) -> None:
@@ -54,8 +58,8 @@ def set_num_threads(n: int) -> None:
     global _num_threads
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"set_num_threads: n must be a positive int, got {n!r}")
-    if n < 1:
-        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    if n < 1 or n > MAX_THREADS:
+        raise ValueError(f"set_num_threads: n must be between 1 and {MAX_THREADS}, got {n}")
     _num_threads = int(n)
 
 

@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 
-import fastattn
 from fastattn import MultiHeadAttention, MultiHeadSelfAttention, alibi_slopes
 
 from reference import combine_masks, params_of, positional_bias, ref_sdpa

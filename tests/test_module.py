@@ -340,6 +340,8 @@ def test_load_state_dict_wrong_shape_own_names(key, bad_shape, good_shape):
         m.load_state_dict(sd)
     assert_msg(ei, names=[key], shapes=[bad_shape])
     assert_msg(ei, shapes=[good_shape])
+    for n in PARAM_NAMES:  # a failed load changes nothing
+        np.testing.assert_array_equal(getattr(m, n), before[n])
 
 
 @pytest.mark.parametrize("scheme,key,bad_shape,good_shape", [
