@@ -5,8 +5,8 @@
 #   tests/sanitize.sh [extra pytest arguments]
 #
 # Environment:
-#   PYTHON        interpreter to build and test with (default: /work/venv/bin/python,
-#                 else python3); needs numpy, Cython, setuptools, pytest
+#   PYTHON        interpreter to build and test with (default: the `python` on
+#                 PATH, else python3); needs numpy, Cython, setuptools, pytest
 #   KEEP=1        keep the temporary copy (its path is printed)
 #   SAN_FLAGS     sanitizer flags (default below)
 #   SAN_KEEP_GOING=1  UBSan does not halt and pytest does not stop at the first
@@ -27,7 +27,7 @@ set -u -o pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x /work/venv/bin/python ]]; then PYTHON=/work/venv/bin/python; else PYTHON=python3; fi
+    if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
 fi
 SAN_FLAGS="${SAN_FLAGS:--fsanitize=address,undefined -fno-omit-frame-pointer -g}"
 CC_BIN="${CC:-gcc}"
