@@ -291,12 +291,6 @@ def spinner_stamps_during(call, rounds=5):
     return counts
 
 
-def test_spinner_detects_a_gil_holding_call():
-    """The probe itself: a 30 ms call that holds the GIL freezes the spinner."""
-    counts = spinner_stamps_during(lambda: sum(range(2_000_000)), rounds=3)
-    assert max(counts) == 0, counts
-
-
 @pytest.mark.parametrize("make", [_heavy_sdpa, _heavy_module], ids=["sdpa", "module"])
 def test_gil_is_released_python_runs_during_call(make):
     """While one thread is inside a heavy call, another thread keeps running
