@@ -45,6 +45,10 @@ def available_memory() -> Optional[int]:
     return None
 
 
+# Allocations below this size are not checked against the available memory.
+_CHECK_MEMORY_ABOVE = 256 << 20
+
+
 def ensure_memory(shapes: Sequence[Tuple[int, ...]], itemsize: int, what: str) -> None:
     """Raise MemoryError before allocating arrays of ``shapes`` that cannot fit.
 
@@ -53,6 +57,8 @@ def ensure_memory(shapes: Sequence[Tuple[int, ...]], itemsize: int, what: str) -
     pages are touched.
     """
     nbytes = sum(math.prod(int(d) for d in shape) for shape in shapes) * itemsize
+    if nbytes < _CHECK_MEMORY_ABOVE:
+        return  # reading /proc/meminfo costs more than a small call
     avail = available_memory()
     if nbytes > 2 ** 62 or (avail is not None and nbytes > avail):
         raise MemoryError(
