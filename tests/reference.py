@@ -135,10 +135,11 @@ def positional_bias(Lq, Lk, H=1, window=None, slopes=None):
     if window is not None:
         left, right = window
         ok = np.ones((Lq, Lk), bool)
+        far = 2 * (Lq + Lk)  # any longer side is unbounded (and keeps int64 safe)
         if left is not None:
-            ok &= j >= i - left
+            ok &= j >= i - min(left, far)
         if right is not None:
-            ok &= j <= i + right
+            ok &= j <= i + min(right, far)
         bias[:, ~ok] = -np.inf
     if slopes is not None:
         bias = bias - np.asarray(slopes)[:, None, None] * np.abs(j - i)[None]

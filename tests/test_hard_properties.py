@@ -41,7 +41,7 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastattn  # noqa: E402
-from reference import params_of, ref_mhsa, ref_sdpa  # noqa: E402
+from reference import positional_bias, params_of, ref_mhsa, ref_sdpa  # noqa: E402
 
 sdpa = fastattn.scaled_dot_product_attention
 
@@ -234,23 +234,11 @@ def band_and_alibi(H, Lq, Lk, window=None, alibi=False, alibi_slopes=None):
     (-slope_h * |j - i'|, i' = i + Lk - Lq); None when neither is on."""
     if window is None and not alibi and alibi_slopes is None:
         return None
-    i = np.arange(Lq)[:, None] + (Lk - Lq)
-    j = np.arange(Lk)[None, :]
-    bias = np.zeros((H, Lq, Lk))
-    if window is not None:
-        left, right = window
-        ok = np.ones((Lq, Lk), bool)
-        if left is not None:
-            ok &= j >= i - min(left, 2 * (Lq + Lk))
-        if right is not None:
-            ok &= j <= i + min(right, 2 * (Lq + Lk))
-        bias[:, ~ok] = -np.inf
     slopes = alibi_slopes
     if slopes is None and alibi:
         slopes = fastattn.alibi_slopes(H)
-    if slopes is not None:
-        bias = bias - np.asarray(slopes, np.float64)[:, None, None] * np.abs(j - i)[None]
-    return bias
+    return positional_bias(Lq, Lk, H, window,
+                           None if slopes is None else np.asarray(slopes, np.float64))
 
 
 def build(p):
