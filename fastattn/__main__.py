@@ -85,7 +85,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     threads = args.threads or get_num_threads()
     print(benchmark.format_table(rows, threads))
     for note in notes:
-        print(f"skipped {note}")
+        print(f"note: {note}")
     extra = {"threads": threads, "info": info()}
     sgemm = benchmark.numpy_sgemm_gflops(threads)
     extra["numpy_sgemm_gflops"] = sgemm
@@ -141,19 +141,20 @@ def cmd_scaling(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__)
+    p = argparse.ArgumentParser(prog="fastattn", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     pi = sub.add_parser("info", help="version, kernel build, OpenMP, threads, BLAS")
     pi.add_argument("--json", action="store_true", help="print as JSON")
     pi.set_defaults(func=cmd_info)
     pd = sub.add_parser("demo", help="the seed's example: forward, check against NumPy, time both")
-    pd.add_argument("--batch", type=int, default=8)
-    pd.add_argument("--seq", type=int, default=512)
-    pd.add_argument("--d-model", type=int, default=512)
-    pd.add_argument("--heads", type=int, default=8)
-    pd.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    pd.add_argument("--batch", type=int, default=8, help="batch size B (default 8)")
+    pd.add_argument("--seq", type=int, default=512, help="sequence length N (default 512)")
+    pd.add_argument("--d-model", type=int, default=512, help="model width D (default 512)")
+    pd.add_argument("--heads", type=int, default=8, help="attention heads H (default 8)")
+    pd.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                    help="computation dtype (default float32)")
     pd.add_argument("--threads", type=int, default=None, help="default: all cores")
-    pd.add_argument("--rounds", type=int, default=5)
+    pd.add_argument("--rounds", type=int, default=5, help="timed calls of each (default 5)")
     pd.set_defaults(func=cmd_demo)
     pb = sub.add_parser("bench", help="fastattn vs NumPy, torch and ONNX Runtime (those installed)")
     pb.add_argument("--shapes", default="small,bert,long,wide,decode",

@@ -92,7 +92,7 @@ def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool,
             unknown.append(key)
     if unknown:
         raise ValueError(
-            f"unexpected keys in state dict: {sorted(map(repr, unknown))}; expected fastattn names "
+            f"unexpected keys in state dict: {', '.join(sorted(map(repr, unknown)))}; expected fastattn names "
             f"{list(_OWN)}, torch.nn.MultiheadAttention names or the seed class's names"
         )
     needed = _OWN if bias else _OWN[:4]
@@ -166,7 +166,11 @@ def parse_config(raw: Optional[np.ndarray], fmt: str, path) -> Dict[str, Any]:
     except (ValueError, TypeError, IndexError) as exc:
         raise ValueError(f"{where}: __config__ is not valid JSON ({exc})") from None
     if not isinstance(cfg, dict) or cfg.get("format") != fmt:
-        raise ValueError(f"{where}: __config__ format is not {fmt!r}")
+        found = cfg.get("format") if isinstance(cfg, dict) else None
+        hint = ""
+        if isinstance(found, str) and found.startswith("fastattn.") and "/" in found:
+            hint = f" (it holds a {found.split('/')[0]}: load it with that class)"
+        raise ValueError(f"{where}: __config__ format is {found!r}, not {fmt!r}{hint}")
     # bounded, so that no later size computation can overflow
     positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2 ** 31  # noqa: E731
     checks = {

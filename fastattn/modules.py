@@ -232,7 +232,14 @@ class _MultiHeadBase:
 
     def reset_parameters(self, seed: Union[None, int, np.random.Generator] = None) -> None:
         """Draw fresh weights like ``torch.nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        if isinstance(seed, np.random.Generator):
+            rng = seed
+        else:
+            try:
+                rng = np.random.default_rng(seed)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"seed must be None, a non-negative int (or sequence of them) "
+                                f"or a numpy Generator, got {seed!r} ({exc})") from None
         with self._lock:
             for name in _WEIGHT_NAMES + (_BIAS_NAMES if self.bias else ()):
                 view = self._param_view(name)
@@ -287,7 +294,8 @@ class _MultiHeadBase:
         try:
             import torch
         except ImportError:
-            raise ImportError("to_torch needs PyTorch: pip install torch") from None
+            raise ImportError("to_torch needs PyTorch (on a CPU-only machine, its CPU wheel: "
+                              "see the README)") from None
         if self.num_kv_heads != self.num_heads:
             raise ValueError(
                 f"to_torch: torch.nn.MultiheadAttention has no grouped-query attention "
@@ -627,7 +635,7 @@ class MultiHeadSelfAttention(_MultiHeadBase):
     def __call__(
         self,
         x,
-        *,
+        *args,
         attn_mask=None,
         key_padding_mask=None,
         is_causal: bool = False,
@@ -638,6 +646,11 @@ class MultiHeadSelfAttention(_MultiHeadBase):
         alibi: bool = False,
         alibi_slopes=None,
     ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+        if args:
+            raise TypeError(
+                "MultiHeadSelfAttention takes one input, m(x); for torch-style m(query, key, "
+                "value) use fastattn.MultiHeadAttention (other options are keyword-only)"
+            )
         return self._forward(
             x, None, None, self_attention=True, attn_mask=attn_mask,
             key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=need_weights,

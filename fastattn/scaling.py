@@ -143,16 +143,17 @@ def format_table(rows: Sequence[ScalingRow], length: int) -> str:
     for setting in dict.fromkeys(r.setting for r in rows):
         out.append("")
         out.append(f"setting: {setting}")
-        out.append(f"{'d_k':>5} | {'var(q.k)':>9} {'var/d_k':>8} {'scaled':>7} | "
-                   f"{'max p':>6} {'scaled':>6} | {'entropy':>7} {'scaled':>6} | "
-                   f"{'|J|':>6} {'scaled':>6}")
+        out.append(f"{'':>5} | {'var(q.k)':^17} | {'largest p':^13} | {'entropy':^15} | "
+                   f"{'|diag(p) - pp^T|':^16}")
+        out.append(f"{'d_k':>5} | {'unscaled':>8} {'scaled':>8} | {'unsc.':>6} {'scaled':>6} | "
+                   f"{'unsc.':>7} {'scaled':>7} | {'unsc.':>7} {'scaled':>8}")
         by = {(r.dk, r.scaled): r for r in rows if r.setting == setting}
         for dk in sorted({r.dk for r in rows if r.setting == setting}):
             u, s = by[(dk, False)], by[(dk, True)]
             out.append(
-                f"{dk:>5} | {u.score_var:>9.2f} {u.score_var / dk:>8.3f} {s.score_var:>7.3f} | "
-                f"{u.max_prob:>6.3f} {s.max_prob:>6.3f} | {u.entropy:>7.3f} {s.entropy:>6.3f} | "
-                f"{u.jacobian_norm:>6.3f} {s.jacobian_norm:>6.3f}"
+                f"{dk:>5} | {u.score_var:>8.2f} {s.score_var:>8.3f} | "
+                f"{u.max_prob:>6.3f} {s.max_prob:>6.3f} | {u.entropy:>7.3f} {s.entropy:>7.3f} | "
+                f"{u.jacobian_norm:>7.3f} {s.jacobian_norm:>8.3f}"
             )
     return "\n".join(out)
 
