@@ -236,6 +236,13 @@ def check_alibi(alibi: bool, slopes, num_heads: int,
     return arr
 
 
+def check_flag(value, name: str) -> bool:
+    """A bool argument; strings and other objects are refused, not read as truthy."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def resolve_scale(scale, head_dim: int, dtype: np.dtype = np.dtype(np.float64)) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
@@ -360,6 +367,9 @@ def scaled_dot_product_attention(
         both shapes.
     """
     q, k, v = check_qkv(q, k, v)
+    is_causal = check_flag(is_causal, "is_causal")
+    need_weights = check_flag(need_weights, "need_weights")
+    alibi = check_flag(alibi, "alibi")
     lead = q.shape[:-3]
     H, Lq, E = q.shape[-3:]
     Lk, Ev = k.shape[-2], v.shape[-1]

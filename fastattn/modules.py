@@ -37,6 +37,7 @@ from .functional import (
     as_float_array,
     attention_into,
     check_alibi,
+    check_flag,
     check_window,
     ensure_memory,
     kernel_ready,
@@ -94,6 +95,7 @@ class _MultiHeadBase:
             raise ValueError(
                 f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
             )
+        bias = check_flag(bias, "bias")
         kdim = embed_dim if kdim is None else _positive_int(kdim, "kdim")
         vdim = embed_dim if vdim is None else _positive_int(vdim, "vdim")
         return dict(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -417,8 +419,11 @@ class _MultiHeadBase:
                     f"with a cache, key and value hold the new positions of query "
                     f"({Lq}), got key {_shape_str(k_in.shape)}"
                 )
+        is_causal = check_flag(is_causal, "is_causal")
+        need_weights = check_flag(need_weights, "need_weights")
+        average_attn_weights = check_flag(average_attn_weights, "average_attn_weights")
         window = check_window(window)
-        slopes = check_alibi(alibi, alibi_slopes, H, self.dtype)
+        slopes = check_alibi(check_flag(alibi, "alibi"), alibi_slopes, H, self.dtype)
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a KVCache from new_cache(), got {type(cache).__name__}")

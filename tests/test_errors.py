@@ -178,3 +178,18 @@ def test_bad_num_kv_heads(kv):
     with pytest.raises(ValueError) as ei:
         MHSA(16, 4, num_kv_heads=kv)
     assert_msg(ei, names=["num_kv_heads"])
+
+
+@pytest.mark.parametrize("kw", ["is_causal", "need_weights", "alibi"])
+def test_flags_must_be_bools_not_truthy_objects(kw):
+    q = np.zeros((1, 2, 3, 4), np.float32)
+    with pytest.raises(TypeError, match=f"{kw} must be True or False"):
+        fastattn.scaled_dot_product_attention(q, q, q, **{kw: "no"})
+
+
+def test_module_flags_must_be_bools():
+    with pytest.raises(TypeError, match="bias must be True or False"):
+        fastattn.MultiHeadSelfAttention(8, 2, bias="no")
+    m = fastattn.MultiHeadSelfAttention(8, 2, seed=0)
+    with pytest.raises(TypeError, match="is_causal must be True or False"):
+        m(np.zeros((1, 3, 8), np.float32), is_causal="yes")
