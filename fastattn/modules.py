@@ -430,7 +430,13 @@ class _MultiHeadBase:
             cache.check(B, self.dtype, Hkv, E)
             is_causal = True  # new positions follow every cached one
         nt = threads.get_num_threads()
-        ensure_memory([(B * Lq, D + 2 * kv)], self.dtype.itemsize, "the projections")
+        # every buffer of the call, checked once before any is allocated
+        Lk = Lq if self_attention else k_in.shape[1]
+        if cache is not None:
+            Lk = len(cache) + Lq
+        ensure_memory([(B * Lq, D + 2 * kv), (B * Lq, D), (B * Lq, D)]
+                      + ([(B, H, Lq, Lk)] if need_weights else []), self.dtype.itemsize,
+                      "the forward pass's buffers" + (" and weights" if need_weights else ""))
 
         # 1. projections into buffers the kernel reads through strides
         merged = None
@@ -465,8 +471,6 @@ class _MultiHeadBase:
 
         # 2. masks as broadcast views, 3. the kernel, into the merged layout
         full = (B, H, Lq, Lk)
-        ensure_memory([(B * Lq, D)] * 2 + ([full] if need_weights else []), self.dtype.itemsize,
-                      "the forward pass's buffers" + (" and weights" if need_weights else ""))
         bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, self.dtype)
         pad = self._padding_mask(key_padding_mask, B, Lq, Lk, unbatched)
         if merged is None:

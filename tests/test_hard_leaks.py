@@ -133,18 +133,16 @@ def test_many_short_lived_threads_release_workspaces():
     def one():
         m(x)
 
-    for _ in range(10):
-        t = threading.Thread(target=one)
-        t.start()
-        t.join()
-    gc.collect()
-    r1 = rss_bytes()
-    for _ in range(60):
-        t = threading.Thread(target=one)
-        t.start()
-        t.join()
-    gc.collect()
-    r2 = rss_bytes()
+    def short_lived_threads(n):
+        for _ in range(n):
+            t = threading.Thread(target=one)
+            t.start()
+            t.join()
+        gc.collect()
+        return rss_bytes()
+
+    r1 = short_lived_threads(10)
+    r2 = short_lived_threads(60)
     assert r2 - r1 < 16 << 20, f"RSS grew by {(r2 - r1) / 2**20:.1f} MiB over 60 threads"
 
 
