@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include "fa_simd.h"
 
 /* ---- float ---- */
@@ -27,6 +28,13 @@
 static const float fa_exp_c_f32[8] = {1.0f, 1.0f, 1.0f / 2, 1.0f / 6, 1.0f / 24,
                                       1.0f / 120, 1.0f / 720, 1.0f / 5040};
 #define FA_EXP_C fa_exp_c_f32
+#define FA_EXP2_LO -127.0f /* 2^n assembles to exactly 0 here */
+#define FA_EXP2_DEG 6
+/* 2^r on |r| <= 1/2, minimax for relative error (Lawson iteration, ~1e-8) */
+static const float fa_exp2_c_f32[7] = {1.0f, 0.6931471824645996f, 0.24022646248340607f,
+                                       0.05550328642129898f, 0.009618489071726799f,
+                                       0.0013399930903688073f, 0.00015345810970757157f};
+#define FA_EXP2_C fa_exp2_c_f32
 #include "fa_kernels_impl.h"
 #undef REAL
 #undef IREAL
@@ -41,6 +49,9 @@ static const float fa_exp_c_f32[8] = {1.0f, 1.0f, 1.0f / 2, 1.0f / 6, 1.0f / 24,
 #undef FA_MANT_BITS
 #undef FA_EXP_DEG
 #undef FA_EXP_C
+#undef FA_EXP2_LO
+#undef FA_EXP2_DEG
+#undef FA_EXP2_C
 
 /* ---- double ---- */
 #define REAL double
@@ -59,6 +70,15 @@ static const double fa_exp_c_f64[14] = {
     1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320,
     1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0};
 #define FA_EXP_C fa_exp_c_f64
+#define FA_EXP2_LO -1023.0
+#define FA_EXP2_DEG 13
+/* 2^r on |r| <= 1/2: Taylor coefficients ln2^k / k! (truncation ~4e-18) */
+static const double fa_exp2_c_f64[14] = {
+    1.0, 0.6931471805599453, 0.2402265069591007, 0.055504108664821576,
+    0.009618129107628477, 0.0013333558146428441, 0.00015403530393381606, 1.5252733804059838e-05,
+    1.3215486790144305e-06, 1.0178086009239696e-07, 7.054911620801121e-09, 4.44553827187081e-10,
+    2.5678435993488196e-11, 1.3691488853904124e-12};
+#define FA_EXP2_C fa_exp2_c_f64
 #include "fa_kernels_impl.h"
 #undef REAL
 #undef IREAL
@@ -73,6 +93,9 @@ static const double fa_exp_c_f64[14] = {
 #undef FA_MANT_BITS
 #undef FA_EXP_DEG
 #undef FA_EXP_C
+#undef FA_EXP2_LO
+#undef FA_EXP2_DEG
+#undef FA_EXP2_C
 
 static const char *fa_isa_name(void) { return FA_ISA_NAME; }
 

@@ -89,21 +89,76 @@ static inline VEC FA(vexp)(VEC x) {
     return p * (VEC)bits;
 }
 
+/*
+ * 2^y lane-wise for y <= 0: the streaming softmax works in log2 units (log2 e
+ * is folded into the query scale), which leaves no range reduction to do: r =
+ * y - round(y) is exact, so the FMA pipes see only the polynomial and one
+ * multiply (vexp needs eleven FMA-pipe operations, this seven; they compete
+ * with the score and output GEMMs for the same pipes).  Clamping at
+ * FA_EXP2_LO makes the assembled 2^n exactly 0, so 2^-inf == 0 with no
+ * select; NaN stays NaN.  Relative error ~1 ulp in float and double.
+ */
+static inline VEC FA(vexp2)(VEC y) {
+    VEC yc = FA(vmax)(FA(vsplat)(FA_EXP2_LO), y);
+    const VEC magic = FA(vsplat)(FA_EXP_MAGIC);
+    VEC t = yc + magic;
+    VEC r = yc - (t - magic);
+    IVEC n = (IVEC)t - (IVEC)magic;
+    VEC p = FA(vsplat)(FA_EXP2_C[FA_EXP2_DEG]);
+    for (int d = FA_EXP2_DEG - 1; d >= 0; d--) p = p * r + FA(vsplat)(FA_EXP2_C[d]);
+    IVEC bits = (n + (IREAL)FA_EXP_BIAS) << FA_MANT_BITS;
+    return p * (VEC)bits;
+}
+
+/*
+ * Transposes a VLEN x VLEN block held in v[0..VLEN) (row r in v[r]) in
+ * registers: log2(VLEN) rounds, each swapping the off-diagonal b x b
+ * sub-blocks of every 2b x 2b block with one two-source shuffle per row.
+ * (VLEN^2 log2 VLEN / VLEN shuffles instead of VLEN^2 scalar moves: the
+ * scalar transposes of Q and O were ~5 % of a tile at short sequences.)
+ */
+static inline void FA(transpose_block)(VEC *v) {
+    static const IREAL iota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    IVEC idx;
+    memcpy(&idx, iota, sizeof idx);
+    /* fully unrolled, so the block stays in registers and the masks fold to constants */
+#pragma GCC unroll 16
+    for (int64_t b = 1; b < VLEN; b *= 2) {
+        /* new row r: lanes c with (c & b) == 0 from row r, else lane c-b of row r+b;
+         * new row r+b: lanes c with (c & b) == 0 from lane c+b of row r, else row r+b */
+        IVEC odd = (idx & (IREAL)b) != 0;
+        IVEC lo = idx + (odd & (IREAL)(VLEN - b));
+        IVEC hi = idx + (IREAL)b + (odd & (IREAL)(VLEN - b));
+#pragma GCC unroll 16
+        for (int64_t r = 0; r < VLEN; r++) {
+            if (r & b) continue;
+            VEC x = v[r], y = v[r + b];
+            v[r] = __builtin_shuffle(x, y, lo);
+            v[r + b] = __builtin_shuffle(x, y, hi);
+        }
+    }
+}
+
 /* dst[e][i] = scale * src[i * srs + e]: the query block, transposed and
  * scaled once per tile; columns i >= rows (up to ldd) are zero. */
 static void FA(pack_qt)(REAL *restrict dst, int64_t ldd, const REAL *restrict src, int64_t srs,
                         int64_t rows, int64_t cols, REAL scale) {
+    typedef FA(uvec) UVEC;
     for (int64_t e = 0; e < cols; e++)
         for (int64_t i = rows; i < ldd; i++) dst[e * ldd + i] = 0;
-    /* groups of rows, so each group's source lines stay in L1 while their
-     * columns are scattered */
-    for (int64_t i0 = 0; i0 < rows; i0 += 8) {
-        int64_t i1 = i0 + 8 < rows ? i0 + 8 : rows;
-        for (int64_t e = 0; e < cols; e++) {
-            REAL *d = dst + e * ldd;
-            for (int64_t i = i0; i < i1; i++) d[i] = scale * src[i * srs + e];
+    int64_t rv = rows - rows % VLEN, cv = cols - cols % VLEN;
+    VEC blk[VLEN];
+    for (int64_t i0 = 0; i0 < rv; i0 += VLEN)
+        for (int64_t e0 = 0; e0 < cv; e0 += VLEN) {
+#pragma GCC unroll 16
+            for (int64_t r = 0; r < VLEN; r++) blk[r] = *(const UVEC *)(src + (i0 + r) * srs + e0);
+            FA(transpose_block)(blk);
+#pragma GCC unroll 16
+            for (int64_t c = 0; c < VLEN; c++) *(VEC *)(dst + (e0 + c) * ldd + i0) = scale * blk[c];
         }
-    }
+    /* the ragged edges, element by element */
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t e = i < rv ? cv : 0; e < cols; e++) dst[e * ldd + i] = scale * src[i * srs + e];
 }
 
 /*
@@ -254,9 +309,11 @@ static void FA(mask_bool)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t 
 }
 
 static void FA(mask_add)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t rows,
-                         int64_t cols, const REAL *restrict mask, int64_t m_is, int64_t m_js) {
+                         int64_t cols, const REAL *restrict mask, int64_t m_is, int64_t m_js,
+                         REAL unit) {
     for (int64_t i = 0; i < rows; i++)
-        for (int64_t j = 0; j < cols; j++) S[i * s_is + j * s_js] += mask[i * m_is + j * m_js];
+        for (int64_t j = 0; j < cols; j++)
+            S[i * s_is + j * s_js] += unit * mask[i * m_is + j * m_js];
 }
 
 /* Query row i may attend the columns c with lo + i <= c <= hi + i (a band:
@@ -283,8 +340,9 @@ static void FA(add_alibi)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t 
 
 /*
  * One step of the online softmax over a block of transposed scores ST
- * (nkeys rows, ncols query lanes, ncols a multiple of VLEN).  Per query lane:
- * new running max m, scores -> exp(score - m) in place, running sum l
+ * (nkeys rows, ncols query lanes, ncols a multiple of VLEN), in log2 units
+ * (scores already multiplied by log2 e).  Per query lane: new running max m,
+ * scores -> 2^(score - m) = exp of the natural-unit difference, in place, running sum l
  * rescaled and extended, and the accumulated output O^T (ev rows) rescaled.
  * A lane that has seen only -inf keeps m = -inf and l = 0 and contributes
  * zeros (shift 0 instead of -inf - -inf), so fully masked queries end as 0.
@@ -294,13 +352,23 @@ static void FA(online_softmax)(REAL *restrict ST, int64_t lds, int64_t nkeys, in
                                int64_t ldo, int64_t ev) {
     const VEC ninf = FA(vsplat)((REAL)-INFINITY), zero = FA(vsplat)(0);
     for (int64_t c = 0; c < ncols; c += VLEN) {
-        VEC mx = *(VEC *)(m + c);
-        for (int64_t j = 0; j < nkeys; j++) mx = FA(vmax)(mx, *(const VEC *)(ST + j * lds + c));
+        /* four independent chains: one chain of dependent maxes would be
+         * latency-bound (~2% of a tile's time) */
+        VEC mx = *(VEC *)(m + c), m1 = ninf, m2 = ninf, m3 = ninf;
+        int64_t j = 0;
+        for (; j + 4 <= nkeys; j += 4) {
+            mx = FA(vmax)(mx, *(const VEC *)(ST + j * lds + c));
+            m1 = FA(vmax)(m1, *(const VEC *)(ST + (j + 1) * lds + c));
+            m2 = FA(vmax)(m2, *(const VEC *)(ST + (j + 2) * lds + c));
+            m3 = FA(vmax)(m3, *(const VEC *)(ST + (j + 3) * lds + c));
+        }
+        for (; j < nkeys; j++) mx = FA(vmax)(mx, *(const VEC *)(ST + j * lds + c));
+        mx = FA(vmax)(FA(vmax)(mx, m1), FA(vmax)(m2, m3));
         VEC shift = FA(vselect)(mx == ninf, zero, mx);
-        VEC corr = FA(vexp)(*(VEC *)(m + c) - shift);
+        VEC corr = FA(vexp2)(*(VEC *)(m + c) - shift);
         VEC sum = zero;
         for (int64_t j = 0; j < nkeys; j++) {
-            VEC p = FA(vexp)(*(VEC *)(ST + j * lds + c) - shift);
+            VEC p = FA(vexp2)(*(VEC *)(ST + j * lds + c) - shift);
             *(VEC *)(ST + j * lds + c) = p;
             sum += p;
         }
@@ -398,13 +466,29 @@ static void FA(merge_splits)(REAL *restrict out, int64_t ev, const REAL *restric
  * l == 0 (nothing attended) gets 0, and a NaN in l reaches the output. */
 static void FA(finalize)(const REAL *restrict OT, int64_t ldo, const REAL *restrict l,
                          int64_t rows, int64_t ev, REAL *restrict out, int64_t ors) {
+    typedef FA(uvec) UVEC;
+    int64_t rv = rows - rows % VLEN, cv = ev - ev % VLEN;
+    VEC blk[VLEN];
+    for (int64_t i0 = 0; i0 < rv; i0 += VLEN) {
+        VEC inv;
+        for (int64_t c = 0; c < VLEN; c++) inv[c] = l[i0 + c] == 0 ? 0 : (REAL)1 / l[i0 + c];
+        for (int64_t e0 = 0; e0 < cv; e0 += VLEN) {
+#pragma GCC unroll 16
+            for (int64_t c = 0; c < VLEN; c++) blk[c] = *(const VEC *)(OT + (e0 + c) * ldo + i0) * inv;
+            FA(transpose_block)(blk);
+#pragma GCC unroll 16
+            for (int64_t r = 0; r < VLEN; r++) *(UVEC *)(out + (i0 + r) * ors + e0) = blk[r];
+        }
+    }
     for (int64_t i = 0; i < rows; i++) {
         REAL *d = out + i * ors;
+        /* a query that saw no key is 0 (not 0 * an inf or NaN value) */
+        int64_t e = (i < rv && l[i] != 0) ? cv : 0;
         if (l[i] == 0) {
-            for (int64_t e = 0; e < ev; e++) d[e] = 0;
+            for (; e < ev; e++) d[e] = 0;
         } else {
             REAL inv = (REAL)1 / l[i];
-            for (int64_t e = 0; e < ev; e++) d[e] = OT[e * ldo + i] * inv;
+            for (; e < ev; e++) d[e] = OT[e * ldo + i] * inv;
         }
     }
 }
