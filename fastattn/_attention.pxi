@@ -24,6 +24,8 @@ cdef extern from "fa_omp.h" nogil:
     int omp_get_num_procs()
 
 cdef extern from "fa_kernels.h" nogil:
+    ctypedef struct fa_out_layout:
+        int64_t ldy, head_dim, seq_len, g_stride, b_stride
     const char* fa_isa_name()
     void* fa_aligned_alloc(size_t nbytes)
     int fa_cpu_has_avx512()
@@ -81,10 +83,12 @@ cdef extern from "fa_kernels.h" nogil:
     void fa_pack_weight_f64(double* dst, const double* W, int64_t n_out, int64_t k)
     void fa_linear_block_f32(const float* X, int64_t ldx, int64_t m0, int64_t m1, int64_t K,
                              const float* Wp, const float* bias, int64_t n_out, int64_t q0,
-                             int64_t q1, float* Y, int64_t ldy, int64_t kc, float* scratch)
+                             int64_t q1, float* Y, const fa_out_layout* lay, int64_t kc,
+                             float* scratch)
     void fa_linear_block_f64(const double* X, int64_t ldx, int64_t m0, int64_t m1, int64_t K,
                              const double* Wp, const double* bias, int64_t n_out, int64_t q0,
-                             int64_t q1, double* Y, int64_t ldy, int64_t kc, double* scratch)
+                             int64_t q1, double* Y, const fa_out_layout* lay, int64_t kc,
+                             double* scratch)
     void fa_dots_f32(float* s, const float* q, int64_t E, const float* k, int64_t ks, int64_t n)
     void fa_dots_f64(double* s, const double* q, int64_t E, const double* k, int64_t ks, int64_t n)
     void fa_row_update_f32(float* s, int64_t n_pad, float* m, float* l, float* o, int64_t ev_pad)
@@ -680,15 +684,25 @@ def pack_weight(w, bias):
     return packed, padded
 
 
-def linear(x, packed, bias, Py_ssize_t n_out, out, int num_threads):
+def linear(x, packed, bias, Py_ssize_t n_out, out, int num_threads, bint head_major=False):
     """out[...] = x @ W.T + bias, W as packed by :func:`pack_weight`.
 
     x (m, k) and out (m, n_out) need a unit stride on their last axis; the
     rows are split over ``num_threads`` OpenMP threads (no BLAS involved).
+
+    With ``head_major``, out is a C-contiguous (B, G, N, E) array with
+    B * N == m and G * E == n_out: row b * N + n, column g * E + e of the
+    product lands at out[b, g, n, e], so each head's rows are contiguous for
+    the attention kernel (no transposing copy, no strided K/V reads).
     """
     cdef cnp.ndarray X = <cnp.ndarray?>x, Y = <cnp.ndarray?>out, Wp = <cnp.ndarray?>packed
     cdef cnp.ndarray Bp
-    if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0] or Y.shape[1] != n_out:
+    if head_major:
+        if (Y.ndim != 4 or not Y.flags.c_contiguous or X.ndim != 2
+                or X.shape[0] != Y.shape[0] * Y.shape[2] or Y.shape[1] * Y.shape[3] != n_out):
+            raise ValueError("linear: head-major out must be C-contiguous (B, G, N, E) with "
+                             "B * N == x rows and G * E == n_out")
+    elif X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0] or Y.shape[1] != n_out:
         raise ValueError("linear: x must be (m, k) and out (m, n_out)")
     if X.dtype != Wp.dtype or Y.dtype != Wp.dtype or (bias is not None and bias.dtype != Wp.dtype):
         raise TypeError("linear: x, out, weight and bias must share one dtype")
@@ -696,9 +710,9 @@ def linear(x, packed, bias, Py_ssize_t n_out, out, int num_threads):
     cdef int64_t m = X.shape[0], k = X.shape[1]
     if m == 0 or n_out == 0:
         return out  # (empty arrays may carry any strides)
-    if (X.strides[1] != isz and k > 1) or (Y.strides[1] != isz and n_out > 1):
+    if (X.strides[1] != isz and k > 1) or (not head_major and Y.strides[1] != isz and n_out > 1):
         raise ValueError("linear: x and out need a unit stride on their last axis")
-    if X.strides[0] % isz or Y.strides[0] % isz:
+    if X.strides[0] % isz or (not head_major and Y.strides[0] % isz):
         raise ValueError("linear: strides must be multiples of the item size")
     cdef int64_t nr, need
     if X.dtype == np.float32:
@@ -714,13 +728,29 @@ def linear(x, packed, bias, Py_ssize_t n_out, out, int num_threads):
         if Bp.size < ((n_out + nr - 1) // nr) * nr:
             raise ValueError("linear: bias is not padded for this build")
     if k == 0:
-        out[...] = 0 if bias is None else bias[:n_out]
+        if bias is None:
+            out[...] = 0
+        elif head_major:
+            out[...] = bias[:n_out].reshape(Y.shape[1], 1, Y.shape[3])
+        else:
+            out[...] = bias[:n_out]
         return out
     cdef LinearJob J
     J.x = <char*>cnp.PyArray_DATA(X)
     J.ldx = X.strides[0] // isz
     J.y = <char*>cnp.PyArray_DATA(Y)
-    J.ldy = Y.strides[0] // isz
+    if head_major:
+        J.lay.ldy = 0
+        J.lay.head_dim = Y.shape[3]
+        J.lay.seq_len = Y.shape[2]
+        J.lay.g_stride = Y.shape[2] * Y.shape[3]
+        J.lay.b_stride = Y.shape[1] * Y.shape[2] * Y.shape[3]
+    else:
+        J.lay.ldy = Y.strides[0] // isz
+        J.lay.head_dim = 0
+        J.lay.seq_len = 0
+        J.lay.g_stride = 0
+        J.lay.b_stride = 0
     J.w = <char*>cnp.PyArray_DATA(Wp)
     J.bias = NULL if bias is None else <char*>cnp.PyArray_DATA(Bp)
     J.m = m
@@ -747,7 +777,8 @@ cdef struct LinearJob:
     char* y
     char* w
     char* bias
-    int64_t ldx, ldy, m, k, n_out, panels, kc, row_blocks, panel_blocks
+    fa_out_layout lay
+    int64_t ldx, m, k, n_out, panels, kc, row_blocks, panel_blocks
 
 
 cdef int _linear_run(const LinearJob* J, int num_threads, floating* tag) noexcept nogil:
@@ -776,10 +807,10 @@ cdef int _linear_run(const LinearJob* J, int num_threads, floating* tag) noexcep
                 if floating is float:
                     fa_linear_block_f32(<const float*>J.x, J.ldx, m0, m1, J.k,
                                         <const float*>J.w, <const float*>J.bias, J.n_out,
-                                        q0, q1, <float*>J.y, J.ldy, J.kc, buf)
+                                        q0, q1, <float*>J.y, &J.lay, J.kc, buf)
                 else:
                     fa_linear_block_f64(<const double*>J.x, J.ldx, m0, m1, J.k,
                                         <const double*>J.w, <const double*>J.bias, J.n_out,
-                                        q0, q1, <double*>J.y, J.ldy, J.kc, buf)
+                                        q0, q1, <double*>J.y, &J.lay, J.kc, buf)
         free(buf)
     return -1 if failed else 0

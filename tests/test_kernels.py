@@ -129,6 +129,36 @@ def test_linear_matches_float64_matmul(rng, dtype, m, k, n):
     assert (wide_out[:, 0] == 7).all() and (wide_out[:, 1 + n:] == 7).all()
 
 
+@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B,N,G,E,k", [(1, 64, 3, 64, 32), (3, 13, 5, 24, 17), (2, 9, 4, 40, 1100),
+                                       (2, 1, 2, 1, 3)])
+def test_linear_head_major_output_matches_float64_matmul(rng, isa, dtype, B, N, G, E, k):
+    """Row b * N + n, column g * E + e lands at out[b, g, n, e]: heads whose
+    width is not a multiple of the panel (24, 40, 1), row panels cut at the end
+    of each batch entry (N = 13, 9, 1), and an inner dimension split in two."""
+    mod = importlib.import_module(f"fastattn._kernels_{isa}")
+    x = rng.standard_normal((B * N, k)).astype(dtype)
+    w = rng.standard_normal((G * E, k)).astype(dtype)
+    b = rng.standard_normal(G * E).astype(dtype)
+    expected = (x.astype(np.float64) @ w.T.astype(np.float64) + b).reshape(B, N, G, E)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-11)
+    packed, bias = mod.pack_weight(w, b)
+    for nt in (1, 3):
+        out = np.full((B, G, N, E), np.nan, dtype)
+        mod.linear(x, packed, bias, G * E, out, nt, True)
+        np.testing.assert_allclose(out, expected.transpose(0, 2, 1, 3), **tol)
+
+
+def test_linear_head_major_rejects_wrong_layouts(rng):
+    x = rng.standard_normal((6, 8)).astype(np.float32)
+    packed, _ = kernels.pack_weight(rng.standard_normal((12, 8)).astype(np.float32), None)
+    for bad in (np.empty((6, 12), np.float32), np.empty((2, 2, 3, 4), np.float32),
+                np.empty((2, 3, 3, 8), np.float32)[..., :4]):
+        with pytest.raises(ValueError, match="head-major"):
+            kernels.linear(x, packed, None, 12, bad, 1, True)
+
+
 def test_linear_rejects_mismatched_packing(rng):
     x = rng.standard_normal((4, 8)).astype(np.float32)
     packed, _ = kernels.pack_weight(rng.standard_normal((6, 9)).astype(np.float32), None)

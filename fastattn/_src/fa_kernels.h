@@ -12,6 +12,27 @@
 #include <string.h>
 #include "fa_simd.h"
 
+/*
+ * Where the projection writes output element (row i, column c):
+ * y + row_off(i) + col_off(c).  Plain row-major: i * ldy + c.  Head-major
+ * (head_dim > 0): rows are (batch b, position n) with seq_len positions per
+ * batch, columns are (group g, e) with head_dim e's per group, and the element
+ * goes to [b][g][n][e] with the given batch and group strides, so every
+ * head's (positions x head_dim) block is contiguous for the attention kernel.
+ */
+typedef struct {
+    int64_t ldy, head_dim, seq_len, g_stride, b_stride;
+} fa_out_layout;
+
+static inline int64_t fa_row_off(const fa_out_layout *o, int64_t i) {
+    if (!o->head_dim) return i * o->ldy;
+    return (i / o->seq_len) * o->b_stride + (i % o->seq_len) * o->head_dim;
+}
+static inline int64_t fa_col_off(const fa_out_layout *o, int64_t c) {
+    if (!o->head_dim) return c;
+    return (c / o->head_dim) * o->g_stride + c % o->head_dim;
+}
+
 /* ---- float ---- */
 #define REAL float
 #define IREAL int32_t

@@ -259,14 +259,20 @@ static inline int64_t FA(padded_bias_len)(int64_t n_out) { return ((n_out + NR -
 static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, int64_t m1,
                              int64_t K, const REAL *restrict Wp, const REAL *restrict bias,
                              int64_t n_out, int64_t q0, int64_t q1, REAL *restrict Y,
-                             int64_t ldy, int64_t kc, REAL *restrict scratch) {
+                             const fa_out_layout *lay, int64_t kc, REAL *restrict scratch) {
     REAL *tile = scratch;               /* FA_MR x NR, aligned */
     REAL *rows_tail = scratch + FA_MR * NR;
+    /* a panel of rows is written with one row stride: in the head-major
+     * layout that holds within one batch entry, so panels stop at its end */
+    int64_t seg = lay->head_dim ? lay->seq_len : INT64_MAX;
+    int64_t ldc = lay->head_dim ? lay->head_dim : lay->ldy;
+    int64_t roff[FA_MR], coff[NR];
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
         int64_t kl = K - k0 < kc ? K - k0 : kc;
         int first = k0 == 0;
-        for (int64_t i = m0; i < m1; i += FA_MR) {
+        for (int64_t i = m0; i < m1; ) {
             int64_t mr = m1 - i < FA_MR ? m1 - i : FA_MR;
+            if (seg - i % seg < mr) mr = seg - i % seg;
             const REAL *a = X + i * ldx + k0;
             int64_t rs = ldx, ps = 1;
             if (mr < FA_MR) {
@@ -277,23 +283,29 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
                 rs = 1;
                 ps = FA_MR;
             }
+            for (int64_t r = 0; r < mr; r++) roff[r] = fa_row_off(lay, i + r);
             for (int64_t q = q0; q < q1; q++) {
                 const REAL *b = Wp + q * K * NR + k0 * NR;
                 const REAL *bb = (first && bias) ? bias + q * NR : NULL;
                 int64_t col = q * NR;
-                if (col + NR <= n_out) {
-                    FA(panel)(NR, kl, a, rs, ps, b, NR, Y + i * ldy + col, ldy, !first, bb, mr);
+                int64_t nr = n_out - col < NR ? n_out - col : NR;
+                int within = !lay->head_dim || col % lay->head_dim + NR <= lay->head_dim;
+                if (nr == NR && within) {
+                    FA(panel)(NR, kl, a, rs, ps, b, NR, Y + roff[0] + fa_col_off(lay, col), ldc,
+                              !first, bb, mr);
                 } else {
-                    /* last, partial panel: through the tile, then the real columns */
-                    int64_t nr = n_out - col;
+                    for (int64_t c = 0; c < nr; c++) coff[c] = fa_col_off(lay, col + c);
+                    /* a partial panel, or one that straddles two heads: through
+                     * the tile, then element by element to the real columns */
                     if (!first)
                         for (int64_t r = 0; r < mr; r++)
-                            for (int64_t c = 0; c < nr; c++) tile[r * NR + c] = Y[(i + r) * ldy + col + c];
+                            for (int64_t c = 0; c < nr; c++) tile[r * NR + c] = Y[roff[r] + coff[c]];
                     FA(panel)(NR, kl, a, rs, ps, b, NR, tile, NR, !first, bb, mr);
                     for (int64_t r = 0; r < mr; r++)
-                        for (int64_t c = 0; c < nr; c++) Y[(i + r) * ldy + col + c] = tile[r * NR + c];
+                        for (int64_t c = 0; c < nr; c++) Y[roff[r] + coff[c]] = tile[r * NR + c];
                 }
             }
+            i += mr;
         }
     }
 }
