@@ -49,9 +49,9 @@ cdef extern from "fa_kernels.h" nogil:
     void fa_mask_bool_f64(double* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
                           const uint8_t* mask, int64_t m_is, int64_t m_js)
     void fa_mask_add_f32(float* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
-                         const float* mask, int64_t m_is, int64_t m_js, float unit)
+                         const float* mask, int64_t m_is, int64_t m_js)
     void fa_mask_add_f64(double* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
-                         const double* mask, int64_t m_is, int64_t m_js, double unit)
+                         const double* mask, int64_t m_is, int64_t m_js)
     void fa_mask_band_f32(float* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
                           int64_t lo, int64_t hi)
     void fa_mask_band_f64(double* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
@@ -140,8 +140,6 @@ cdef struct Problem:
 
 # At or below this many queries a call runs row by row (decoding).
 cdef int64_t ROW_MODE_MAX_QUERIES = 4
-# log2 e, to double precision
-cdef double LOG2E = 1.4426950408889634
 # An unbounded side of the band (large, but far from overflowing int64 sums).
 cdef int64_t BAND_OPEN = 1 << 40
 # Split-K: keys per split at least this many, so the merge stays cheap.
@@ -179,37 +177,34 @@ cdef inline char* _at(const Operand* a, int64_t b, int64_t head, int64_t row, in
 
 cdef void _scores_block(const Problem* P, floating* ST, const floating* QT, const floating* k,
                         floating* tail, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                        int64_t j0, int64_t bk, floating unit) noexcept nogil:
+                        int64_t j0, int64_t bk) noexcept nogil:
     """Scaled, masked scores of one query block against keys j0 .. j0+bk, transposed.
 
     ST[j][i] (key j, query lane i) for j < bk; -inf wherever the key may not
-    be attended.  Lanes past `rows` hold harmless zeros.  The scores are in
-    units of `unit` (QT carries it already; additive terms are multiplied).
+    be attended.  Lanes past `rows` hold harmless zeros.
     """
     cdef int64_t isz = sizeof(floating)
     cdef int64_t L = P.lanes
     _gemm(bk, L, P.dim, k + j0 * P.k.s_row, P.k.s_row, 1, QT, L, ST, L, 0, tail)
     # masks index (query i, key j), which sits at ST[i * 1 + j * L]
-    _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk, unit)
+    _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk)
 
 
 cdef void _mask_scores(const Problem* P, floating* S, int64_t s_js, int64_t s_is, int64_t b,
                        int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                       int64_t bk, floating unit) noexcept nogil:
+                       int64_t bk) noexcept nogil:
     """Applies every mask to scores S(i, j) = S[i * s_is + j * s_js] of queries
-    i0 .. i0+rows against keys j0 .. j0+bk: -inf where a key may not be attended.
-    Scores are in units of `unit` (1, or log2 e for the base-2 softmax), so
-    additive masks and biases are multiplied by it."""
+    i0 .. i0+rows against keys j0 .. j0+bk: -inf where a key may not be attended."""
     cdef int64_t isz = sizeof(floating)
     if P.has_fmask:
         if floating is float:
             fa_mask_add_f32(S, s_is, s_js, rows, bk,
                             <const float*>_at(&P.fmask, b, h, i0, j0, isz),
-                            P.fmask.s_row, P.fmask.s_col, unit)
+                            P.fmask.s_row, P.fmask.s_col)
         else:
             fa_mask_add_f64(S, s_is, s_js, rows, bk,
                             <const double*>_at(&P.fmask, b, h, i0, j0, isz),
-                            P.fmask.s_row, P.fmask.s_col, unit)
+                            P.fmask.s_row, P.fmask.s_col)
     if P.has_bmask1:
         if floating is float:
             fa_mask_bool_f32(S, s_is, s_js, rows, bk,
@@ -230,11 +225,10 @@ cdef void _mask_scores(const Problem* P, floating* S, int64_t s_js, int64_t s_is
                              P.bmask2.s_row, P.bmask2.s_col)
     if P.slopes != NULL:
         if floating is float:
-            fa_add_alibi_f32(S, s_is, s_js, rows, bk, <float>(unit * P.slopes[h]),
+            fa_add_alibi_f32(S, s_is, s_js, rows, bk, <float>P.slopes[h],
                              j0 - i0 - P.causal_offset)
         else:
-            fa_add_alibi_f64(S, s_is, s_js, rows, bk, unit * P.slopes[h],
-                             j0 - i0 - P.causal_offset)
+            fa_add_alibi_f64(S, s_is, s_js, rows, bk, P.slopes[h], j0 - i0 - P.causal_offset)
     # Only blocks that reach outside some row's band need the cut.
     cdef int64_t lo = i0 + P.causal_offset - P.band_left - j0
     cdef int64_t hi = i0 + P.causal_offset + P.band_right - j0
@@ -280,16 +274,12 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
     cdef floating* out = <floating*>_at(&P.out, b, h, i0, 0, isz)
     cdef floating* W
 
-    # The streaming softmax is base 2: log2 e folded into the query scale
-    # spares its exponential the range reduction (see fa_vexp2).  The
-    # weights path keeps natural units, as the caller reads its scores.
-    cdef floating unit = 1 if P.has_weights else LOG2E
     if floating is float:
         fa_pack_qt_f32(QT, L, <const float*>_at(&P.q, b, h, i0, 0, isz), P.q.s_row, rows,
-                       P.dim, <float>(P.scale * unit))
+                       P.dim, <float>P.scale)
     else:
         fa_pack_qt_f64(QT, L, <const double*>_at(&P.q, b, h, i0, 0, isz), P.q.s_row, rows,
-                       P.dim, P.scale * unit)
+                       P.dim, P.scale)
     memset(OT, 0, P.dim_v * L * isz)
     for r in range(L):
         m[r] = -INFINITY
@@ -302,7 +292,7 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
         j0 = j_start
         while j0 < j_end:
             bk = min(P.block_k, j_end - j0)
-            _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk, unit)
+            _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk)
             if floating is float:
                 fa_online_softmax_f32(ST, L, bk, L, m, l, OT, L, P.dim_v)
             else:
@@ -317,7 +307,7 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
         j0 = 0
         while j0 < P.len_k:
             bk = min(P.block_k, P.len_k - j0)
-            _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk, unit)
+            _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk)
             _copy_strided(W + j0, P.len_k, 1, ST, 1, L, rows, bk)
             j0 += P.block_k
         if floating is float:
@@ -382,7 +372,7 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
                 fa_dots_f32(s, qs, P.dim, k + j0 * P.k.s_row, P.k.s_row, bk)
             else:
                 fa_dots_f64(s, qs, P.dim, k + j0 * P.k.s_row, P.k.s_row, bk)
-            _mask_scores(P, s, 1, 0, b, h, i, 1, j0, bk, 1)
+            _mask_scores(P, s, 1, 0, b, h, i, 1, j0, bk)
             for c in range(bk, P.keys_pad):
                 s[c] = -INFINITY
             if floating is float:

@@ -90,13 +90,15 @@ static inline VEC FA(vexp)(VEC x) {
 }
 
 /*
- * 2^y lane-wise for y <= 0: the streaming softmax works in log2 units (log2 e
- * is folded into the query scale), which leaves no range reduction to do: r =
- * y - round(y) is exact, so the FMA pipes see only the polynomial and one
- * multiply (vexp needs eleven FMA-pipe operations, this seven; they compete
- * with the score and output GEMMs for the same pipes).  Clamping at
- * FA_EXP2_LO makes the assembled 2^n exactly 0, so 2^-inf == 0 with no
- * select; NaN stays NaN.  Relative error ~1 ulp in float and double.
+ * 2^y lane-wise for y <= 0.  The streaming softmax takes exp(s - m) as
+ * 2^((s - m) log2 e): s - m is exact where it matters (s near m), and the
+ * product has one relative rounding, so the weights are as accurate as with
+ * exp.  Then no range reduction is left to do (r = y - round(y) is exact) and
+ * the FMA pipes see the product, the polynomial and one multiply: eight
+ * operations where exp(x) needs eleven, on the pipes the score and output
+ * GEMMs need too.  Clamping at FA_EXP2_LO makes the assembled 2^n exactly 0,
+ * so 2^-inf == 0 with no select; NaN stays NaN.  Relative error ~1 ulp in
+ * float and double.
  */
 static inline VEC FA(vexp2)(VEC y) {
     VEC yc = FA(vmax)(FA(vsplat)(FA_EXP2_LO), y);
@@ -321,11 +323,9 @@ static void FA(mask_bool)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t 
 }
 
 static void FA(mask_add)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t rows,
-                         int64_t cols, const REAL *restrict mask, int64_t m_is, int64_t m_js,
-                         REAL unit) {
+                         int64_t cols, const REAL *restrict mask, int64_t m_is, int64_t m_js) {
     for (int64_t i = 0; i < rows; i++)
-        for (int64_t j = 0; j < cols; j++)
-            S[i * s_is + j * s_js] += unit * mask[i * m_is + j * m_js];
+        for (int64_t j = 0; j < cols; j++) S[i * s_is + j * s_js] += mask[i * m_is + j * m_js];
 }
 
 /* Query row i may attend the columns c with lo + i <= c <= hi + i (a band:
@@ -352,9 +352,9 @@ static void FA(add_alibi)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t 
 
 /*
  * One step of the online softmax over a block of transposed scores ST
- * (nkeys rows, ncols query lanes, ncols a multiple of VLEN), in log2 units
- * (scores already multiplied by log2 e).  Per query lane: new running max m,
- * scores -> 2^(score - m) = exp of the natural-unit difference, in place, running sum l
+ * (nkeys rows, ncols query lanes, ncols a multiple of VLEN).  Per query lane:
+ * new running max m, scores -> exp(score - m) in place (as a power of 2, see
+ * vexp2), running sum l
  * rescaled and extended, and the accumulated output O^T (ev rows) rescaled.
  * A lane that has seen only -inf keeps m = -inf and l = 0 and contributes
  * zeros (shift 0 instead of -inf - -inf), so fully masked queries end as 0.
@@ -377,10 +377,11 @@ static void FA(online_softmax)(REAL *restrict ST, int64_t lds, int64_t nkeys, in
         for (; j < nkeys; j++) mx = FA(vmax)(mx, *(const VEC *)(ST + j * lds + c));
         mx = FA(vmax)(FA(vmax)(mx, m1), FA(vmax)(m2, m3));
         VEC shift = FA(vselect)(mx == ninf, zero, mx);
-        VEC corr = FA(vexp2)(*(VEC *)(m + c) - shift);
+        const VEC log2e = FA(vsplat)(FA_LOG2E);
+        VEC corr = FA(vexp2)((*(VEC *)(m + c) - shift) * log2e);
         VEC sum = zero;
         for (int64_t j = 0; j < nkeys; j++) {
-            VEC p = FA(vexp2)(*(VEC *)(ST + j * lds + c) - shift);
+            VEC p = FA(vexp2)((*(VEC *)(ST + j * lds + c) - shift) * log2e);
             *(VEC *)(ST + j * lds + c) = p;
             sum += p;
         }
