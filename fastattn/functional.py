@@ -29,8 +29,12 @@ __all__ = ["scaled_dot_product_attention", "alibi_slopes"]
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # Query rows x keys per tile; multiples of every build's register tile.
+# 256 keys per step rather than 64: fewer online-softmax passes and output
+# rescales per tile; measured here 2-5 % faster at long, bert and wide and
+# 20 % at one query over 16k keys (the score block, 64 KB, outgrows L1 but
+# streams from L2 without loss).
 BLOCK_Q = 64
-BLOCK_K = 64
+BLOCK_K = 256
 
 
 def available_memory() -> Optional[int]:
