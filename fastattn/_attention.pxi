@@ -111,7 +111,8 @@ ctypedef fused floating:
 # offset per flattened lead index, and the three inner strides in elements.
 cdef struct Operand:
     char* base
-    const int64_t* lead_off
+    const int64_t* lead_off  # per flattened lead index; NULL: index * s_lead
+    int64_t s_lead
     int64_t s_head
     int64_t s_row
     int64_t s_col
@@ -172,7 +173,8 @@ cdef inline void _copy_strided(floating* dst, int64_t d_rs, int64_t d_cs, const 
 
 cdef inline char* _at(const Operand* a, int64_t b, int64_t head, int64_t row, int64_t col,
                       int64_t itemsize) noexcept nogil:
-    return a.base + (a.lead_off[b] + head * a.s_head + row * a.s_row + col * a.s_col) * itemsize
+    cdef int64_t lead = a.lead_off[b] if a.lead_off != NULL else b * a.s_lead
+    return a.base + (lead + head * a.s_head + row * a.s_row + col * a.s_col) * itemsize
 
 
 cdef void _scores_block(const Problem* P, floating* ST, const floating* QT, const floating* k,
@@ -478,11 +480,16 @@ cdef int64_t _fill(Operand* op, object arr, int nlead, list keep) except -1:
     for d in range(nlead + 3):
         if strides[d] % isz:
             raise ValueError("kernel operand strides must be multiples of the item size")
-    offsets = _lead_offsets(a, nlead)
-    keep.append(offsets)
-    cdef int64_t[::1] off_view = offsets
+    cdef int64_t[::1] off_view
     op.base = <char*>cnp.PyArray_DATA(a)
-    op.lead_off = &off_view[0]
+    op.lead_off = NULL
+    op.s_lead = strides[0] // isz if nlead == 1 else 0
+    if nlead > 1:
+        # (no table for zero or one lead axis: it costs microseconds per call)
+        offsets = _lead_offsets(a, nlead)
+        keep.append(offsets)
+        off_view = offsets
+        op.lead_off = &off_view[0]
     op.s_head = strides[nlead] // isz
     op.s_row = strides[nlead + 1] // isz
     op.s_col = strides[nlead + 2] // isz
