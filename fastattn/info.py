@@ -39,7 +39,8 @@ def info() -> Dict[str, Any]:
         "openmp": kernels.openmp_enabled(),
         "num_threads": threads.get_num_threads(),
         "numpy": np.__version__,
-        "projections": f"fastattn GEMM ({kernels.isa()}, OpenMP)",
+        "projections": f"fastattn GEMM ({kernels.isa()}, "
+                       + ("OpenMP)" if kernels.openmp_enabled() else "single-threaded)"),
         "numpy_blas": numpy_blas(),
         "python": platform.python_version(),
         "machine": platform.machine(),

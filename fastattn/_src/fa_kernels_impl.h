@@ -112,6 +112,13 @@ static inline VEC FA(vexp2)(VEC y) {
     return p * (VEC)bits;
 }
 
+/* GCC's two-source __builtin_shuffle makes the block transposes below; clang
+ * has no such builtin (and its shufflevector wants literal indices), so a
+ * clang build transposes element by element, as the edges do. */
+#if defined(__clang__)
+#define FA_BLOCK_TRANSPOSE 0
+#else
+#define FA_BLOCK_TRANSPOSE 1
 /*
  * Transposes a VLEN x VLEN block held in v[0..VLEN) (row r in v[r]) in
  * registers: log2(VLEN) rounds, each swapping the off-diagonal b x b
@@ -140,15 +147,17 @@ static inline void FA(transpose_block)(VEC *v) {
         }
     }
 }
+#endif
 
 /* dst[e][i] = scale * src[i * srs + e]: the query block, transposed and
  * scaled once per tile; columns i >= rows (up to ldd) are zero. */
 static void FA(pack_qt)(REAL *restrict dst, int64_t ldd, const REAL *restrict src, int64_t srs,
                         int64_t rows, int64_t cols, REAL scale) {
-    typedef FA(uvec) UVEC;
     for (int64_t e = 0; e < cols; e++)
         for (int64_t i = rows; i < ldd; i++) dst[e * ldd + i] = 0;
-    int64_t rv = rows - rows % VLEN, cv = cols - cols % VLEN;
+    int64_t rv = FA_BLOCK_TRANSPOSE ? rows - rows % VLEN : 0, cv = cols - cols % VLEN;
+#if FA_BLOCK_TRANSPOSE
+    typedef FA(uvec) UVEC;
     VEC blk[VLEN];
     for (int64_t i0 = 0; i0 < rv; i0 += VLEN)
         for (int64_t e0 = 0; e0 < cv; e0 += VLEN) {
@@ -158,6 +167,7 @@ static void FA(pack_qt)(REAL *restrict dst, int64_t ldd, const REAL *restrict sr
 #pragma GCC unroll 16
             for (int64_t c = 0; c < VLEN; c++) *(VEC *)(dst + (e0 + c) * ldd + i0) = scale * blk[c];
         }
+#endif
     /* the ragged edges, element by element */
     for (int64_t i = 0; i < rows; i++)
         for (int64_t e = i < rv ? cv : 0; e < cols; e++) dst[e * ldd + i] = scale * src[i * srs + e];
@@ -479,8 +489,9 @@ static void FA(merge_splits)(REAL *restrict out, int64_t ev, const REAL *restric
  * l == 0 (nothing attended) gets 0, and a NaN in l reaches the output. */
 static void FA(finalize)(const REAL *restrict OT, int64_t ldo, const REAL *restrict l,
                          int64_t rows, int64_t ev, REAL *restrict out, int64_t ors) {
+    int64_t rv = FA_BLOCK_TRANSPOSE ? rows - rows % VLEN : 0, cv = ev - ev % VLEN;
+#if FA_BLOCK_TRANSPOSE
     typedef FA(uvec) UVEC;
-    int64_t rv = rows - rows % VLEN, cv = ev - ev % VLEN;
     VEC blk[VLEN];
     for (int64_t i0 = 0; i0 < rv; i0 += VLEN) {
         VEC inv;
@@ -493,6 +504,7 @@ static void FA(finalize)(const REAL *restrict OT, int64_t ldo, const REAL *restr
             for (int64_t r = 0; r < VLEN; r++) *(UVEC *)(out + (i0 + r) * ors + e0) = blk[r];
         }
     }
+#endif
     for (int64_t i = 0; i < rows; i++) {
         REAL *d = out + i * ors;
         /* a query that saw no key is 0 (not 0 * an inf or NaN value) */
