@@ -445,6 +445,8 @@ class _MultiHeadBase:
 
         # 1. projections, straight into the head-major blocks the kernel reads
         merged = None
+        src_k = q_in if self_attention else k_in
+        src_v = q_in if self_attention else v_in
         if cache is None:
             if self_attention and self.fused:
                 qkv, merged = self._buffers(B, Lq)
@@ -452,8 +454,6 @@ class _MultiHeadBase:
                               head_major=True)
                 q, k, v = qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:]
             else:
-                src_k = q_in if self_attention else k_in
-                src_v = q_in if self_attention else v_in
                 Lk_new = src_k.shape[1]
                 q = self._project(q_in.reshape(B * Lq, D), "q", D,
                                   np.empty((B, H, Lq, E), self.dtype), nt, head_major=True)
@@ -468,8 +468,6 @@ class _MultiHeadBase:
                 sl = self._slices()
                 q2, k2, v2 = qkv[:, sl["q"]], qkv[:, sl["k"]], qkv[:, sl["v"]]
             else:
-                src_k = q_in if self_attention else k_in
-                src_v = q_in if self_attention else v_in
                 q2 = self._project(q_in.reshape(B * Lq, D), "q", D, num_threads=nt)
                 k2 = self._project(src_k.reshape(B * Lq, src_k.shape[2]), "k", kv, num_threads=nt)
                 v2 = self._project(src_v.reshape(B * Lq, src_v.shape[2]), "v", kv, num_threads=nt)

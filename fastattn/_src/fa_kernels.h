@@ -38,17 +38,10 @@ static inline int64_t fa_col_off(const fa_out_layout *o, int64_t c) {
 #define IREAL int32_t
 #define FA(name) fa_##name##_f32
 #define FA_LOG2E 1.44269504088896341f
-#define FA_LN2_HI 0.693145751953125f
-#define FA_LN2_LO 1.428606765330187045e-06f
 #define FA_EXP_MAGIC 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer */
-#define FA_EXP_LO -88.0296919311f /* -127 ln2: 2^n assembles to exactly 0 */
 #define FA_VMAX(a, b) FA_MAX_PS(a, b)
 #define FA_EXP_BIAS 127
 #define FA_MANT_BITS 23
-#define FA_EXP_DEG 7
-static const float fa_exp_c_f32[8] = {1.0f, 1.0f, 1.0f / 2, 1.0f / 6, 1.0f / 24,
-                                      1.0f / 120, 1.0f / 720, 1.0f / 5040};
-#define FA_EXP_C fa_exp_c_f32
 #define FA_EXP2_LO -127.0f /* 2^n assembles to exactly 0 here */
 #define FA_EXP2_DEG 6
 /* 2^r on |r| <= 1/2, minimax for relative error (Lawson iteration, ~1e-8) */
@@ -61,15 +54,10 @@ static const float fa_exp2_c_f32[7] = {1.0f, 0.6931471824645996f, 0.240226462483
 #undef IREAL
 #undef FA
 #undef FA_LOG2E
-#undef FA_LN2_HI
-#undef FA_LN2_LO
 #undef FA_EXP_MAGIC
-#undef FA_EXP_LO
 #undef FA_VMAX
 #undef FA_EXP_BIAS
 #undef FA_MANT_BITS
-#undef FA_EXP_DEG
-#undef FA_EXP_C
 #undef FA_EXP2_LO
 #undef FA_EXP2_DEG
 #undef FA_EXP2_C
@@ -79,18 +67,10 @@ static const float fa_exp2_c_f32[7] = {1.0f, 0.6931471824645996f, 0.240226462483
 #define IREAL int64_t
 #define FA(name) fa_##name##_f64
 #define FA_LOG2E 1.4426950408889634
-#define FA_LN2_HI 6.93147180369123816490e-01
-#define FA_LN2_LO 1.90821492927058770002e-10
 #define FA_EXP_MAGIC 6755399441055744.0 /* 1.5 * 2^52 */
-#define FA_EXP_LO -709.089565712824  /* -1023 ln2: 2^n assembles to exactly 0 */
 #define FA_VMAX(a, b) FA_MAX_PD(a, b)
 #define FA_EXP_BIAS 1023
 #define FA_MANT_BITS 52
-#define FA_EXP_DEG 13
-static const double fa_exp_c_f64[14] = {
-    1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320,
-    1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0};
-#define FA_EXP_C fa_exp_c_f64
 #define FA_EXP2_LO -1023.0
 #define FA_EXP2_DEG 13
 /* 2^r on |r| <= 1/2: Taylor coefficients ln2^k / k! (truncation ~4e-18) */
@@ -105,15 +85,10 @@ static const double fa_exp2_c_f64[14] = {
 #undef IREAL
 #undef FA
 #undef FA_LOG2E
-#undef FA_LN2_HI
-#undef FA_LN2_LO
 #undef FA_EXP_MAGIC
-#undef FA_EXP_LO
 #undef FA_VMAX
 #undef FA_EXP_BIAS
 #undef FA_MANT_BITS
-#undef FA_EXP_DEG
-#undef FA_EXP_C
 #undef FA_EXP2_LO
 #undef FA_EXP2_DEG
 #undef FA_EXP2_C

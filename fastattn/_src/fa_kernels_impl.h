@@ -68,37 +68,10 @@ static inline REAL FA(hsum)(VEC v) {
 }
 
 /*
- * exp(x) lane-wise for x <= 0 (the softmax only exponentiates score - max):
- * x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), exp(r) by its
- * Taylor polynomial, 2^n assembled in the exponent bits.  x is first clamped
- * at FA_EXP_LO, where n reaches -bias and the assembled 2^n is exactly 0, so
- * exp(-inf) == 0 (and results below the smallest normal flush to 0) with no
- * select.  NaN stays NaN.  Relative error: ~1 ulp in float, ~2 ulp in double.
- */
-static inline VEC FA(vexp)(VEC x) {
-    VEC xc = FA(vmax)(FA(vsplat)(FA_EXP_LO), x);
-    const VEC magic = FA(vsplat)(FA_EXP_MAGIC);
-    VEC t = xc * FA(vsplat)(FA_LOG2E) + magic;
-    VEC kf = t - magic;
-    IVEC n = (IVEC)t - (IVEC)magic;
-    VEC r = xc - kf * FA(vsplat)(FA_LN2_HI);
-    r = r - kf * FA(vsplat)(FA_LN2_LO);
-    VEC p = FA(vsplat)(FA_EXP_C[FA_EXP_DEG]);
-    for (int d = FA_EXP_DEG - 1; d >= 0; d--) p = p * r + FA(vsplat)(FA_EXP_C[d]);
-    IVEC bits = (n + (IREAL)FA_EXP_BIAS) << FA_MANT_BITS;
-    return p * (VEC)bits;
-}
-
-/*
- * 2^y lane-wise for y <= 0.  The streaming softmax takes exp(s - m) as
- * 2^((s - m) log2 e): s - m is exact where it matters (s near m), and the
- * product has one relative rounding, so the weights are as accurate as with
- * exp.  Then no range reduction is left to do (r = y - round(y) is exact) and
- * the FMA pipes see the product, the polynomial and one multiply: eight
- * operations where exp(x) needs eleven, on the pipes the score and output
- * GEMMs need too.  Clamping at FA_EXP2_LO makes the assembled 2^n exactly 0,
- * so 2^-inf == 0 with no select; NaN stays NaN.  Relative error ~1 ulp in
- * float and double.
+ * 2^y lane-wise for y <= 0: no range reduction to do (r = y - round(y) is
+ * exact), a polynomial for 2^r, and 2^n assembled in the exponent bits.
+ * Clamping at FA_EXP2_LO makes the assembled 2^n exactly 0, so 2^-inf == 0
+ * with no select; NaN stays NaN.  Relative error ~1 ulp in float and double.
  */
 static inline VEC FA(vexp2)(VEC y) {
     VEC yc = FA(vmax)(FA(vsplat)(FA_EXP2_LO), y);
@@ -111,6 +84,15 @@ static inline VEC FA(vexp2)(VEC y) {
     IVEC bits = (n + (IREAL)FA_EXP_BIAS) << FA_MANT_BITS;
     return p * (VEC)bits;
 }
+
+/*
+ * exp(x) lane-wise for x <= 0 (the softmax only exponentiates score - max),
+ * as 2^(x log2 e): x = s - m is exact where it matters (s near m) and the
+ * product adds one relative rounding, so this is as accurate as a
+ * Cody-Waite exp, while the FMA pipes (which the score and output GEMMs need
+ * too) see eight operations per vector instead of eleven.
+ */
+static inline VEC FA(vexp)(VEC x) { return FA(vexp2)(x * FA(vsplat)(FA_LOG2E)); }
 
 /* GCC's two-source __builtin_shuffle makes the block transposes below; clang
  * has no such builtin (and its shufflevector wants literal indices), so a
@@ -363,8 +345,7 @@ static void FA(add_alibi)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t 
 /*
  * One step of the online softmax over a block of transposed scores ST
  * (nkeys rows, ncols query lanes, ncols a multiple of VLEN).  Per query lane:
- * new running max m, scores -> exp(score - m) in place (as a power of 2, see
- * vexp2), running sum l
+ * new running max m, scores -> exp(score - m) in place, running sum l
  * rescaled and extended, and the accumulated output O^T (ev rows) rescaled.
  * A lane that has seen only -inf keeps m = -inf and l = 0 and contributes
  * zeros (shift 0 instead of -inf - -inf), so fully masked queries end as 0.
@@ -387,11 +368,10 @@ static void FA(online_softmax)(REAL *restrict ST, int64_t lds, int64_t nkeys, in
         for (; j < nkeys; j++) mx = FA(vmax)(mx, *(const VEC *)(ST + j * lds + c));
         mx = FA(vmax)(FA(vmax)(mx, m1), FA(vmax)(m2, m3));
         VEC shift = FA(vselect)(mx == ninf, zero, mx);
-        const VEC log2e = FA(vsplat)(FA_LOG2E);
-        VEC corr = FA(vexp2)((*(VEC *)(m + c) - shift) * log2e);
+        VEC corr = FA(vexp)(*(VEC *)(m + c) - shift);
         VEC sum = zero;
         for (int64_t j = 0; j < nkeys; j++) {
-            VEC p = FA(vexp2)((*(VEC *)(ST + j * lds + c) - shift) * log2e);
+            VEC p = FA(vexp)(*(VEC *)(ST + j * lds + c) - shift);
             *(VEC *)(ST + j * lds + c) = p;
             sum += p;
         }
