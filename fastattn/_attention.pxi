@@ -426,6 +426,9 @@ cdef int _run(const Problem* P, int num_threads, floating* tag) noexcept nogil:
     cdef int* failed_flag = &failed  # shared: a plain int would be thread-private
     cdef int64_t w
     cdef floating* buf = NULL
+    # a thread with no tile would only be woken, allocate and wait
+    if n_work < num_threads:
+        num_threads = <int>max(n_work, <int64_t>1)
     with parallel(num_threads=num_threads):
         buf = <floating*>fa_aligned_alloc(_scratch_elems(P) * sizeof(floating))
         if buf == NULL:
@@ -508,26 +511,35 @@ def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double 
     cdef Problem P
     cdef list keep = []
     cdef cnp.ndarray slope_arr
-    cdef int nlead = q.ndim - 3
-    cdef int rc
+    # the checks read shapes, strides and dtypes through the C API: as Python
+    # attribute reads they cost microseconds per call, on every forward
+    cdef cnp.ndarray Q = <cnp.ndarray?>q, K = <cnp.ndarray?>k, V = <cnp.ndarray?>v
+    cdef cnp.ndarray O = <cnp.ndarray?>out
+    cdef cnp.ndarray A
+    cdef int nlead = cnp.PyArray_NDIM(Q) - 3
+    cdef int rc, d, typ = cnp.PyArray_TYPE(Q)
+    cdef cnp.npy_intp* qdims = cnp.PyArray_DIMS(Q)
     memset(&P, 0, sizeof(Problem))
-    if q.dtype != k.dtype or q.dtype != v.dtype or q.dtype != out.dtype:
+    if nlead < 0:
+        raise ValueError("kernel operands need at least 3 axes")
+    if cnp.PyArray_TYPE(K) != typ or cnp.PyArray_TYPE(V) != typ or cnp.PyArray_TYPE(O) != typ:
         raise TypeError("kernel operands must share one dtype")
-    if not (q.dtype == np.float32 or q.dtype == np.float64):
+    if typ != cnp.NPY_FLOAT32 and typ != cnp.NPY_FLOAT64:
         raise TypeError(f"kernel dtype must be float32 or float64, got {q.dtype}")
     if block_q < 1 or block_k < 1 or num_threads < 1:
         raise ValueError("block sizes and thread count must be positive")
-    _fill(&P.q, q, nlead, keep)
-    _fill(&P.k, k, nlead, keep)
-    _fill(&P.v, v, nlead, keep)
-    _fill(&P.out, out, nlead, keep)
-    for arr in (k, v, out):
-        if arr.ndim != q.ndim or arr.shape[:nlead] != q.shape[:nlead]:
-            raise ValueError("kernel operands must share their leading axes")
-    for arr in (q, k, v, out):
+    _fill(&P.q, Q, nlead, keep)
+    _fill(&P.k, K, nlead, keep)
+    _fill(&P.v, V, nlead, keep)
+    _fill(&P.out, O, nlead, keep)
+    for A in (K, V, O):
+        for d in range(nlead):
+            if cnp.PyArray_DIMS(A)[d] != qdims[d]:
+                raise ValueError("kernel operands must share their leading axes")
+    for A in (Q, K, V, O):
         # the kernels step through the last axis one element at a time
-        # (wraparound is off in this module: no negative indices)
-        if arr.size and arr.shape[nlead + 2] > 1 and arr.strides[nlead + 2] != arr.itemsize:
+        if (cnp.PyArray_SIZE(A) and cnp.PyArray_DIMS(A)[nlead + 2] > 1
+                and cnp.PyArray_STRIDES(A)[nlead + 2] != cnp.PyArray_ITEMSIZE(A)):
             raise ValueError("kernel operands need a unit stride on their last axis")
     P.has_weights = _fill(&P.weights, weights, nlead, keep)
     P.has_bmask1 = _fill(&P.bmask1, bmask1, nlead, keep)
@@ -535,24 +547,26 @@ def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double 
     P.has_fmask = _fill(&P.fmask, fmask, nlead, keep)
     P.lead_count = 1
     for d in range(nlead):
-        P.lead_count *= q.shape[d]
-    P.heads = q.shape[nlead]
-    P.len_q = q.shape[nlead + 1]
-    P.dim = q.shape[nlead + 2]
-    P.len_k = k.shape[nlead + 1]
-    P.dim_v = v.shape[nlead + 2]
-    if P.heads == 0 or out.size == 0 and weights is None:
+        P.lead_count *= qdims[d]
+    P.heads = qdims[nlead]
+    P.len_q = qdims[nlead + 1]
+    P.dim = qdims[nlead + 2]
+    P.len_k = cnp.PyArray_DIMS(K)[nlead + 1]
+    P.dim_v = cnp.PyArray_DIMS(V)[nlead + 2]
+    cdef int64_t kv_heads = cnp.PyArray_DIMS(K)[nlead]
+    if P.heads == 0 or cnp.PyArray_SIZE(O) == 0 and weights is None:
         return  # nothing to compute
-    if (k.shape[nlead] < 1 or P.heads % k.shape[nlead] or v.shape[nlead] != k.shape[nlead]
-            or k.shape[nlead + 2] != P.dim or v.shape[nlead + 1] != P.len_k
-            or out.shape[nlead:] != (P.heads, P.len_q, P.dim_v)):
+    if (kv_heads < 1 or P.heads % kv_heads or cnp.PyArray_DIMS(V)[nlead] != kv_heads
+            or cnp.PyArray_DIMS(K)[nlead + 2] != P.dim or cnp.PyArray_DIMS(V)[nlead + 1] != P.len_k
+            or cnp.PyArray_DIMS(O)[nlead] != P.heads or cnp.PyArray_DIMS(O)[nlead + 1] != P.len_q
+            or cnp.PyArray_DIMS(O)[nlead + 2] != P.dim_v):
         raise ValueError("kernel operand shapes disagree")
     for arr in (weights, bmask1, bmask2, fmask):
         if arr is not None and arr.shape != q.shape[:nlead] + (P.heads, P.len_q, P.len_k):
             raise ValueError("kernel weights/mask shape disagrees")
     if fmask is not None and fmask.dtype != q.dtype:
         raise TypeError("kernel float mask must have the operands' dtype")
-    P.kv_group = P.heads // k.shape[nlead]
+    P.kv_group = P.heads // kv_heads
     P.causal = causal
     P.causal_offset = P.len_k - P.len_q
     P.band_left = BAND_OPEN
@@ -576,7 +590,7 @@ def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double 
     P.scale = scale
     if P.lead_count == 0 or P.heads == 0 or P.len_q == 0 or (P.dim_v == 0 and not P.has_weights):
         return
-    if q.dtype == np.float32:
+    if typ == cnp.NPY_FLOAT32:
         _setup_blocks(&P, block_q, block_k, <float*>NULL)
     else:
         _setup_blocks(&P, block_q, block_k, <double*>NULL)
@@ -593,7 +607,7 @@ def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double 
                          dtype=q.dtype)
         keep.append(parts)
         P.parts = <char*>cnp.PyArray_DATA(parts)
-    if q.dtype == np.float32:
+    if typ == cnp.NPY_FLOAT32:
         with nogil:
             rc = _run(&P, num_threads, <float*>NULL)
     else:
