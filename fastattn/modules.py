@@ -4,10 +4,10 @@ Both classes share one implementation (:class:`_MultiHeadBase`).  A forward
 pass, in order:
 
 1. the projections: for self-attention one GEMM projects x to Q, K and V
-   together into a (B*N, D + 2*Dkv) buffer; cross-attention projects query,
-   key and value separately;
-2. Q, K and V are strided *views* of those buffers with shape (B, heads, L, E)
-   (or of the KV cache): the kernel reads them in place, no per-head copies;
+   together, writing a head-major (B, H + 2*Hkv, N, E) buffer; cross-attention
+   projects query, key and value separately, also head-major;
+2. Q, K and V are views of those buffers with shape (B, heads, L, E) (or of
+   the KV cache): the kernel reads them in place, no per-head copies;
 3. the kernel writes its output straight into a (B, Lq, H*E) buffer (the
    merged-heads layout), so no transpose follows;
 4. one GEMM applies the output projection.
@@ -33,6 +33,9 @@ from . import interop, threads
 from ._dispatch import kernels
 from .cache import KVCache
 from .functional import (
+    _CHECK_MEMORY_ABOVE,
+    BLOCK_K,
+    BLOCK_Q,
     _shape_str,
     as_float_array,
     attention_into,
@@ -235,7 +238,53 @@ class _MultiHeadBase:
                 np.empty((B * L, self.embed_dim), dtype=self.dtype),
             )
             ws.bufs = bufs
+            ws.plan = None  # it holds the old buffers
         return bufs
+
+    def _plain_forward(self, x) -> Optional[np.ndarray]:
+        """m(x) with no options, on a C-contiguous (B, N, D) array of the module's
+        dtype: the three kernel calls and little else, or None (then _forward,
+        which handles every other case and every error, takes the call).
+
+        A plan per calling thread keeps what depends only on the shape, the
+        thread count and the packed weights (buffers, head views, weights), so
+        a call's Python work is a few checks: at the small preset that work
+        (tens of microseconds with the caches cold after the GEMMs) was a
+        visible part of a millisecond call.
+        """
+        if (type(x) is not np.ndarray or x.dtype != self.dtype or x.ndim != 3
+                or not self.fused or not x.flags.c_contiguous or not x.flags.aligned):
+            return None
+        B, N, D = x.shape
+        if D != self.embed_dim or B * N == 0:
+            return None
+        nt = threads.get_num_threads()
+        ws = self._workspace
+        plan = getattr(ws, "plan", None)
+        if plan is None or plan[0] != (B, N, nt) or plan[1] is not self._packed:
+            if B * N * 3 * (D + self.kv_dim) * self.dtype.itemsize >= _CHECK_MEMORY_ABOVE:
+                return None  # large: _forward checks the memory first
+            plan = ws.plan = self._plain_plan(B, N, nt)
+        (_, _, n_qkv, wq, bq, wo, bo, qkv, merged, q, k, v, out, scale) = plan
+        kernels.linear(x.reshape(B * N, D), wq, bq, n_qkv, qkv, nt, True)
+        kernels.attention(q, k, v, out, None, None, None, None, False, scale, BLOCK_Q, BLOCK_K,
+                          nt)
+        y = np.empty((B * N, D), dtype=self.dtype)
+        kernels.linear(merged, wo, bo, D, y, nt)
+        return y.reshape(B, N, D)
+
+    def _plain_plan(self, B: int, N: int, nt: int) -> tuple:
+        H, Hkv, E = self.num_heads, self.num_kv_heads, self.head_dim
+        # taken before packing: should the weights change meanwhile, the plan
+        # names a dict that is no longer current, and the next call plans again
+        packed = self._packed
+        wq, bq = self._packed_weight("qkv")
+        wo, bo = self._packed_weight("o")
+        qkv, merged = self._buffers(B, N)
+        out = merged.reshape(B, N, H, E).transpose(0, 2, 1, 3)
+        return ((B, N, nt), packed, self.embed_dim + 2 * self.kv_dim, wq, bq, wo, bo, qkv,
+                merged, qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:], out,
+                1.0 / math.sqrt(E))
 
     def reset_parameters(self, seed: Union[None, int, np.random.Generator] = None) -> None:
         """Draw fresh weights like ``torch.nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -667,6 +716,12 @@ class MultiHeadSelfAttention(_MultiHeadBase):
                 "MultiHeadSelfAttention takes one input, m(x); for torch-style m(query, key, "
                 "value) use fastattn.MultiHeadAttention (other options are keyword-only)"
             )
+        if (attn_mask is None and key_padding_mask is None and is_causal is False
+                and need_weights is False and average_attn_weights is True and cache is None
+                and window is None and alibi is False and alibi_slopes is None):
+            y = self._plain_forward(x)
+            if y is not None:
+                return y
         return self._forward(
             x, None, None, self_attention=True, attn_mask=attn_mask,
             key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=need_weights,

@@ -124,6 +124,50 @@ def test_forward_matches_reference(rng, B, N, D, H, kv, bias, dtype):
     check_module(m, x, is_causal=True)
 
 
+def _took_plain_path(m):
+    return getattr(m._workspace, "plan", None) is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,N,D,H,kv", [(2, 7, 32, 4, None), (3, 33, 64, 8, 2), (1, 130, 64, 2, 1)])
+def test_plain_call_is_the_general_forward(rng, B, N, D, H, kv, dtype):
+    # m(x) with no options takes a short path; any option (here an explicit
+    # numpy False, which the short path does not accept) takes the general one:
+    # the same kernels, so the same bits
+    m = MHSA(D, H, num_kv_heads=kv, dtype=dtype, seed=3)
+    x = randn(rng, (B, N, D), dtype)
+    y = m(x)
+    assert _took_plain_path(m)
+    np.testing.assert_array_equal(y, m(x, is_causal=np.False_))
+    np.testing.assert_allclose(y, ref_forward(m, x)[0], **mod_tol(dtype))
+
+
+def test_plain_call_follows_weights_shapes_and_threads(rng):
+    m = MHSA(32, 4, seed=1)
+    x = randn(rng, (2, 9, 32))
+    y0 = m(x)
+    # a weight change (assignment, state dict, re-initialisation) is seen
+    m.w_q = randn(rng, (32, 32))
+    np.testing.assert_allclose(m(x), ref_forward(m, x)[0], **mod_tol(np.float32))
+    m.load_state_dict({**m.state_dict(), "w_o": randn(rng, (32, 32))})
+    np.testing.assert_allclose(m(x), ref_forward(m, x)[0], **mod_tol(np.float32))
+    m.reset_parameters(1)
+    np.testing.assert_array_equal(m(x), y0)
+    # another shape, back again, another thread count: each output its own array
+    x2 = randn(rng, (1, 17, 32))
+    y2 = m(x2)
+    np.testing.assert_allclose(y2, ref_forward(m, x2)[0], **mod_tol(np.float32))
+    keep = y2.copy()
+    old = fastattn.get_num_threads()
+    try:
+        fastattn.set_num_threads(1)
+        np.testing.assert_array_equal(m(x), y0)
+    finally:
+        fastattn.set_num_threads(old)
+    np.testing.assert_array_equal(y2, keep)
+    assert m(x2) is not y2
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_unbatched_input(rng, dtype):
     m = MHSA(32, 4, dtype=dtype, seed=1)
