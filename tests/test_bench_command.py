@@ -1,0 +1,88 @@
+"""The benchmark harness behind `python -m fastattn bench` (not its timings)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastattn
+from fastattn import benchmark
+
+
+def test_python_overhead_times_the_module_own_work():
+    from fastattn import _dispatch, functional, modules
+
+    calls = []
+    us = benchmark.python_overhead_us(rounds=20, calls=calls)
+    # one forward = QKV projection, attention kernel, output projection, all
+    # seen (so their time was subtracted), and the kernels are put back
+    assert calls == ["linear", "attention", "linear"]
+    assert modules.kernels is _dispatch.kernels and functional.kernels is _dispatch.kernels
+    # a small positive figure: far below a call's own time (milliseconds)
+    assert 0 < us < 1000
+
+
+def test_flops_formula():
+    B, N, D, H = benchmark.PRESETS["bert"]
+    assert benchmark.flops("bert", "core") == 4 * B * N * N * D
+    assert benchmark.flops("bert", "full") == 4 * B * N * N * D + 8 * B * N * D * D
+    B, N, D, H = benchmark.PRESETS["decode"]
+    assert benchmark.flops("decode", "core") == 4 * B * 1 * N * D
+
+
+def test_time_interleaved_rotates_and_times_every_round():
+    calls = []
+    impls = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = benchmark.time_interleaved(impls, rounds=4, pause_s=0.0, burst_s=0.0)
+    assert set(times) == {"a", "b", "c"}
+    assert all(len(t) == 4 and all(s >= 0 for s in t) for t in times.values())
+    # each turn: one untimed call then a burst of one; rounds start one later
+    firsts = []
+    seq = calls[6:]  # after the two warm-up calls of each
+    for r in range(4):
+        turn = seq[r * 6:(r + 1) * 6]
+        firsts.append(turn[0])
+    assert firsts == ["a", "b", "c", "a"]
+
+
+def test_disagreeing_peer_is_refused():
+    expected = np.ones((2, 3), np.float32)
+    benchmark._check("ok", expected + 1e-6, expected)
+    with pytest.raises(AssertionError, match="disagrees"):
+        benchmark._check("bad", expected * 1.01, expected)
+    with pytest.raises(AssertionError, match="disagrees"):
+        benchmark._check("nan", np.full((2, 3), np.nan, np.float32), expected)
+
+
+def _bench(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fastattn", "bench", "--no-progress", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_command_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = _bench("--shapes", "small", "--parts", "core", "--rounds", "2", "--threads", "1",
+               "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ratio" in r.stdout and "fastattn" in r.stdout and "numpy" in r.stdout
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    impls = {row["impl"] for row in rows}
+    assert {"fastattn", "numpy"} <= impls
+    for row in rows:
+        assert row["shape"] == "small" and row["part"] == "core"
+        assert len(row["times_ms"]) == 2
+        assert row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["gflops"] == pytest.approx(
+            benchmark.flops("small", "core") / row["median_ms"] / 1e6)
+    fast = next(row for row in rows if row["impl"] == "fastattn")
+    best = min(row["median_ms"] for row in rows if row["impl"] != "fastattn")
+    assert fast["ratio"] == pytest.approx(best / fast["median_ms"])
+    assert data["threads"] == 1 and data["numpy_sgemm_gflops"] > 0
+
+
+def test_bench_command_rejects_unknown_shape():
+    r = _bench("--shapes", "small,huge", timeout=60)
+    assert r.returncode == 2
+    assert "huge" in r.stderr
