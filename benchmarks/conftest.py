@@ -1,14 +1,28 @@
-"""Options for the pytest-benchmark suites: which presets to run."""
+"""Options for the pytest-benchmark suites: which presets to run (default: all;
+``--presets small`` for a quick look), and NumPy's BLAS held to fastattn's
+thread count, as the bench command holds it."""
 
 import pytest
 
-from fastattn.benchmark import PRESETS
+import fastattn
+from fastattn.benchmark import DEFAULT_SHAPES, PRESETS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _blas_threads():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # the numpy peer then uses its BLAS's own default
+        yield
+        return
+    with threadpool_limits(limits=fastattn.get_num_threads(), user_api="blas"):
+        yield
 
 
 def pytest_addoption(parser):
     parser.addoption(
         "--presets",
-        default="small,bert,decode",
+        default=",".join(DEFAULT_SHAPES),
         help="comma-separated presets to benchmark (of: " + ", ".join(PRESETS) + ")",
     )
 

@@ -2,11 +2,13 @@
 attention core, fastattn and every peer installed here, on the same inputs.
 
 Run: ``pytest benchmarks/ --benchmark-only [--presets small,bert,long,wide,decode]``
+(all presets by default; a few minutes, most of it the NumPy peer at long)
 (group = preset and part; compare the rows of a group).  Each peer is checked
 against fastattn before it is timed.  ``python -m fastattn bench`` measures the
 same cases in interleaved rounds and prints ratios.
 """
 
+import functools
 import time
 
 import numpy as np
@@ -20,8 +22,15 @@ FULL_IMPLS = ("fastattn",) + peers.FULL_PEERS
 CORE_IMPLS = ("fastattn",) + peers.CORE_PEERS
 
 
+@functools.lru_cache(maxsize=2)
+def _cases(preset, part, num_threads):
+    # built (and every peer checked against fastattn) once per preset and part,
+    # not once per implementation
+    return build_cases(preset, num_threads, (part,))[0]
+
+
 def _case(preset, part, impl):
-    cases, _ = build_cases(preset, fastattn.get_num_threads(), (part,))
+    cases = _cases(preset, part, fastattn.get_num_threads())
     if impl not in cases[part]:
         pytest.skip(f"{impl} is not installed")
     return cases[part][impl]

@@ -69,33 +69,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from . import benchmark
-
+def _bench_args_error(args: argparse.Namespace, known_shapes) -> Optional[str]:
     shapes = [s for s in args.shapes.split(",") if s]
-    unknown = [s for s in shapes if s not in benchmark.PRESETS]
-    if unknown:
-        print(f"unknown shapes {unknown}; known: {', '.join(benchmark.PRESETS)}", file=sys.stderr)
-        return 2
+    unknown = [s for s in shapes if s not in known_shapes]
+    if not shapes or unknown:
+        return f"--shapes: unknown {unknown or 'empty list'}; known: {', '.join(known_shapes)}"
     parts = [p for p in args.parts.split(",") if p]
-    rows, notes = benchmark.run(shapes, threads=args.threads, rounds=args.rounds, parts=parts,
-                                progress=not args.no_progress)
-    from . import get_num_threads, info
+    bad = [p for p in parts if p not in ("full", "core")]
+    if not parts or bad:
+        return f"--parts: expected full and/or core, got {args.parts!r}"
+    if args.rounds < 1:
+        return f"--rounds: expected a positive count, got {args.rounds}"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads: expected a positive count, got {args.threads}"
+    return None
 
-    threads = args.threads or get_num_threads()
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import benchmark, get_num_threads, info, set_num_threads
+
+    error = _bench_args_error(args, benchmark.PRESETS)
+    if error:
+        print(error, file=sys.stderr)
+        return 2
+    shapes = [s for s in args.shapes.split(",") if s]
+    parts = [p for p in args.parts.split(",") if p]
+    # one thread count for everything the command measures (and reports)
+    old = get_num_threads()
+    if args.threads:
+        set_num_threads(args.threads)
+    try:
+        return _bench(args, benchmark, shapes, parts, get_num_threads(), info())
+    finally:
+        set_num_threads(old)
+
+
+def _bench(args, benchmark, shapes, parts, threads, info) -> int:
+    rows, notes = benchmark.run(shapes, threads=threads, rounds=args.rounds, parts=parts,
+                                progress=not args.no_progress)
     print(benchmark.format_table(rows, threads))
     for note in notes:
         print(f"note: {note}")
-    extra = {"threads": threads, "info": info()}
-    sgemm = benchmark.numpy_sgemm_gflops(threads)
+    extra = {"threads": threads, "info": info, "command": "python -m fastattn " +
+             " ".join(sys.argv[1:] if args.argv is None else args.argv)}
+    sgemm, held = benchmark.numpy_sgemm_gflops(threads)
     extra["numpy_sgemm_gflops"] = sgemm
-    print(f"NumPy float32 matmul 2048^3 at {threads} threads: {sgemm:.1f} GFLOP/s")
+    print(f"NumPy float32 matmul 2048^3 at {threads} threads: {sgemm:.1f} GFLOP/s"
+          + ("" if held else " (NumPy's BLAS not held to that count: threadpoolctl is missing)"))
     for r in rows:
         if r.impl == "fastattn" and r.part == "core" and r.shape != "decode":
             print(f"  fastattn core at {r.shape}: {r.gflops:.1f} GFLOP/s = "
                   f"{100 * r.gflops / sgemm:.0f}% of it")
     if args.memory:
-        mem = benchmark.peak_memory()
+        mem = benchmark.peak_memory(num_threads=threads)
         extra["memory"] = mem
         print(f"peak memory of a forward at {tuple(mem['shape'])}: "
               f"+{mem['traced_peak'] / 2**20:.0f} MiB of arrays (RSS +{mem['growth'] / 2**20:.0f} MiB), "
@@ -185,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

@@ -83,6 +83,8 @@ def build_cases(shape: str, num_threads: int, parts: Sequence[str]):
             _check(f"{shape} full {name}", fn(), expected)
         cases["full"] = {"fastattn": lambda: m(x), **built}
         notes += [f"{shape} full: {s}" for s in skipped]
+    elif "full" in parts:
+        notes.append(f"{shape} full: not run (one query over cached keys: the core is the case)")
     if "core" in parts:
         E = D // H
         Lq = 1 if shape == "decode" else N
@@ -233,10 +235,12 @@ def plot(rows: Sequence[Row], path: str) -> bool:
     return True
 
 
-def peak_memory(shape: Tuple[int, int, int, int] = (1, 16384, 512, 8)) -> Dict[str, float]:
+def peak_memory(shape: Tuple[int, int, int, int] = (1, 16384, 512, 8),
+                num_threads: Optional[int] = None) -> Dict[str, float]:
     """Peak memory of one module forward, against the bytes it must hold anyway.
 
-    Runs in a fresh interpreter so that earlier allocations do not hide the peak.
+    Runs in a fresh interpreter (with ``num_threads``, default: this one's
+    count) so that earlier allocations do not hide the peak.
     """
     import subprocess
 
@@ -254,6 +258,7 @@ def hwm():
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 B, N, D, H = {shape!r}
+fastattn.set_num_threads({num_threads or get_num_threads()})
 m = fastattn.MultiHeadSelfAttention(D, H, seed=0)
 x = np.random.default_rng(0).standard_normal((B, N, D), dtype=np.float32)
 m(x[:, :8])  # load the kernels, pack the weights
@@ -272,6 +277,7 @@ print(json.dumps({{"growth": after - before, "traced_peak": traced,
     # for arrays; RSS growth also sees the kernels' (small) scratch
     data["ratio"] = max(data["growth"], data["traced_peak"]) / data["io_qkv"]
     data["shape"] = list(shape)
+    data["num_threads"] = num_threads or get_num_threads()
     return data
 
 
@@ -339,9 +345,9 @@ def python_overhead_us(rounds: int = 200, shape: Optional[Tuple[int, int, int, i
     return 1e6 * float(np.median(own))
 
 
-def numpy_sgemm_gflops(num_threads: int, n: int = 2048, rounds: int = 5) -> float:
-    """GFLOP/s of NumPy's float32 matmul of n x n matrices (its BLAS held to
-    ``num_threads`` when threadpoolctl is installed): the yardstick for the core."""
+def numpy_sgemm_gflops(num_threads: int, n: int = 2048, rounds: int = 5) -> Tuple[float, bool]:
+    """GFLOP/s of NumPy's float32 matmul of n x n matrices, the yardstick for the
+    core; and whether its BLAS was held to ``num_threads`` (needs threadpoolctl)."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
@@ -353,7 +359,7 @@ def numpy_sgemm_gflops(num_threads: int, n: int = 2048, rounds: int = 5) -> floa
     finally:
         if limit is not None:
             limit.restore_original_limits()
-    return 2.0 * n ** 3 / float(np.median(times["sgemm"])) / 1e9
+    return 2.0 * n ** 3 / float(np.median(times["sgemm"])) / 1e9, limit is not None
 
 
 def rows_to_json(rows: Sequence[Row], notes: Sequence[str], extra: dict) -> str:

@@ -80,9 +80,26 @@ def test_bench_command_table_and_json(tmp_path):
     best = min(row["median_ms"] for row in rows if row["impl"] != "fastattn")
     assert fast["ratio"] == pytest.approx(best / fast["median_ms"])
     assert data["threads"] == 1 and data["numpy_sgemm_gflops"] > 0
+    # everything in the report ran at the command's thread count
+    assert data["info"]["num_threads"] == 1
+    assert data["command"].startswith("python -m fastattn bench")
 
 
-def test_bench_command_rejects_unknown_shape():
-    r = _bench("--shapes", "small,huge", timeout=60)
+def test_bench_command_notes_decode_has_no_full_forward():
+    r = _bench("--shapes", "decode", "--rounds", "1", "--threads", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "decode full: not run" in r.stdout
+    assert "decode   core  fastattn" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--shapes", "small,huge"), "--shapes"),
+    (("--shapes", ","), "--shapes"),
+    (("--parts", "foo"), "--parts"),
+    (("--rounds", "0"), "--rounds"),
+    (("--threads", "-1"), "--threads"),
+])
+def test_bench_command_rejects_bad_arguments(args, needle):
+    r = _bench(*args, timeout=60)
     assert r.returncode == 2
-    assert "huge" in r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
