@@ -135,6 +135,7 @@ cdef struct Problem:
     int64_t lanes               # query columns of the transposed tiles (block_q rounded to NR)
     int64_t tail_len            # elements of the gemm tail-panel scratch
     bint row_mode               # few queries: one row at a time (see _row_tile)
+    bint is_f32                 # float32 operands (else float64)
     int64_t keys_pad, dimv_pad  # row mode: block_k and dim_v rounded to NR
     double scale
 
@@ -510,6 +511,29 @@ def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double 
     """
     cdef Problem P
     cdef list keep = []
+    cdef int rc
+    if not _attention_setup(&P, keep, q, k, v, out, weights, bmask1, bmask2, fmask, causal,
+                            scale, block_q, block_k, num_threads, window, slopes):
+        return
+    with nogil:
+        rc = _attention_run(&P, num_threads)
+    if rc != 0:
+        raise MemoryError("could not allocate the attention kernel's scratch buffers")
+
+
+cdef int _attention_run(const Problem* P, int num_threads) noexcept nogil:
+    """Runs a set-up problem; 0, or -1 when a thread's scratch could not be had."""
+    if P.is_f32:
+        return _run(P, num_threads, <float*>NULL)
+    return _run(P, num_threads, <double*>NULL)
+
+
+cdef bint _attention_setup(Problem* P_, list keep, q, k, v, out, weights, bmask1, bmask2,
+                           fmask, bint causal, double scale, Py_ssize_t block_q,
+                           Py_ssize_t block_k, int num_threads, window, slopes) except -1:
+    """Validates the operands and fills P_ (arrays it points into go to `keep`);
+    False when there is nothing to compute."""
+    cdef Problem P
     cdef cnp.ndarray slope_arr
     # the checks read shapes, strides and dtypes through the C API: as Python
     # attribute reads they cost microseconds per call, on every forward
@@ -517,7 +541,7 @@ def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double 
     cdef cnp.ndarray O = <cnp.ndarray?>out
     cdef cnp.ndarray A
     cdef int nlead = cnp.PyArray_NDIM(Q) - 3
-    cdef int rc, d, typ = cnp.PyArray_TYPE(Q)
+    cdef int d, typ = cnp.PyArray_TYPE(Q)
     cdef cnp.npy_intp* qdims = cnp.PyArray_DIMS(Q)
     memset(&P, 0, sizeof(Problem))
     if nlead < 0:
@@ -555,7 +579,7 @@ def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double 
     P.dim_v = cnp.PyArray_DIMS(V)[nlead + 2]
     cdef int64_t kv_heads = cnp.PyArray_DIMS(K)[nlead]
     if P.heads == 0 or cnp.PyArray_SIZE(O) == 0 and weights is None:
-        return  # nothing to compute
+        return False  # nothing to compute
     if (kv_heads < 1 or P.heads % kv_heads or cnp.PyArray_DIMS(V)[nlead] != kv_heads
             or cnp.PyArray_DIMS(K)[nlead + 2] != P.dim or cnp.PyArray_DIMS(V)[nlead + 1] != P.len_k
             or cnp.PyArray_DIMS(O)[nlead] != P.heads or cnp.PyArray_DIMS(O)[nlead + 1] != P.len_q
@@ -589,7 +613,8 @@ def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double 
         P.slopes = <const double*>cnp.PyArray_DATA(slope_arr)
     P.scale = scale
     if P.lead_count == 0 or P.heads == 0 or P.len_q == 0 or (P.dim_v == 0 and not P.has_weights):
-        return
+        return False
+    P.is_f32 = typ == cnp.NPY_FLOAT32
     if typ == cnp.NPY_FLOAT32:
         _setup_blocks(&P, block_q, block_k, <float*>NULL)
     else:
@@ -607,14 +632,8 @@ def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double 
                          dtype=q.dtype)
         keep.append(parts)
         P.parts = <char*>cnp.PyArray_DATA(parts)
-    if typ == cnp.NPY_FLOAT32:
-        with nogil:
-            rc = _run(&P, num_threads, <float*>NULL)
-    else:
-        with nogil:
-            rc = _run(&P, num_threads, <double*>NULL)
-    if rc != 0:
-        raise MemoryError("could not allocate the attention kernel's scratch buffers")
+    P_[0] = P
+    return True
 
 
 cdef void _setup_blocks(Problem* P, int64_t block_q, int64_t block_k,
@@ -706,6 +725,27 @@ def linear(x, packed, bias, Py_ssize_t n_out, out, int num_threads, bint head_ma
     product lands at out[b, g, n, e], so each head's rows are contiguous for
     the attention kernel (no transposing copy, no strided K/V reads).
     """
+    cdef LinearJob J
+    cdef int rc
+    if not _linear_setup(&J, x, packed, bias, n_out, out, head_major):
+        return out
+    with nogil:
+        rc = _linear_job_run(&J, num_threads)
+    if rc != 0:
+        raise MemoryError("could not allocate the projection's scratch buffers")
+    return out
+
+
+cdef int _linear_job_run(const LinearJob* J, int num_threads) noexcept nogil:
+    if J.is_f32:
+        return _linear_run(J, num_threads, <float*>NULL)
+    return _linear_run(J, num_threads, <double*>NULL)
+
+
+cdef bint _linear_setup(LinearJob* J_, x, packed, bias, Py_ssize_t n_out, out,
+                        bint head_major) except -1:
+    """Validates the operands of :func:`linear` and fills J_; False when the
+    product was trivial and is already written (no rows, no columns, k == 0)."""
     cdef cnp.ndarray X = <cnp.ndarray?>x, Y = <cnp.ndarray?>out, Wp = <cnp.ndarray?>packed
     cdef cnp.ndarray Bp
     if head_major:
@@ -720,7 +760,7 @@ def linear(x, packed, bias, Py_ssize_t n_out, out, int num_threads, bint head_ma
     cdef int64_t isz = X.itemsize
     cdef int64_t m = X.shape[0], k = X.shape[1]
     if m == 0 or n_out == 0:
-        return out  # (empty arrays may carry any strides)
+        return False  # (empty arrays may carry any strides)
     if (X.strides[1] != isz and k > 1) or (not head_major and Y.strides[1] != isz and n_out > 1):
         raise ValueError("linear: x and out need a unit stride on their last axis")
     if X.strides[0] % isz or (not head_major and Y.strides[0] % isz):
@@ -745,8 +785,9 @@ def linear(x, packed, bias, Py_ssize_t n_out, out, int num_threads, bint head_ma
             out[...] = bias[:n_out].reshape(Y.shape[1], 1, Y.shape[3])
         else:
             out[...] = bias[:n_out]
-        return out
+        return False
     cdef LinearJob J
+    J.is_f32 = X.dtype == np.float32
     J.x = <char*>cnp.PyArray_DATA(X)
     J.ldx = X.strides[0] // isz
     J.y = <char*>cnp.PyArray_DATA(Y)
@@ -771,16 +812,8 @@ def linear(x, packed, bias, Py_ssize_t n_out, out, int num_threads, bint head_ma
     J.kc = k if k <= 1024 else 512
     J.row_blocks = (m + LINEAR_ROWS - 1) // LINEAR_ROWS
     J.panel_blocks = (J.panels + LINEAR_PANELS - 1) // LINEAR_PANELS
-    cdef int rc
-    if X.dtype == np.float32:
-        with nogil:
-            rc = _linear_run(&J, num_threads, <float*>NULL)
-    else:
-        with nogil:
-            rc = _linear_run(&J, num_threads, <double*>NULL)
-    if rc != 0:
-        raise MemoryError("could not allocate the projection's scratch buffers")
-    return out
+    J_[0] = J
+    return True
 
 
 cdef struct LinearJob:
@@ -790,6 +823,7 @@ cdef struct LinearJob:
     char* bias
     fa_out_layout lay
     int64_t ldx, m, k, n_out, panels, kc, row_blocks, panel_blocks
+    bint is_f32
 
 
 cdef int _linear_run(const LinearJob* J, int num_threads, floating* tag) noexcept nogil:
@@ -825,3 +859,112 @@ cdef int _linear_run(const LinearJob* J, int num_threads, floating* tag) noexcep
                                         q0, q1, <double*>J.y, &J.lay, J.kc, buf)
         free(buf)
     return -1 if failed else 0
+
+
+# ---- one self-attention forward, prepared once per shape -------------------
+
+from cpython.pythread cimport PyThread_get_thread_ident
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+
+cdef inline double _seconds() noexcept nogil:
+    # a C clock: Python's perf_counter, called from here, cost microseconds
+    # with the interpreter's code evicted by the kernels
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return t.tv_sec + 1e-9 * t.tv_nsec
+
+
+cdef class ForwardPlan:
+    """The three kernel calls of a self-attention forward (Q/K/V projection,
+    attention, output projection) for one shape, checked and laid out once.
+
+    A call then only checks the input and runs: at the small preset the
+    Python between separate kernel calls cost tens of microseconds, its code
+    and data evicted from the caches by the GEMMs before it.  The buffers
+    (head-major qkv, merged heads) and packed weights are the caller's; the
+    plan keeps them alive.  Not for concurrent use: one plan per thread.
+    """
+    cdef LinearJob j_in, j_out
+    cdef Problem P
+    cdef list keep
+    cdef object packed           # the module's packed-weights dict the plan was made from
+    cdef unsigned long owner     # the thread that made it
+    cdef int num_threads, typ
+    cdef cnp.npy_intp dims[3]
+    cdef readonly double kernel_seconds
+    """Seconds the last :meth:`run` spent in the kernels (the rest is its own)."""
+
+    def __init__(self, wq, bq, Py_ssize_t n_qkv, qkv, q, k, v, out, merged, wo, bo,
+                 double scale, Py_ssize_t block_q, Py_ssize_t block_k, int num_threads,
+                 packed=None):
+        cdef cnp.ndarray M = <cnp.ndarray?>merged, QKV = <cnp.ndarray?>qkv
+        if M.ndim != 2 or QKV.ndim != 4 or M.shape[0] != QKV.shape[0] * QKV.shape[2]:
+            raise ValueError("ForwardPlan: merged must be (B * N, D) for qkv (B, G, N, E)")
+        if num_threads < 1:
+            raise ValueError("ForwardPlan: num_threads must be positive")
+        self.keep = [wq, bq, qkv, q, k, v, out, merged, wo, bo]
+        self.packed = packed
+        self.owner = PyThread_get_thread_ident()
+        self.num_threads = num_threads
+        self.typ = cnp.PyArray_TYPE(M)
+        self.dims[0] = QKV.shape[0]
+        self.dims[1] = QKV.shape[2]
+        self.dims[2] = M.shape[1]
+        # merged stands in for x and y: the same (B * N, D) C-contiguous shape
+        if not (M.flags.c_contiguous and M.shape[0] > 0 and M.shape[1] > 0
+                and _linear_setup(&self.j_in, M, wq, bq, n_qkv, QKV, True)
+                and _attention_setup(&self.P, self.keep, q, k, v, out, None, None, None, None,
+                                     False, scale, block_q, block_k, num_threads, None, None)
+                and _linear_setup(&self.j_out, M, wo, bo, M.shape[1], M, False)):
+            raise ValueError("ForwardPlan: empty or mismatched operands")
+        self.kernel_seconds = 0.0
+
+    cdef bint _fits(self, x):
+        if type(x) is not np.ndarray:
+            return False
+        cdef cnp.ndarray X = <cnp.ndarray>x
+        return (cnp.PyArray_TYPE(X) == self.typ and cnp.PyArray_NDIM(X) == 3
+                and cnp.PyArray_DIMS(X)[0] == self.dims[0]
+                and cnp.PyArray_DIMS(X)[1] == self.dims[1]
+                and cnp.PyArray_DIMS(X)[2] == self.dims[2]
+                and cnp.PyArray_IS_C_CONTIGUOUS(X) and cnp.PyArray_ISALIGNED(X))
+
+    def run_if(self, x, packed, int num_threads):
+        """:meth:`run` when x fits the plan, the weights are still those of
+        ``packed`` (the module's current packed-weights dict), the thread
+        count is the plan's and the calling thread made the plan; else None.
+        All checked here, in C: a call's Python work stays a few operations."""
+        if (packed is not self.packed or num_threads != self.num_threads
+                or PyThread_get_thread_ident() != self.owner or not self._fits(x)):
+            return None
+        return self.run(x)
+
+    def run(self, x):
+        """y (B, N, D), a new array, for x (B, N, D) C-contiguous of the plan's dtype."""
+        if not self._fits(x):
+            raise ValueError(f"ForwardPlan.run: x must be a C-contiguous, aligned ndarray of "
+                             f"shape ({self.dims[0]}, {self.dims[1]}, {self.dims[2]}) and the "
+                             f"plan's dtype, got {type(x).__name__} {getattr(x, 'shape', '')} "
+                             f"{getattr(x, 'dtype', '')}")
+        cdef cnp.ndarray X = <cnp.ndarray>x
+        cdef cnp.ndarray Y = cnp.PyArray_EMPTY(3, self.dims, self.typ, 0)
+        cdef LinearJob* j_in = &self.j_in
+        cdef LinearJob* j_out = &self.j_out
+        cdef Problem* P = &self.P
+        cdef int nt = self.num_threads, rc
+        j_in.x = <char*>cnp.PyArray_DATA(X)
+        j_out.y = <char*>cnp.PyArray_DATA(Y)
+        cdef double t0, t1
+        with nogil:
+            t0 = _seconds()
+            rc = _linear_job_run(j_in, nt)
+            if rc == 0:
+                rc = _attention_run(P, nt)
+            if rc == 0:
+                rc = _linear_job_run(j_out, nt)
+            t1 = _seconds()
+        self.kernel_seconds = t1 - t0
+        if rc != 0:
+            raise MemoryError("could not allocate the kernels' scratch buffers")
+        return Y

@@ -281,67 +281,31 @@ print(json.dumps({{"growth": after - before, "traced_peak": traced,
     return data
 
 
-class _TimedKernels:
-    """Stands in for the kernel module: forwards every call, and adds the time
-    spent inside ``linear`` and ``attention`` (the GEMMs and the attention
-    kernel) to ``spent``, counting the calls in ``calls``."""
-
-    def __init__(self, inner):
-        self._inner = inner
-        self.spent = 0.0
-        self.calls: List[str] = []
-        for name in ("linear", "attention"):
-            setattr(self, name, self._timed(name, getattr(inner, name)))
-
-    def _timed(self, name: str, fn: Callable) -> Callable:
-        def call(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.spent += time.perf_counter() - t0
-                self.calls.append(name)
-        return call
-
-    def __getattr__(self, name: str):
-        return getattr(self._inner, name)
-
-
-def python_overhead_us(rounds: int = 200, shape: Optional[Tuple[int, int, int, int]] = None,
-                       calls: Optional[List[str]] = None) -> float:
+def python_overhead_us(rounds: int = 200,
+                       shape: Optional[Tuple[int, int, int, int]] = None) -> float:
     """fastattn's own time per forward at "small": the module call minus the time
-    spent in its kernel calls (projection GEMMs and the attention kernel),
-    both timed within the same call; the median over ``rounds`` calls.
+    its kernels ran (projection GEMMs and attention, timed inside the same
+    call by the module's :class:`ForwardPlan`); the median over ``rounds`` calls.
 
-    What is left is validation, views, buffer handling and dispatch in Python.
-    Timing the kernels inside each call (instead of subtracting a separate run
-    of bare kernel calls) keeps the machine's noise, tens of microseconds per
-    millisecond call, out of a figure of a few microseconds.  ``calls``, when
-    given, receives the names of the kernel calls of one forward.
+    What is left is validation, dispatch and the output allocation, in Python
+    and at the kernels' entry.  Timing the kernels inside each call (instead
+    of subtracting a separate run of bare kernel calls) keeps the machine's
+    noise, tens of microseconds per millisecond call, out of the figure.
     """
-    from . import functional, modules
-
     B, N, D, H = shape or PRESETS["small"]
     m = MultiHeadSelfAttention(D, H, seed=0)
     x = np.random.default_rng(0).standard_normal((B, N, D)).astype(np.float32)
-    m(x)  # pack the weights, allocate the buffers
-    timed = _TimedKernels(modules.kernels)
-    saved = modules.kernels, functional.kernels
-    modules.kernels = functional.kernels = timed
-    try:
-        own = []
-        for r in range(rounds + 5):
-            timed.spent = 0.0
-            timed.calls.clear()
-            t0 = time.perf_counter()
-            m(x)
-            total = time.perf_counter() - t0
-            if r >= 5:  # the first calls warm up the wrappers
-                own.append(total - timed.spent)
-        if calls is not None:
-            calls[:] = timed.calls
-    finally:
-        modules.kernels, functional.kernels = saved
+    m(x)  # pack the weights, make the plan
+    plan = m._workspace.plan[2]
+    own = []
+    for r in range(rounds + 5):
+        t0 = time.perf_counter()
+        m(x)
+        total = time.perf_counter() - t0
+        if m._workspace.plan[2] is not plan:
+            raise RuntimeError("the module planned again: the overhead figure would be wrong")
+        if r >= 5:
+            own.append(total - plan.kernel_seconds)
     return 1e6 * float(np.median(own))
 
 

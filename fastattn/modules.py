@@ -138,6 +138,8 @@ class _MultiHeadBase:
         # guards _packed against a weight change racing a pack in another thread
         self._lock = threading.Lock()
         self._workspace = threading.local()
+        # the ForwardPlan last made (by any thread), tried first by m(x)
+        self._plan = None
 
     @property
     def kv_dim(self) -> int:
@@ -239,18 +241,20 @@ class _MultiHeadBase:
             )
             ws.bufs = bufs
             ws.plan = None  # it holds the old buffers
+            self._plan = None
         return bufs
 
     def _plain_forward(self, x) -> Optional[np.ndarray]:
         """m(x) with no options, on a C-contiguous (B, N, D) array of the module's
-        dtype: the three kernel calls and little else, or None (then _forward,
-        which handles every other case and every error, takes the call).
+        dtype: one call into a :class:`ForwardPlan` of the kernels, or None
+        (then _forward, which handles every other case and every error, runs).
 
-        A plan per calling thread keeps what depends only on the shape, the
-        thread count and the packed weights (buffers, head views, weights), so
-        a call's Python work is a few checks: at the small preset that work
-        (tens of microseconds with the caches cold after the GEMMs) was a
-        visible part of a millisecond call.
+        The plan, one per calling thread, holds what depends only on the
+        shape, the thread count and the packed weights (buffers, head views,
+        the kernels' checked arguments), so a call's Python work is a few
+        checks.  Between three separate kernel calls that work cost 10-50 us
+        at the small preset on this kind of machine (its code and data evicted
+        by the GEMMs each time), 0.5-2 % of the call.
         """
         if (type(x) is not np.ndarray or x.dtype != self.dtype or x.ndim != 3
                 or not self.fused or not x.flags.c_contiguous or not x.flags.aligned):
@@ -265,13 +269,8 @@ class _MultiHeadBase:
             if B * N * 3 * (D + self.kv_dim) * self.dtype.itemsize >= _CHECK_MEMORY_ABOVE:
                 return None  # large: _forward checks the memory first
             plan = ws.plan = self._plain_plan(B, N, nt)
-        (_, _, n_qkv, wq, bq, wo, bo, qkv, merged, q, k, v, out, scale) = plan
-        kernels.linear(x.reshape(B * N, D), wq, bq, n_qkv, qkv, nt, True)
-        kernels.attention(q, k, v, out, None, None, None, None, False, scale, BLOCK_Q, BLOCK_K,
-                          nt)
-        y = np.empty((B * N, D), dtype=self.dtype)
-        kernels.linear(merged, wo, bo, D, y, nt)
-        return y.reshape(B, N, D)
+        self._plan = plan[2]
+        return plan[2].run(x)
 
     def _plain_plan(self, B: int, N: int, nt: int) -> tuple:
         H, Hkv, E = self.num_heads, self.num_kv_heads, self.head_dim
@@ -282,9 +281,11 @@ class _MultiHeadBase:
         wo, bo = self._packed_weight("o")
         qkv, merged = self._buffers(B, N)
         out = merged.reshape(B, N, H, E).transpose(0, 2, 1, 3)
-        return ((B, N, nt), packed, self.embed_dim + 2 * self.kv_dim, wq, bq, wo, bo, qkv,
-                merged, qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:], out,
-                1.0 / math.sqrt(E))
+        plan = kernels.ForwardPlan(
+            wq, bq, self.embed_dim + 2 * self.kv_dim, qkv, qkv[:, :H], qkv[:, H:H + Hkv],
+            qkv[:, H + Hkv:], out, merged, wo, bo, 1.0 / math.sqrt(E), BLOCK_Q, BLOCK_K, nt,
+            packed)
+        return ((B, N, nt), packed, plan)
 
     def reset_parameters(self, seed: Union[None, int, np.random.Generator] = None) -> None:
         """Draw fresh weights like ``torch.nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -719,6 +720,14 @@ class MultiHeadSelfAttention(_MultiHeadBase):
         if (attn_mask is None and key_padding_mask is None and is_causal is False
                 and need_weights is False and average_attn_weights is True and cache is None
                 and window is None and alibi is False and alibi_slopes is None):
+            # the last plan checks, in C, that it fits this call (thread, thread
+            # count, weights, x); after the GEMMs each Python operation here
+            # costs microseconds, its code and data gone from the caches
+            plan = self._plan
+            if plan is not None:
+                y = plan.run_if(x, self._packed, threads._num_threads)
+                if y is not None:
+                    return y
             y = self._plain_forward(x)
             if y is not None:
                 return y

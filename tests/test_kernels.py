@@ -218,3 +218,75 @@ def test_few_queries_row_path_matches_reference(rng, Lq, dtype):
             for block_k in (7, 64):
                 out, _ = _run(kernels, q, k, v, causal=causal, mask=mask, block_k=block_k)
                 np.testing.assert_allclose(out, ref_out, **TOL[dtype])
+
+
+def _plan_operands(mod, rng, B, N, H, Hkv, E, dtype):
+    D, kv = H * E, Hkv * E
+    # weights ~ 1/sqrt(fan in), as nn.Linear's: activations stay O(1)
+    w_qkv = (rng.standard_normal((D + 2 * kv, D)) / np.sqrt(D)).astype(dtype)
+    b_qkv = rng.standard_normal(D + 2 * kv).astype(dtype)
+    w_o = (rng.standard_normal((D, D)) / np.sqrt(D)).astype(dtype)
+    b_o = rng.standard_normal(D).astype(dtype)
+    wq, bq = mod.pack_weight(w_qkv, b_qkv)
+    wo, bo = mod.pack_weight(w_o, b_o)
+    qkv = np.empty((B, H + 2 * Hkv, N, E), dtype)
+    merged = np.empty((B * N, D), dtype)
+    out = merged.reshape(B, N, H, E).transpose(0, 2, 1, 3)
+    ops = (wq, bq, D + 2 * kv, qkv, qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:], out,
+           merged, wo, bo, 1 / np.sqrt(E), 64, 256)
+
+    def reference(x):
+        x64 = x.astype(np.float64).reshape(B * N, D)
+        p = x64 @ w_qkv.T.astype(np.float64) + b_qkv
+        q = p[:, :D].reshape(B, N, H, E).transpose(0, 2, 1, 3)
+        k = p[:, D:D + kv].reshape(B, N, Hkv, E).transpose(0, 2, 1, 3)
+        v = p[:, D + kv:].reshape(B, N, Hkv, E).transpose(0, 2, 1, 3)
+        o = ref_sdpa(q, k, v)[0].transpose(0, 2, 1, 3).reshape(B * N, D)
+        return (o @ w_o.T.astype(np.float64) + b_o).reshape(B, N, D)
+
+    return ops, reference
+
+
+@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B,N,H,Hkv,E", [(2, 37, 4, 2, 16), (1, 3, 2, 2, 8), (1, 130, 8, 8, 64)])
+def test_forward_plan_matches_reference(rng, isa, dtype, B, N, H, Hkv, E):
+    mod = importlib.import_module(f"fastattn._kernels_{isa}")
+    ops, reference = _plan_operands(mod, rng, B, N, H, Hkv, E, dtype)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
+    for nt in (1, 3):
+        plan = mod.ForwardPlan(*ops, nt)
+        for _ in range(2):  # the same plan again, on new inputs: a new output each time
+            x = rng.standard_normal((B, N, H * E)).astype(dtype)
+            y = plan.run(x)
+            assert y.shape == x.shape and y.dtype == dtype and y.flags.c_contiguous
+            np.testing.assert_allclose(y, reference(x), **tol)
+            assert plan.kernel_seconds > 0
+
+
+def test_forward_plan_checks_its_input_and_its_conditions(rng):
+    import threading
+
+    ops, _ = _plan_operands(kernels, rng, 2, 5, 2, 2, 8, np.float32)
+    packed = {}
+    plan = kernels.ForwardPlan(*ops, 2, packed)
+    x = rng.standard_normal((2, 5, 16)).astype(np.float32)
+    bad = [x[:, :4], x.astype(np.float64), x[:, :, ::-1], x.tolist(), x[0], None,
+           np.asfortranarray(x)]
+    for b in bad:
+        with pytest.raises(ValueError, match="x must be"):
+            plan.run(b)
+        assert plan.run_if(b, packed, 2) is None
+    # only for the weights, thread count and thread it was made for
+    assert plan.run_if(x, {}, 2) is None
+    assert plan.run_if(x, packed, 1) is None
+    got = []
+    t = threading.Thread(target=lambda: got.append(plan.run_if(x, packed, 2)))
+    t.start()
+    t.join()
+    assert got == [None]
+    np.testing.assert_array_equal(plan.run_if(x, packed, 2), plan.run(x))
+    with pytest.raises(ValueError, match="ForwardPlan"):
+        kernels.ForwardPlan(*ops[:8], ops[8][:4], *ops[9:], 1)
+    with pytest.raises(ValueError, match="num_threads"):
+        kernels.ForwardPlan(*ops, 0)
