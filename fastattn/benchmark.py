@@ -227,7 +227,8 @@ def plot(rows: Sequence[Row], path: str) -> bool:
         ax.set_xticklabels(shapes)
         ax.set_ylabel("GFLOP/s (higher is faster)")
         ax.set_title("full MHSA forward" if part == "full" else "attention core")
-        ax.legend(fontsize=8)
+        # below the panel: inside, it would hide the tallest bars
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(impls))
     fig.suptitle("fastattn vs peers, float32")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
