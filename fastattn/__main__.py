@@ -80,8 +80,10 @@ def _bench_args_error(args: argparse.Namespace, known_shapes) -> Optional[str]:
         return f"--parts: expected full and/or core, got {args.parts!r}"
     if args.rounds < 1:
         return f"--rounds: expected a positive count, got {args.rounds}"
-    if args.threads is not None and args.threads < 1:
-        return f"--threads: expected a positive count, got {args.threads}"
+    from .threads import MAX_THREADS
+
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        return f"--threads: expected a count from 1 to {MAX_THREADS}, got {args.threads}"
     return None
 
 

@@ -550,6 +550,9 @@ cdef bint _attention_setup(Problem* P_, list keep, q, k, v, out, weights, bmask1
         raise TypeError("kernel operands must share one dtype")
     if typ != cnp.NPY_FLOAT32 and typ != cnp.NPY_FLOAT64:
         raise TypeError(f"kernel dtype must be float32 or float64, got {q.dtype}")
+    if not (cnp.PyArray_ISNOTSWAPPED(Q) and cnp.PyArray_ISNOTSWAPPED(K)
+            and cnp.PyArray_ISNOTSWAPPED(V) and cnp.PyArray_ISNOTSWAPPED(O)):
+        raise TypeError("kernel operands must be in native byte order")
     if block_q < 1 or block_k < 1 or num_threads < 1:
         raise ValueError("block sizes and thread count must be positive")
     _fill(&P.q, Q, nlead, keep)
@@ -924,7 +927,9 @@ cdef class ForwardPlan:
         if type(x) is not np.ndarray:
             return False
         cdef cnp.ndarray X = <cnp.ndarray>x
-        return (cnp.PyArray_TYPE(X) == self.typ and cnp.PyArray_NDIM(X) == 3
+        # (the type number does not say the byte order: >f4 is NPY_FLOAT too)
+        return (cnp.PyArray_TYPE(X) == self.typ and cnp.PyArray_ISNOTSWAPPED(X)
+                and cnp.PyArray_NDIM(X) == 3
                 and cnp.PyArray_DIMS(X)[0] == self.dims[0]
                 and cnp.PyArray_DIMS(X)[1] == self.dims[1]
                 and cnp.PyArray_DIMS(X)[2] == self.dims[2]
@@ -935,13 +940,15 @@ cdef class ForwardPlan:
         ``packed`` (the module's current packed-weights dict), the thread
         count is the plan's and the calling thread made the plan; else None.
         All checked here, in C: a call's Python work stays a few operations."""
-        if (packed is not self.packed or num_threads != self.num_threads
+        if (self.num_threads < 1 or packed is not self.packed or num_threads != self.num_threads
                 or PyThread_get_thread_ident() != self.owner or not self._fits(x)):
             return None
         return self.run(x)
 
     def run(self, x):
         """y (B, N, D), a new array, for x (B, N, D) C-contiguous of the plan's dtype."""
+        if self.num_threads < 1:
+            raise ValueError("ForwardPlan.run: the plan was never initialised")
         if not self._fits(x):
             raise ValueError(f"ForwardPlan.run: x must be a C-contiguous, aligned ndarray of "
                              f"shape ({self.dims[0]}, {self.dims[1]}, {self.dims[2]}) and the "

@@ -138,7 +138,9 @@ class _MultiHeadBase:
         # guards _packed against a weight change racing a pack in another thread
         self._lock = threading.Lock()
         self._workspace = threading.local()
-        # the ForwardPlan last made (by any thread), tried first by m(x)
+        # ForwardPlans of m(x): one per calling thread (by thread id), and the
+        # last one made, which m(x) tries first
+        self._plans: Dict[int, tuple] = {}
         self._plan = None
 
     @property
@@ -150,6 +152,14 @@ class _MultiHeadBase:
     def fused(self) -> bool:
         """True when kdim == vdim == embed_dim: one stacked Q/K/V weight."""
         return self.kdim == self.embed_dim and self.vdim == self.embed_dim
+
+    def _weights_changed(self) -> None:
+        """Drops every copy made from the weights (call with self._lock held):
+        packed weights and the plans holding them, which the next calls remake.
+        A plan running in another thread stays alive until its call returns."""
+        self._packed = {}
+        self._plans = {}
+        self._plan = None
 
     def _slices(self) -> Dict[str, slice]:
         D, kv = self.embed_dim, self.kv_dim
@@ -185,7 +195,7 @@ class _MultiHeadBase:
             )
         with self._lock:
             view[...] = arr
-            self._packed = {}
+            self._weights_changed()
 
     w_q = _param_property("w_q")
     w_k = _param_property("w_k")
@@ -240,8 +250,6 @@ class _MultiHeadBase:
                 np.empty((B * L, self.embed_dim), dtype=self.dtype),
             )
             ws.bufs = bufs
-            ws.plan = None  # it holds the old buffers
-            self._plan = None
         return bufs
 
     def _plain_forward(self, x) -> Optional[np.ndarray]:
@@ -263,14 +271,21 @@ class _MultiHeadBase:
         if D != self.embed_dim or B * N == 0:
             return None
         nt = threads.get_num_threads()
-        ws = self._workspace
-        plan = getattr(ws, "plan", None)
-        if plan is None or plan[0] != (B, N, nt) or plan[1] is not self._packed:
+        tid = threading.get_ident()
+        entry = self._plans.get(tid)
+        if entry is None or entry[0] != (B, N, nt) or entry[1] is not self._packed:
             if B * N * 3 * (D + self.kv_dim) * self.dtype.itemsize >= _CHECK_MEMORY_ABOVE:
                 return None  # large: _forward checks the memory first
-            plan = ws.plan = self._plain_plan(B, N, nt)
-        self._plan = plan[2]
-        return plan[2].run(x)
+            entry = self._plain_plan(B, N, nt)
+            with self._lock:
+                if entry[1] is self._packed:  # (else the weights changed meanwhile: use once)
+                    # plans of threads that have ended go (and their buffers with them)
+                    alive = {t.ident for t in threading.enumerate()}
+                    plans = {t: e for t, e in self._plans.items() if t in alive}
+                    plans[tid] = entry
+                    self._plans = plans
+                    self._plan = entry[2]
+        return entry[2].run(x)
 
     def _plain_plan(self, B: int, N: int, nt: int) -> tuple:
         H, Hkv, E = self.num_heads, self.num_kv_heads, self.head_dim
@@ -302,7 +317,7 @@ class _MultiHeadBase:
                 view = self._param_view(name)
                 bound = 1.0 / math.sqrt(getattr(self, _IN_DIM[name[2]]))
                 view[...] = rng.uniform(-bound, bound, size=view.shape)
-            self._packed = {}
+            self._weights_changed()
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         """Copies of the parameters under this class's names (w_q, ..., b_o)."""
@@ -339,7 +354,7 @@ class _MultiHeadBase:
         with self._lock:
             for name, arr in staged.items():
                 self._param_view(name)[...] = arr
-            self._packed = {}
+            self._weights_changed()
 
     def to_torch(self):
         """A ``torch.nn.MultiheadAttention`` (batch_first=True, eval mode) with these

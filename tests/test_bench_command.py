@@ -21,7 +21,7 @@ def test_python_overhead_is_the_call_minus_its_kernels():
     t0 = time.perf_counter()
     m(x)
     total = time.perf_counter() - t0
-    plan = m._workspace.plan[2]
+    plan = m._plan
     assert 0 < plan.kernel_seconds < total
     # the plan times the kernels of each call, not of the first
     before = plan.kernel_seconds
@@ -104,6 +104,7 @@ def test_bench_command_notes_decode_has_no_full_forward():
     (("--parts", "foo"), "--parts"),
     (("--rounds", "0"), "--rounds"),
     (("--threads", "-1"), "--threads"),
+    (("--threads", "100000"), "--threads"),
 ])
 def test_bench_command_rejects_bad_arguments(args, needle):
     r = _bench(*args, timeout=60)

@@ -1030,6 +1030,25 @@ class _AlignmentSpy:
         self._check("linear", args)
         return self._real.linear(*args, **kw)
 
+    def ForwardPlan(self, *args, **kw):  # the module's m(x) runs its kernels through one
+        self._check("ForwardPlan", args)
+        return _PlanSpy(self._real.ForwardPlan(*args, **kw), self)
+
+
+class _PlanSpy:
+    def __init__(self, plan, spy):
+        self._plan, self._spy = plan, spy
+
+    def run(self, x):
+        self._spy._check("ForwardPlan.run", (x,))
+        return self._plan.run(x)
+
+    def run_if(self, x, *args):
+        y = self._plan.run_if(x, *args)
+        if y is not None:  # it ran: x reached the kernels
+            self._spy._check("ForwardPlan.run_if", (x,))
+        return y
+
 
 _UNALIGNED_BUG = (  # kept as documentation of what the test guards
     "BUG: unaligned but C-contiguous inputs reach the kernels unaligned: kernel_ready "

@@ -290,3 +290,17 @@ def test_forward_plan_checks_its_input_and_its_conditions(rng):
         kernels.ForwardPlan(*ops[:8], ops[8][:4], *ops[9:], 1)
     with pytest.raises(ValueError, match="num_threads"):
         kernels.ForwardPlan(*ops, 0)
+    # byte-swapped input is not the plan's (its type number is the same)
+    with pytest.raises(ValueError, match="x must be"):
+        plan.run(x.astype(x.dtype.newbyteorder()))
+    blank = kernels.ForwardPlan.__new__(kernels.ForwardPlan)
+    with pytest.raises(ValueError, match="never initialised"):
+        blank.run(x)
+    assert blank.run_if(x, None, 0) is None
+
+
+def test_kernel_refuses_byte_swapped_operands(rng):
+    q = rng.standard_normal((1, 2, 5, 8)).astype(np.float32)
+    with pytest.raises(TypeError, match="byte order"):
+        kernels.attention(q.astype(q.dtype.newbyteorder()), q, q, np.empty_like(q), None, None,
+                          None, None, False, 0.5, 64, 256, 1)

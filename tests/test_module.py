@@ -125,7 +125,7 @@ def test_forward_matches_reference(rng, B, N, D, H, kv, bias, dtype):
 
 
 def _took_plain_path(m):
-    return getattr(m._workspace, "plan", None) is not None
+    return m._plan is not None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -140,6 +140,49 @@ def test_plain_call_is_the_general_forward(rng, B, N, D, H, kv, dtype):
     assert _took_plain_path(m)
     np.testing.assert_array_equal(y, m(x, is_causal=np.False_))
     np.testing.assert_allclose(y, ref_forward(m, x)[0], **mod_tol(dtype))
+
+
+def test_plain_call_reads_byte_swapped_input_right(rng):
+    # the plan checks the byte order too (its type number does not say it)
+    for dtype in DTYPES:
+        m = MHSA(32, 4, dtype=dtype, seed=2)
+        x = randn(rng, (2, 6, 32), dtype)
+        y = m(x)
+        assert _took_plain_path(m)
+        swapped = x.astype(np.dtype(dtype).newbyteorder(">" if np.little_endian else "<"))
+        np.testing.assert_array_equal(m(swapped), y)
+
+
+def test_plans_do_not_keep_old_weights_or_ended_threads_buffers(rng):
+    import gc
+    import threading
+    import weakref
+
+    m = MHSA(32, 4, seed=1)
+    x = randn(rng, (2, 6, 32))
+    m(x)
+    old = weakref.ref(m._packed["qkv"][0])
+
+    together = threading.Barrier(3)
+
+    def call():
+        m(x)
+        together.wait()  # alive until all three have planned
+
+    workers = [threading.Thread(target=call) for _ in range(3)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert len(m._plans) == 4
+    # a plan made after those threads ended drops theirs
+    x2 = randn(rng, (1, 3, 32))
+    m(x2)
+    assert list(m._plans) == [threading.get_ident()]
+    m.reset_parameters(5)  # the plans held the old packed weights
+    gc.collect()
+    assert old() is None and m._plan is None and not m._plans
+    np.testing.assert_allclose(m(x), ref_forward(m, x)[0], **mod_tol(np.float32))
 
 
 def test_plain_call_follows_weights_shapes_and_threads(rng):
