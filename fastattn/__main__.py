@@ -101,18 +101,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         set_num_threads(args.threads)
     try:
-        return _bench(args, benchmark, shapes, parts, get_num_threads(), info())
+        return _bench(args, shapes, parts, get_num_threads(), info())
     finally:
         set_num_threads(old)
 
 
-def _bench(args, benchmark, shapes, parts, threads, info) -> int:
+def _bench(args: argparse.Namespace, shapes: List[str], parts: List[str], threads: int,
+           config: dict) -> int:
+    from . import benchmark
+
     rows, notes = benchmark.run(shapes, threads=threads, rounds=args.rounds, parts=parts,
                                 progress=not args.no_progress)
     print(benchmark.format_table(rows, threads))
     for note in notes:
         print(f"note: {note}")
-    extra = {"threads": threads, "info": info, "command": "python -m fastattn " +
+    extra = {"threads": threads, "info": config, "command": "python -m fastattn " +
              " ".join(sys.argv[1:] if args.argv is None else args.argv)}
     sgemm, held = benchmark.numpy_sgemm_gflops(threads)
     extra["numpy_sgemm_gflops"] = sgemm

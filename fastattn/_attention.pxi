@@ -943,7 +943,7 @@ cdef class ForwardPlan:
         if (self.num_threads < 1 or packed is not self.packed or num_threads != self.num_threads
                 or PyThread_get_thread_ident() != self.owner or not self._fits(x)):
             return None
-        return self.run(x)
+        return self._run(<cnp.ndarray>x)
 
     def run(self, x):
         """y (B, N, D), a new array, for x (B, N, D) C-contiguous of the plan's dtype."""
@@ -954,7 +954,10 @@ cdef class ForwardPlan:
                              f"shape ({self.dims[0]}, {self.dims[1]}, {self.dims[2]}) and the "
                              f"plan's dtype, got {type(x).__name__} {getattr(x, 'shape', '')} "
                              f"{getattr(x, 'dtype', '')}")
-        cdef cnp.ndarray X = <cnp.ndarray>x
+        return self._run(<cnp.ndarray>x)
+
+    cdef cnp.ndarray _run(self, cnp.ndarray X):
+        # (x already checked by the caller)
         cdef cnp.ndarray Y = cnp.PyArray_EMPTY(3, self.dims, self.typ, 0)
         cdef LinearJob* j_in = &self.j_in
         cdef LinearJob* j_out = &self.j_out

@@ -282,8 +282,7 @@ print(json.dumps({{"growth": after - before, "traced_peak": traced,
     return data
 
 
-def python_overhead_us(rounds: int = 200,
-                       shape: Optional[Tuple[int, int, int, int]] = None) -> float:
+def python_overhead_us(rounds: int = 200) -> float:
     """fastattn's own time per forward at "small": the module call minus the time
     its kernels ran (projection GEMMs and attention, timed inside the same
     call by the module's :class:`ForwardPlan`); the median over ``rounds`` calls.
@@ -293,7 +292,7 @@ def python_overhead_us(rounds: int = 200,
     of subtracting a separate run of bare kernel calls) keeps the machine's
     noise, tens of microseconds per millisecond call, out of the figure.
     """
-    B, N, D, H = shape or PRESETS["small"]
+    B, N, D, H = PRESETS["small"]
     m = MultiHeadSelfAttention(D, H, seed=0)
     x = np.random.default_rng(0).standard_normal((B, N, D)).astype(np.float32)
     m(x)  # pack the weights, make the plan

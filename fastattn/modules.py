@@ -33,7 +33,6 @@ from . import interop, threads
 from ._dispatch import kernels
 from .cache import KVCache
 from .functional import (
-    _CHECK_MEMORY_ABOVE,
     BLOCK_K,
     BLOCK_Q,
     _shape_str,
@@ -140,7 +139,7 @@ class _MultiHeadBase:
         self._workspace = threading.local()
         # ForwardPlans of m(x): one per calling thread (by thread id), and the
         # last one made, which m(x) tries first
-        self._plans: Dict[int, tuple] = {}
+        self._plans: Dict[int, Any] = {}
         self._plan = None
 
     @property
@@ -264,43 +263,46 @@ class _MultiHeadBase:
         at the small preset on this kind of machine (its code and data evicted
         by the GEMMs each time), 0.5-2 % of the call.
         """
+        nt = threads.get_num_threads()
+        tid = threading.get_ident()
+        plan = self._plans.get(tid)
+        if plan is not None:
+            # the plan itself says whether it fits (shape, weights, thread count)
+            y = plan.run_if(x, self._packed, nt)
+            if y is not None:
+                return y
         if (type(x) is not np.ndarray or x.dtype != self.dtype or x.ndim != 3
                 or not self.fused or not x.flags.c_contiguous or not x.flags.aligned):
             return None
         B, N, D = x.shape
         if D != self.embed_dim or B * N == 0:
             return None
-        nt = threads.get_num_threads()
-        tid = threading.get_ident()
-        entry = self._plans.get(tid)
-        if entry is None or entry[0] != (B, N, nt) or entry[1] is not self._packed:
-            if B * N * 3 * (D + self.kv_dim) * self.dtype.itemsize >= _CHECK_MEMORY_ABOVE:
-                return None  # large: _forward checks the memory first
-            entry = self._plain_plan(B, N, nt)
-            with self._lock:
-                if entry[1] is self._packed:  # (else the weights changed meanwhile: use once)
-                    # plans of threads that have ended go (and their buffers with them)
-                    alive = {t.ident for t in threading.enumerate()}
-                    plans = {t: e for t, e in self._plans.items() if t in alive}
-                    plans[tid] = entry
-                    self._plans = plans
-                    self._plan = entry[2]
-        return entry[2].run(x)
-
-    def _plain_plan(self, B: int, N: int, nt: int) -> tuple:
-        H, Hkv, E = self.num_heads, self.num_kv_heads, self.head_dim
+        ensure_memory([(B * N, D + 2 * self.kv_dim), (B * N, D), (B * N, D)],
+                      self.dtype.itemsize, "the forward pass's buffers")
         # taken before packing: should the weights change meanwhile, the plan
-        # names a dict that is no longer current, and the next call plans again
+        # names a dict that is no longer current, and is used for this call only
         packed = self._packed
+        plan = self._plain_plan(B, N, nt, packed)
+        with self._lock:
+            if packed is self._packed:
+                # plans of threads that have ended go (and their buffers with them)
+                alive = {t.ident for t in threading.enumerate()}
+                plans = {t: p for t, p in self._plans.items() if t in alive}
+                plans[tid] = plan
+                self._plans = plans
+                self._plan = plan
+        return plan.run(x)
+
+    def _plain_plan(self, B: int, N: int, nt: int, packed: dict):
+        H, Hkv, E = self.num_heads, self.num_kv_heads, self.head_dim
         wq, bq = self._packed_weight("qkv")
         wo, bo = self._packed_weight("o")
         qkv, merged = self._buffers(B, N)
         out = merged.reshape(B, N, H, E).transpose(0, 2, 1, 3)
-        plan = kernels.ForwardPlan(
+        return kernels.ForwardPlan(
             wq, bq, self.embed_dim + 2 * self.kv_dim, qkv, qkv[:, :H], qkv[:, H:H + Hkv],
             qkv[:, H + Hkv:], out, merged, wo, bo, 1.0 / math.sqrt(E), BLOCK_Q, BLOCK_K, nt,
             packed)
-        return ((B, N, nt), packed, plan)
 
     def reset_parameters(self, seed: Union[None, int, np.random.Generator] = None) -> None:
         """Draw fresh weights like ``torch.nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
