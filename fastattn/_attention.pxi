@@ -40,10 +40,10 @@ cdef extern from "fa_kernels.h" nogil:
                         int64_t cols, double scale)
     void fa_gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t rs, int64_t ps,
                      const float* B, int64_t ldb, float* C, int64_t ldc, int accumulate,
-                     float* tail)
+                     float* tail, float* colmax)
     void fa_gemm_f64(int64_t M, int64_t N, int64_t K, const double* A, int64_t rs, int64_t ps,
                      const double* B, int64_t ldb, double* C, int64_t ldc, int accumulate,
-                     double* tail)
+                     double* tail, double* colmax)
     void fa_mask_bool_f32(float* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
                           const uint8_t* mask, int64_t m_is, int64_t m_js)
     void fa_mask_bool_f64(double* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
@@ -64,9 +64,10 @@ cdef extern from "fa_kernels.h" nogil:
     void fa_merge_splits_f64(double* out, int64_t ev, const double* parts, int64_t stride,
                              int64_t n)
     void fa_online_softmax_f32(float* ST, int64_t lds, int64_t nkeys, int64_t ncols, float* m,
-                               float* l, float* OT, int64_t ldo, int64_t ev)
+                               float* l, float* OT, int64_t ldo, int64_t ev, const float* bmax)
     void fa_online_softmax_f64(double* ST, int64_t lds, int64_t nkeys, int64_t ncols, double* m,
-                               double* l, double* OT, int64_t ldo, int64_t ev)
+                               double* l, double* OT, int64_t ldo, int64_t ev,
+                               const double* bmax)
     void fa_finalize_f32(const float* OT, int64_t ldo, const float* l, int64_t rows, int64_t ev,
                          float* out, int64_t ors)
     void fa_finalize_f64(const double* OT, int64_t ldo, const double* l, int64_t rows,
@@ -156,11 +157,11 @@ cdef inline int64_t _round_up(int64_t x, int64_t m) noexcept nogil:
 
 cdef inline void _gemm(int64_t M, int64_t N, int64_t K, const floating* A, int64_t rs,
                        int64_t ps, const floating* B, int64_t ldb, floating* C, int64_t ldc,
-                       int accumulate, floating* tail) noexcept nogil:
+                       int accumulate, floating* tail, floating* colmax=NULL) noexcept nogil:
     if floating is float:
-        fa_gemm_f32(M, N, K, A, rs, ps, B, ldb, C, ldc, accumulate, tail)
+        fa_gemm_f32(M, N, K, A, rs, ps, B, ldb, C, ldc, accumulate, tail, colmax)
     else:
-        fa_gemm_f64(M, N, K, A, rs, ps, B, ldb, C, ldc, accumulate, tail)
+        fa_gemm_f64(M, N, K, A, rs, ps, B, ldb, C, ldc, accumulate, tail, colmax)
 
 
 cdef inline void _copy_strided(floating* dst, int64_t d_rs, int64_t d_cs, const floating* src,
@@ -178,19 +179,42 @@ cdef inline char* _at(const Operand* a, int64_t b, int64_t head, int64_t row, in
     return a.base + (lead + head * a.s_head + row * a.s_row + col * a.s_col) * itemsize
 
 
-cdef void _scores_block(const Problem* P, floating* ST, const floating* QT, const floating* k,
+cdef bint _scores_block(const Problem* P, floating* ST, const floating* QT, const floating* k,
                         floating* tail, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                        int64_t j0, int64_t bk) noexcept nogil:
+                        int64_t j0, int64_t bk, floating* bmax) noexcept nogil:
     """Scaled, masked scores of one query block against keys j0 .. j0+bk, transposed.
 
     ST[j][i] (key j, query lane i) for j < bk; -inf wherever the key may not
-    be attended.  Lanes past `rows` hold harmless zeros.
+    be attended.  Lanes past `rows` hold harmless zeros.  Where no mask
+    touches the block and bmax is given, the GEMM also leaves each lane's max
+    in bmax[0:lanes] and this returns True.
     """
-    cdef int64_t isz = sizeof(floating)
-    cdef int64_t L = P.lanes
-    _gemm(bk, L, P.dim, k + j0 * P.k.s_row, P.k.s_row, 1, QT, L, ST, L, 0, tail)
+    cdef int64_t L = P.lanes, r
+    cdef bint clean = bmax != NULL and not _block_masked(P, i0, rows, j0, bk)
+    if clean:
+        for r in range(L):
+            bmax[r] = -INFINITY
+    _gemm(bk, L, P.dim, k + j0 * P.k.s_row, P.k.s_row, 1, QT, L, ST, L, 0, tail,
+          bmax if clean else NULL)
     # masks index (query i, key j), which sits at ST[i * 1 + j * L]
-    _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk)
+    if not clean:
+        _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk)
+    return clean
+
+
+cdef inline bint _band_cuts(const Problem* P, int64_t i0, int64_t rows, int64_t j0,
+                            int64_t bk) noexcept nogil:
+    """Whether the band (causal or window) leaves out some key of this block for some row."""
+    cdef int64_t lo = i0 + P.causal_offset - P.band_left - j0
+    cdef int64_t hi = i0 + P.causal_offset + P.band_right - j0
+    return P.has_band and (lo + rows - 1 > 0 or hi < bk - 1)
+
+
+cdef inline bint _block_masked(const Problem* P, int64_t i0, int64_t rows, int64_t j0,
+                               int64_t bk) noexcept nogil:
+    """Whether _mask_scores would change any score of this block."""
+    return (P.has_fmask or P.has_bmask1 or P.has_bmask2 or P.slopes != NULL
+            or _band_cuts(P, i0, rows, j0, bk))
 
 
 cdef void _mask_scores(const Problem* P, floating* S, int64_t s_js, int64_t s_is, int64_t b,
@@ -235,7 +259,7 @@ cdef void _mask_scores(const Problem* P, floating* S, int64_t s_js, int64_t s_is
     # Only blocks that reach outside some row's band need the cut.
     cdef int64_t lo = i0 + P.causal_offset - P.band_left - j0
     cdef int64_t hi = i0 + P.causal_offset + P.band_right - j0
-    if P.has_band and (lo + rows - 1 > 0 or hi < bk - 1):
+    if _band_cuts(P, i0, rows, j0, bk):
         if floating is float:
             fa_mask_band_f32(S, s_is, s_js, rows, bk, lo, hi)
         else:
@@ -270,7 +294,9 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
     cdef floating* OT = ST + P.block_k * L         # Ev x L: output accumulator
     cdef floating* m = OT + P.dim_v * L            # L: running max per query
     cdef floating* l = m + L                       # L: running sum per query
-    cdef floating* tail = l + L                    # gemm tail panel
+    cdef floating* bm = l + L                      # L: max per query of one key block
+    cdef floating* tail = bm + L                   # gemm tail panel
+    cdef bint have_max
 
     cdef const floating* k = <const floating*>_at(&P.k, b, hk, 0, 0, isz)
     cdef const floating* v = <const floating*>_at(&P.v, b, hk, 0, 0, isz)
@@ -295,11 +321,13 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
         j0 = j_start
         while j0 < j_end:
             bk = min(P.block_k, j_end - j0)
-            _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk)
+            have_max = _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk, bm)
             if floating is float:
-                fa_online_softmax_f32(ST, L, bk, L, m, l, OT, L, P.dim_v)
+                fa_online_softmax_f32(ST, L, bk, L, m, l, OT, L, P.dim_v,
+                                      bm if have_max else NULL)
             else:
-                fa_online_softmax_f64(ST, L, bk, L, m, l, OT, L, P.dim_v)
+                fa_online_softmax_f64(ST, L, bk, L, m, l, OT, L, P.dim_v,
+                                      bm if have_max else NULL)
             # O^T += V_block^T P^T, V read in place (rows of V are E-contiguous)
             _gemm(P.dim_v, L, bk, v + j0 * P.v.s_row, 1, P.v.s_row, ST, L, OT, L, 1, tail)
             j0 += P.block_k
@@ -310,7 +338,7 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
         j0 = 0
         while j0 < P.len_k:
             bk = min(P.block_k, P.len_k - j0)
-            _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk)
+            _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk, NULL)
             _copy_strided(W + j0, P.len_k, 1, ST, 1, L, rows, bk)
             j0 += P.block_k
         if floating is float:
@@ -412,11 +440,11 @@ cdef void _merge_row(const Problem* P, int64_t row, floating* tag) noexcept nogi
 
 
 cdef inline int64_t _scratch_elems(const Problem* P) noexcept nogil:
-    """Per-thread scratch, in elements: Q^T, S^T, O^T, m, l and the tail panel
-    (row mode: scores, accumulator, query)."""
+    """Per-thread scratch, in elements: Q^T, S^T, O^T, m, l, the block max and
+    the tail panel (row mode: scores, accumulator, query)."""
     if P.row_mode:
         return P.keys_pad + P.dimv_pad + P.dim + 16
-    return (P.dim + P.block_k + P.dim_v + 2) * P.lanes + P.tail_len
+    return (P.dim + P.block_k + P.dim_v + 3) * P.lanes + P.tail_len
 
 
 cdef int _run(const Problem* P, int num_threads, floating* tag) noexcept nogil:

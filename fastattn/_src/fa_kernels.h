@@ -40,6 +40,10 @@ static inline int64_t fa_col_off(const fa_out_layout *o, int64_t c) {
 #define FA_LOG2E 1.44269504088896341f
 #define FA_EXP_MAGIC 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer */
 #define FA_VMAX(a, b) FA_MAX_PS(a, b)
+#if defined(FA_REDUCE_PS)
+#define FA_VREDUCE(y) FA_REDUCE_PS(y)
+#define FA_VSCALEF(a, b) FA_SCALEF_PS(a, b)
+#endif
 #define FA_EXP_BIAS 127
 #define FA_MANT_BITS 23
 #define FA_EXP2_LO -127.0f /* 2^n assembles to exactly 0 here */
@@ -56,6 +60,8 @@ static const float fa_exp2_c_f32[7] = {1.0f, 0.6931471824645996f, 0.240226462483
 #undef FA_LOG2E
 #undef FA_EXP_MAGIC
 #undef FA_VMAX
+#undef FA_VREDUCE
+#undef FA_VSCALEF
 #undef FA_EXP_BIAS
 #undef FA_MANT_BITS
 #undef FA_EXP2_LO
@@ -69,6 +75,10 @@ static const float fa_exp2_c_f32[7] = {1.0f, 0.6931471824645996f, 0.240226462483
 #define FA_LOG2E 1.4426950408889634
 #define FA_EXP_MAGIC 6755399441055744.0 /* 1.5 * 2^52 */
 #define FA_VMAX(a, b) FA_MAX_PD(a, b)
+#if defined(FA_REDUCE_PD)
+#define FA_VREDUCE(y) FA_REDUCE_PD(y)
+#define FA_VSCALEF(a, b) FA_SCALEF_PD(a, b)
+#endif
 #define FA_EXP_BIAS 1023
 #define FA_MANT_BITS 52
 #define FA_EXP2_LO -1023.0
@@ -87,6 +97,8 @@ static const double fa_exp2_c_f64[14] = {
 #undef FA_LOG2E
 #undef FA_EXP_MAGIC
 #undef FA_VMAX
+#undef FA_VREDUCE
+#undef FA_VSCALEF
 #undef FA_EXP_BIAS
 #undef FA_MANT_BITS
 #undef FA_EXP2_LO

@@ -74,6 +74,15 @@ static inline REAL FA(hsum)(VEC v) {
  * with no select; NaN stays NaN.  Relative error ~1 ulp in float and double.
  */
 static inline VEC FA(vexp2)(VEC y) {
+#if defined(FA_VREDUCE)
+    /* AVX-512: the reduction and the scaling by 2^n are an instruction each,
+     * and both handle y = -inf (r = 0, 2^-inf = 0): no clamp, no integer
+     * work, 3 fewer operations per vector on the pipes the products need */
+    VEC r = FA_VREDUCE(y);
+    VEC p = FA(vsplat)(FA_EXP2_C[FA_EXP2_DEG]);
+    for (int d = FA_EXP2_DEG - 1; d >= 0; d--) p = p * r + FA(vsplat)(FA_EXP2_C[d]);
+    return FA_VSCALEF(p, y - r);
+#else
     VEC yc = FA(vmax)(FA(vsplat)(FA_EXP2_LO), y);
     const VEC magic = FA(vsplat)(FA_EXP_MAGIC);
     VEC t = yc + magic;
@@ -83,6 +92,7 @@ static inline VEC FA(vexp2)(VEC y) {
     for (int d = FA_EXP2_DEG - 1; d >= 0; d--) p = p * r + FA(vsplat)(FA_EXP2_C[d]);
     IVEC bits = (n + (IREAL)FA_EXP_BIAS) << FA_MANT_BITS;
     return p * (VEC)bits;
+#endif
 }
 
 /*
@@ -161,11 +171,13 @@ static void FA(pack_qt)(REAL *restrict dst, int64_t ldd, const REAL *restrict sr
  * vector `bias`, or zero.  N is a multiple of NR; B rows are aligned, C rows
  * need not be.  The FA_MR x FA_NV accumulator tile stays in registers for the
  * whole K loop.  Rows >= mr of A must be readable (callers pack tails).
+ * With `colmax`, colmax[0:N] also takes the max of each column's results
+ * (rows < mr), while they are still in registers.
  */
 static inline void FA(panel)(int64_t N, int64_t K, const REAL *restrict A, int64_t rs,
                              int64_t ps, const REAL *restrict B, int64_t ldb,
                              REAL *restrict C, int64_t ldc, int accumulate,
-                             const REAL *restrict bias, int64_t mr) {
+                             const REAL *restrict bias, int64_t mr, REAL *restrict colmax) {
     typedef FA(uvec) UVEC;
     for (int64_t j = 0; j < N; j += NR) {
         VEC acc[FA_MR][FA_NV];
@@ -187,6 +199,14 @@ static inline void FA(panel)(int64_t N, int64_t K, const REAL *restrict A, int64
             if (r >= mr) break;
             for (int v = 0; v < FA_NV; v++) *(UVEC *)(C + r * ldc + j + v * VLEN) = acc[r][v];
         }
+        if (colmax)
+            for (int v = 0; v < FA_NV; v++) {
+                VEC mx = acc[0][v];
+                for (int r = 1; r < FA_MR; r++)
+                    if (r < mr) mx = FA(vmax)(mx, acc[r][v]);
+                VEC *cm = (VEC *)(colmax + j + v * VLEN);
+                *cm = FA(vmax)(*cm, mx);
+            }
     }
 }
 
@@ -194,28 +214,29 @@ static inline void FA(panel)(int64_t N, int64_t K, const REAL *restrict A, int64
  * C[M x N] (+)= A[M x K] * B[K x N] with A read through strides (rs between
  * rows, ps between inner-dimension steps), so K and V are used in place.
  * A last panel of fewer than FA_MR rows is first copied into `tail`
- * (FA_MR * K elements), zero-padded, so no read runs past A.
+ * (FA_MR * K elements), zero-padded, so no read runs past A.  colmax
+ * (aligned, or NULL): see FA(panel).
  */
 static void FA(gemm)(int64_t M, int64_t N, int64_t K, const REAL *restrict A, int64_t rs,
                      int64_t ps, const REAL *restrict B, int64_t ldb, REAL *restrict C,
-                     int64_t ldc, int accumulate, REAL *restrict tail) {
+                     int64_t ldc, int accumulate, REAL *restrict tail, REAL *restrict colmax) {
     int64_t i = 0;
     if (rs == 1) {
         for (; i + FA_MR <= M; i += FA_MR)
-            FA(panel)(N, K, A + i, 1, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR);
+            FA(panel)(N, K, A + i, 1, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR, colmax);
     } else if (ps == 1) {
         for (; i + FA_MR <= M; i += FA_MR)
-            FA(panel)(N, K, A + i * rs, rs, 1, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR);
+            FA(panel)(N, K, A + i * rs, rs, 1, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR, colmax);
     } else {
         for (; i + FA_MR <= M; i += FA_MR)
-            FA(panel)(N, K, A + i * rs, rs, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR);
+            FA(panel)(N, K, A + i * rs, rs, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR, colmax);
     }
     if (i < M) {
         int64_t mr = M - i;
         for (int64_t p = 0; p < K; p++)
             for (int64_t r = 0; r < FA_MR; r++)
                 tail[p * FA_MR + r] = r < mr ? A[(i + r) * rs + p * ps] : 0;
-        FA(panel)(N, K, tail, 1, FA_MR, B, ldb, C + i * ldc, ldc, accumulate, NULL, mr);
+        FA(panel)(N, K, tail, 1, FA_MR, B, ldb, C + i * ldc, ldc, accumulate, NULL, mr, colmax);
     }
 }
 
@@ -286,7 +307,7 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
                 int within = !lay->head_dim || col % lay->head_dim + NR <= lay->head_dim;
                 if (nr == NR && within) {
                     FA(panel)(NR, kl, a, rs, ps, b, NR, Y + roff[0] + fa_col_off(lay, col), ldc,
-                              !first, bb, mr);
+                              !first, bb, mr, NULL);
                 } else {
                     for (int64_t c = 0; c < nr; c++) coff[c] = fa_col_off(lay, col + c);
                     /* a partial panel, or one that straddles two heads: through
@@ -294,7 +315,7 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
                     if (!first)
                         for (int64_t r = 0; r < mr; r++)
                             for (int64_t c = 0; c < nr; c++) tile[r * NR + c] = Y[roff[r] + coff[c]];
-                    FA(panel)(NR, kl, a, rs, ps, b, NR, tile, NR, !first, bb, mr);
+                    FA(panel)(NR, kl, a, rs, ps, b, NR, tile, NR, !first, bb, mr, NULL);
                     for (int64_t r = 0; r < mr; r++)
                         for (int64_t c = 0; c < nr; c++) Y[roff[r] + coff[c]] = tile[r * NR + c];
                 }
@@ -349,24 +370,31 @@ static void FA(add_alibi)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t 
  * rescaled and extended, and the accumulated output O^T (ev rows) rescaled.
  * A lane that has seen only -inf keeps m = -inf and l = 0 and contributes
  * zeros (shift 0 instead of -inf - -inf), so fully masked queries end as 0.
+ * `bmax` (or NULL): the block's max per lane, already taken by the GEMM
+ * that made the scores (FA(gemm)'s colmax), which saves a pass over ST.
  */
 static void FA(online_softmax)(REAL *restrict ST, int64_t lds, int64_t nkeys, int64_t ncols,
                                REAL *restrict m, REAL *restrict l, REAL *restrict OT,
-                               int64_t ldo, int64_t ev) {
+                               int64_t ldo, int64_t ev, const REAL *restrict bmax) {
     const VEC ninf = FA(vsplat)((REAL)-INFINITY), zero = FA(vsplat)(0);
     for (int64_t c = 0; c < ncols; c += VLEN) {
-        /* four independent chains: one chain of dependent maxes would be
-         * latency-bound (~2% of a tile's time) */
-        VEC mx = *(VEC *)(m + c), m1 = ninf, m2 = ninf, m3 = ninf;
-        int64_t j = 0;
-        for (; j + 4 <= nkeys; j += 4) {
-            mx = FA(vmax)(mx, *(const VEC *)(ST + j * lds + c));
-            m1 = FA(vmax)(m1, *(const VEC *)(ST + (j + 1) * lds + c));
-            m2 = FA(vmax)(m2, *(const VEC *)(ST + (j + 2) * lds + c));
-            m3 = FA(vmax)(m3, *(const VEC *)(ST + (j + 3) * lds + c));
+        VEC mx = *(VEC *)(m + c);
+        if (bmax) {
+            mx = FA(vmax)(mx, *(const VEC *)(bmax + c));
+        } else {
+            /* four independent chains: one chain of dependent maxes would be
+             * latency-bound (~2% of a tile's time) */
+            VEC m1 = ninf, m2 = ninf, m3 = ninf;
+            int64_t j = 0;
+            for (; j + 4 <= nkeys; j += 4) {
+                mx = FA(vmax)(mx, *(const VEC *)(ST + j * lds + c));
+                m1 = FA(vmax)(m1, *(const VEC *)(ST + (j + 1) * lds + c));
+                m2 = FA(vmax)(m2, *(const VEC *)(ST + (j + 2) * lds + c));
+                m3 = FA(vmax)(m3, *(const VEC *)(ST + (j + 3) * lds + c));
+            }
+            for (; j < nkeys; j++) mx = FA(vmax)(mx, *(const VEC *)(ST + j * lds + c));
+            mx = FA(vmax)(FA(vmax)(mx, m1), FA(vmax)(m2, m3));
         }
-        for (; j < nkeys; j++) mx = FA(vmax)(mx, *(const VEC *)(ST + j * lds + c));
-        mx = FA(vmax)(FA(vmax)(mx, m1), FA(vmax)(m2, m3));
         VEC shift = FA(vselect)(mx == ninf, zero, mx);
         VEC corr = FA(vexp)(*(VEC *)(m + c) - shift);
         VEC sum = zero;
