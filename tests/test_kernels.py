@@ -84,6 +84,31 @@ def test_result_does_not_depend_on_block_sizes(rng, block_q, block_k, dtype):
         np.testing.assert_allclose(out, ref_out, **TOL[dtype])
 
 
+@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_max_from_the_score_gemm_equals_the_softmax_pass(rng, isa, dtype):
+    """Unmasked key blocks take each query's block max in the score GEMM's
+    epilogue; masked ones (here by a mask that keeps every key) find it in a
+    pass over the scores.  Both are the exact max, so the outputs are the same
+    bits: over whole and ragged key blocks, ragged query tiles and scores
+    wide enough that the running max moves from block to block.  Every score
+    is negative, so a max that counted the zero rows padding a ragged panel
+    would differ."""
+    mod = importlib.import_module(f"fastattn._kernels_{isa}")
+    q, k, v = _case(rng, dtype, Lq=70, Lk=300, E=32, Ev=24)
+    q = np.abs(q) * 8  # scores of minus tens: exp(s - max) spans the float range
+    k = -np.abs(k)
+    k[:, :, 150:] *= 0.3  # later keys score higher: the max moves after the first block
+    keep = np.ones((70, 300), bool)
+    for block_k in (64, 100, 256):
+        plain, _ = _run(mod, q, k, v, block_k=block_k)
+        masked, _ = _run(mod, q, k, v, mask=keep, block_k=block_k)
+        np.testing.assert_array_equal(plain, masked)
+        ref_out, _ = ref_sdpa(q, k, v)
+        np.testing.assert_allclose(plain, ref_out, rtol=TOL[dtype]["rtol"] * 50,
+                                   atol=TOL[dtype]["atol"] * 50)
+
+
 def test_threads_give_identical_bits(rng):
     """Each tile is computed the same way whichever thread runs it."""
     q, k, v = _case(rng, np.float32, lead=(3,), H=8, Hkv=8, Lq=130, Lk=130)
