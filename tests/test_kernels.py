@@ -132,7 +132,8 @@ def test_kernel_rejects_inconsistent_operands(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 33, 50), (97, 64, 130), (130, 200, 64), (64, 1100, 40)])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 33, 50), (97, 64, 130), (130, 200, 64), (64, 1100, 40),
+                                   (300, 70, 200)])
 def test_linear_matches_float64_matmul(rng, dtype, m, k, n):
     x = rng.standard_normal((m, k)).astype(dtype)
     w = rng.standard_normal((n, k)).astype(dtype)
@@ -157,7 +158,7 @@ def test_linear_matches_float64_matmul(rng, dtype, m, k, n):
 @pytest.mark.parametrize("isa", available_isas())
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("B,N,G,E,k", [(1, 64, 3, 64, 32), (3, 13, 5, 24, 17), (2, 9, 4, 40, 1100),
-                                       (2, 1, 2, 1, 3)])
+                                       (2, 1, 2, 1, 3), (2, 150, 3, 64, 40)])
 def test_linear_head_major_output_matches_float64_matmul(rng, isa, dtype, B, N, G, E, k):
     """Row b * N + n, column g * E + e lands at out[b, g, n, e]: heads whose
     width is not a multiple of the panel (24, 40, 1), row panels cut at the end
