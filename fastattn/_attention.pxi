@@ -705,9 +705,10 @@ def cpu_features():
 # ---- projections ---------------------------------------------------------
 
 # rows x output panels per work item: a block of packed weights (K x 2
-# panels, 256 KiB at K = 1024) stays in L2 while the rows stream past it.
-# With 64 x 8 the block was 1 MiB at K = 1024, all of a Zen 4 core's L2, and
-# the wide preset's Q/K/V projection ran 10 % slower (bert's 2 %).
+# panels: 256 KiB at K = 1024 in float32 with AVX-512, 512 KiB in float64)
+# stays in L2 while the rows stream past it.  With 64 x 8 the float32 block
+# was 1 MiB at K = 1024, all of a Zen 4 core's L2, and the wide preset's
+# Q/K/V projection ran 10 % slower (bert's 2 %).
 cdef int64_t LINEAR_ROWS = 128
 cdef int64_t LINEAR_PANELS = 2
 

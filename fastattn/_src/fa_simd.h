@@ -34,13 +34,16 @@
 #if FA_VBYTES == 64
 #define FA_MAX_PS(a, b) ((__typeof__(a))_mm512_max_ps((__m512)(a), (__m512)(b)))
 #define FA_MAX_PD(a, b) ((__typeof__(a))_mm512_max_pd((__m512d)(a), (__m512d)(b)))
+#if defined(__AVX512DQ__)
 /* y - round(y) in one instruction (AVX512DQ; imm8 0: no fraction bits kept,
  * round to nearest even; an infinite y gives 0), and a * 2^floor(b) (AVX512F;
- * b = -inf gives 0, underflow rounds to denormals and 0) */
+ * b = -inf gives 0, underflow rounds to denormals and 0).  Without DQ the
+ * exponential keeps its portable form. */
 #define FA_REDUCE_PS(y) ((__typeof__(y))_mm512_reduce_ps((__m512)(y), 0))
 #define FA_REDUCE_PD(y) ((__typeof__(y))_mm512_reduce_pd((__m512d)(y), 0))
 #define FA_SCALEF_PS(a, b) ((__typeof__(a))_mm512_scalef_ps((__m512)(a), (__m512)(b)))
 #define FA_SCALEF_PD(a, b) ((__typeof__(a))_mm512_scalef_pd((__m512d)(a), (__m512d)(b)))
+#endif
 #elif FA_VBYTES == 32
 #define FA_MAX_PS(a, b) ((__typeof__(a))_mm256_max_ps((__m256)(a), (__m256)(b)))
 #define FA_MAX_PD(a, b) ((__typeof__(a))_mm256_max_pd((__m256d)(a), (__m256d)(b)))
