@@ -197,8 +197,7 @@ cdef bint _scores_block(const Problem* P, floating* ST, const floating* QT, cons
     _gemm(bk, L, P.dim, k + j0 * P.k.s_row, P.k.s_row, 1, QT, L, ST, L, 0, tail,
           bmax if clean else NULL)
     # masks index (query i, key j), which sits at ST[i * 1 + j * L]
-    if not clean:
-        _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk)
+    _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk)
     return clean
 
 
@@ -212,7 +211,8 @@ cdef inline bint _band_cuts(const Problem* P, int64_t i0, int64_t rows, int64_t 
 
 cdef inline bint _block_masked(const Problem* P, int64_t i0, int64_t rows, int64_t j0,
                                int64_t bk) noexcept nogil:
-    """Whether _mask_scores would change any score of this block."""
+    """Whether _mask_scores would change any score of this block (a mask kind
+    added there must be added here, or the block max taken before it is stale)."""
     return (P.has_fmask or P.has_bmask1 or P.has_bmask2 or P.slopes != NULL
             or _band_cuts(P, i0, rows, j0, bk))
 
