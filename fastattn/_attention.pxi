@@ -257,9 +257,10 @@ cdef void _mask_scores(const Problem* P, floating* S, int64_t s_js, int64_t s_is
         else:
             fa_add_alibi_f64(S, s_is, s_js, rows, bk, P.slopes[h], j0 - i0 - P.causal_offset)
     # Only blocks that reach outside some row's band need the cut.
-    cdef int64_t lo = i0 + P.causal_offset - P.band_left - j0
-    cdef int64_t hi = i0 + P.causal_offset + P.band_right - j0
+    cdef int64_t lo, hi
     if _band_cuts(P, i0, rows, j0, bk):
+        lo = i0 + P.causal_offset - P.band_left - j0
+        hi = i0 + P.causal_offset + P.band_right - j0
         if floating is float:
             fa_mask_band_f32(S, s_is, s_js, rows, bk, lo, hi)
         else:

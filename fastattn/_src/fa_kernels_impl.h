@@ -226,13 +226,16 @@ static void FA(gemm)(int64_t M, int64_t N, int64_t K, const REAL *restrict A, in
     int64_t i = 0;
     if (rs == 1) {
         for (; i + FA_MR <= M; i += FA_MR)
-            FA(panel)(N, K, A + i, 1, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR, colmax);
+            FA(panel)(N, K, A + i, 1, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR,
+                      colmax);
     } else if (ps == 1) {
         for (; i + FA_MR <= M; i += FA_MR)
-            FA(panel)(N, K, A + i * rs, rs, 1, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR, colmax);
+            FA(panel)(N, K, A + i * rs, rs, 1, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR,
+                      colmax);
     } else {
         for (; i + FA_MR <= M; i += FA_MR)
-            FA(panel)(N, K, A + i * rs, rs, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR, colmax);
+            FA(panel)(N, K, A + i * rs, rs, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR,
+                      colmax);
     }
     if (i < M) {
         int64_t mr = M - i;
