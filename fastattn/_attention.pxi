@@ -202,19 +202,21 @@ cdef bint _scores_block(const Problem* P, floating* ST, const floating* QT, cons
 
 
 cdef inline bint _band_cuts(const Problem* P, int64_t i0, int64_t rows, int64_t j0,
-                            int64_t bk) noexcept nogil:
-    """Whether the band (causal or window) leaves out some key of this block for some row."""
-    cdef int64_t lo = i0 + P.causal_offset - P.band_left - j0
-    cdef int64_t hi = i0 + P.causal_offset + P.band_right - j0
-    return P.has_band and (lo + rows - 1 > 0 or hi < bk - 1)
+                            int64_t bk, int64_t* lo, int64_t* hi) noexcept nogil:
+    """Whether the band (causal or window) leaves out some key of this block for
+    some row; lo/hi get the band of the block's first row, in block columns."""
+    lo[0] = i0 + P.causal_offset - P.band_left - j0
+    hi[0] = i0 + P.causal_offset + P.band_right - j0
+    return P.has_band and (lo[0] + rows - 1 > 0 or hi[0] < bk - 1)
 
 
 cdef inline bint _block_masked(const Problem* P, int64_t i0, int64_t rows, int64_t j0,
                                int64_t bk) noexcept nogil:
     """Whether _mask_scores would change any score of this block (a mask kind
     added there must be added here, or the block max taken before it is stale)."""
+    cdef int64_t lo, hi
     return (P.has_fmask or P.has_bmask1 or P.has_bmask2 or P.slopes != NULL
-            or _band_cuts(P, i0, rows, j0, bk))
+            or _band_cuts(P, i0, rows, j0, bk, &lo, &hi))
 
 
 cdef void _mask_scores(const Problem* P, floating* S, int64_t s_js, int64_t s_is, int64_t b,
@@ -258,9 +260,7 @@ cdef void _mask_scores(const Problem* P, floating* S, int64_t s_js, int64_t s_is
             fa_add_alibi_f64(S, s_is, s_js, rows, bk, P.slopes[h], j0 - i0 - P.causal_offset)
     # Only blocks that reach outside some row's band need the cut.
     cdef int64_t lo, hi
-    if _band_cuts(P, i0, rows, j0, bk):
-        lo = i0 + P.causal_offset - P.band_left - j0
-        hi = i0 + P.causal_offset + P.band_right - j0
+    if _band_cuts(P, i0, rows, j0, bk, &lo, &hi):
         if floating is float:
             fa_mask_band_f32(S, s_is, s_js, rows, bk, lo, hi)
         else:
