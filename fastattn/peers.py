@@ -25,6 +25,7 @@ from .reference import mhsa_numpy, sdpa_numpy
 
 FULL_PEERS = ("numpy", "torch-mha", "ort-attention")
 CORE_PEERS = ("numpy", "torch-sdpa", "ort-mha")
+ONNX_IR_VERSION = 8  # the IR version that introduced opset 17
 
 
 class PeerUnavailable(Exception):
@@ -65,10 +66,15 @@ def _onnx_model(nodes, inputs, outputs, initializers):
     from onnx import helper
 
     graph = helper.make_graph(nodes, "fastattn_peer", inputs, outputs, initializer=initializers)
-    return helper.make_model(
+    model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
     )
+    # make_model stamps the installed onnx's newest IR version, which an older
+    # onnxruntime refuses (onnx 1.23 writes 14, onnxruntime 1.30 reads up to 13).
+    # Opset 17 only needs IR 8, which every onnxruntime we accept (>= 1.16) reads.
+    model.ir_version = ONNX_IR_VERSION
+    return model
 
 
 # ---- full forward ----------------------------------------------------------
