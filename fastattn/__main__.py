@@ -10,6 +10,24 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
+from .threads import MAX_THREADS
+
+
+def _at_least(lo: int, hi: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi]; argparse names the option
+    when it refuses one (exit status 2, no traceback)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            span = f">= {lo}" if hi is None else f"from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"expected an integer {span}, got {value}")
+        return value
+    parse.__name__ = "count"  # what argparse calls the type in its messages
+    return parse
+
 
 def _median_ms(fn: Callable[[], object], rounds: int) -> float:
     fn()  # warm-up: first touches of fresh memory are slow on this kind of VM
@@ -44,10 +62,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import MultiHeadSelfAttention, set_num_threads
     from .reference import mhsa_numpy
 
-    if args.threads:
-        set_num_threads(args.threads)
     dtype = np.dtype(args.dtype)
     B, N, D, H = args.batch, args.seq, args.d_model, args.heads
+    if D % H:
+        print(f"--heads ({H}) must divide --d-model ({D})", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        set_num_threads(args.threads)
     m = MultiHeadSelfAttention(D, H, dtype=dtype, seed=0)
     x = np.random.default_rng(1).standard_normal((B, N, D)).astype(dtype)
     print(f"MultiHeadSelfAttention(d_model={D}, num_heads={H}), x {x.shape} {dtype.name}, "
@@ -80,8 +101,6 @@ def _bench_args_error(args: argparse.Namespace, known_shapes) -> Optional[str]:
         return f"--parts: expected full and/or core, got {args.parts!r}"
     if args.rounds < 1:
         return f"--rounds: expected a positive count, got {args.rounds}"
-    from .threads import MAX_THREADS
-
     if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
         return f"--threads: expected a count from 1 to {MAX_THREADS}, got {args.threads}"
     return None
@@ -153,7 +172,9 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     try:
         dks = [int(d) for d in args.dk.split(",") if d]
     except ValueError:
-        print(f"--dk must be comma-separated integers, got {args.dk!r}", file=sys.stderr)
+        dks = []
+    if not dks or min(dks) < 1:
+        print(f"--dk must be comma-separated integers >= 1, got {args.dk!r}", file=sys.stderr)
         return 2
     rows = scaling.measure(dks, trials=args.trials, length=args.length, seed=args.seed,
                            progress=not args.no_progress)
@@ -178,21 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--json", action="store_true", help="print as JSON")
     pi.set_defaults(func=cmd_info)
     pd = sub.add_parser("demo", help="the seed's example: forward, check against NumPy, time both")
-    pd.add_argument("--batch", type=int, default=8, help="batch size B (default 8)")
-    pd.add_argument("--seq", type=int, default=512, help="sequence length N (default 512)")
-    pd.add_argument("--d-model", type=int, default=512, help="model width D (default 512)")
-    pd.add_argument("--heads", type=int, default=8, help="attention heads H (default 8)")
+    pd.add_argument("--batch", type=_at_least(1), default=8, help="batch size B (default 8)")
+    pd.add_argument("--seq", type=_at_least(1), default=512, help="sequence length N (default 512)")
+    pd.add_argument("--d-model", type=_at_least(1), default=512, help="model width D (default 512)")
+    pd.add_argument("--heads", type=_at_least(1), default=8, help="attention heads H (default 8)")
     pd.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                     help="computation dtype (default float32)")
-    pd.add_argument("--threads", type=int, default=None, help="default: all cores")
-    pd.add_argument("--rounds", type=int, default=5, help="timed calls of each (default 5)")
+    pd.add_argument("--threads", type=_at_least(1, MAX_THREADS), default=None,
+                    help="default: fastattn's thread count")
+    pd.add_argument("--rounds", type=_at_least(1), default=5, help="timed calls of each (default 5)")
     pd.set_defaults(func=cmd_demo)
     pb = sub.add_parser("bench", help="fastattn vs NumPy, torch and ONNX Runtime (those installed)")
     pb.add_argument("--shapes", default="small,bert,long,wide,decode",
-                    help="comma-separated presets: small, bert, long, wide, decode")
-    pb.add_argument("--parts", default="full,core", help="full (MHSA forward), core (attention)")
+                    help="comma-separated presets: small, bert, long, wide, decode (default: all)")
+    pb.add_argument("--parts", default="full,core",
+                    help="full (MHSA forward), core (attention) (default: both)")
     pb.add_argument("--threads", type=int, default=None, help="default: fastattn's thread count")
-    pb.add_argument("--rounds", type=int, default=7)
+    pb.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     pb.add_argument("--json", default=None, help="write the results to this file")
     pb.add_argument("--plot", default=None, help="write a bar chart (PNG) here (needs matplotlib)")
     pb.add_argument("--memory", action="store_true",
@@ -203,10 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     pb.set_defaults(func=cmd_bench)
     ps = sub.add_parser("scaling", help="measure why scores are divided by sqrt(d_k)")
     ps.add_argument("--dk", default="4,8,16,32,64,128,256,512,1024",
-                    help="comma-separated key widths d_k")
-    ps.add_argument("--trials", type=int, default=200, help="query rows per d_k")
-    ps.add_argument("--length", type=int, default=128, help="keys per row, L")
-    ps.add_argument("--seed", type=int, default=0)
+                    help="comma-separated key widths d_k (default 4,8,...,1024)")
+    ps.add_argument("--trials", type=_at_least(2), default=200, help="query rows per d_k (default 200)")
+    ps.add_argument("--length", type=_at_least(2), default=128, help="keys per row, L (default 128)")
+    ps.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ps.add_argument("--json", default=None, help="write the measurements to this file")
     ps.add_argument("--plot", default=None, help="write the figure (PNG) here (needs matplotlib)")
     ps.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .functional import check_flag, ensure_memory, float_dtype, positive_int
+
 __all__ = ["KVCache"]
 
 
@@ -31,17 +33,13 @@ class KVCache:
 
     def __init__(self, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype, grow: bool = False) -> None:
-        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.batch_size = int(batch_size)
-        self.num_kv_heads = int(num_kv_heads)
-        self.head_dim = int(head_dim)
-        self.dtype = np.dtype(dtype)
-        self.grow = bool(grow)
-        shape = (self.batch_size, self.num_kv_heads, int(max_len), self.head_dim)
-        from .functional import ensure_memory
-
+        self.batch_size = positive_int(batch_size, "batch_size")
+        max_len = positive_int(max_len, "max_len")
+        self.num_kv_heads = positive_int(num_kv_heads, "num_kv_heads")
+        self.head_dim = positive_int(head_dim, "head_dim")
+        self.dtype = float_dtype(dtype)
+        self.grow = check_flag(grow, "grow")
+        shape = (self.batch_size, self.num_kv_heads, max_len, self.head_dim)
         ensure_memory([shape, shape], self.dtype.itemsize, "the cache")
         self._k = np.empty(shape, dtype=self.dtype)
         self._v = np.empty_like(self._k)
@@ -103,6 +101,11 @@ class KVCache:
         self._k[:, :, self._length:end] = k_new.reshape(B, T, H, E).transpose(0, 2, 1, 3)
         self._v[:, :, self._length:end] = v_new.reshape(B, T, H, E).transpose(0, 2, 1, 3)
         self._length = end
+
+    def _truncate(self, length: int) -> None:
+        """Forget the positions past ``length``: a call that appended and then
+        failed leaves the cache as it found it."""
+        self._length = min(self._length, length)
 
     def __repr__(self) -> str:
         return (f"KVCache(batch_size={self.batch_size}, length={self._length}, "

@@ -72,7 +72,19 @@ def ensure_memory(shapes: Sequence[Tuple[int, ...]], itemsize: int, what: str) -
 
 
 def _shape_str(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
+    """A shape as Python writes a tuple: (8,) for one dimension, () for none."""
+    return str(tuple(int(s) for s in shape))
+
+
+def refuse_masked(x, name: str) -> None:
+    """numpy masked arrays are refused: their mask would be silently ignored."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy masked array, whose mask fastattn would ignore; pass a "
+            f"plain ndarray such as {name}.filled(value)"
+            + ("" if "mask" in name else " (keys to leave out go in attn_mask or "
+               "key_padding_mask)")
+        )
 
 
 def as_float_array(x, name: str, dtype: Optional[np.dtype] = None) -> np.ndarray:
@@ -83,6 +95,7 @@ def as_float_array(x, name: str, dtype: Optional[np.dtype] = None) -> np.ndarray
     """
     if x is None:
         raise TypeError(f"{name} must be a float32 or float64 array, got None")
+    refuse_masked(x, name)
     arr = x if isinstance(x, np.ndarray) else np.asarray(x)
     if arr.dtype.kind != "f" or (dtype is None and arr.dtype not in _FLOAT_DTYPES):
         raise TypeError(
@@ -114,6 +127,7 @@ def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
     """
     if mask is None:
         return None, None
+    refuse_masked(mask, name)
     m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
     if m.dtype != np.bool_ and m.dtype.kind != "f":
         raise TypeError(
@@ -137,7 +151,20 @@ def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
                 for st, n in zip(m.strides, m.shape))]
     if m.dtype == np.bool_:
         return np.broadcast_to(m, full_shape), None
-    m = np.require(m.astype(dtype, copy=False), requirements=["A"])
+    with np.errstate(over="ignore"):
+        cast = m.astype(dtype, copy=False)
+    if cast is not m and cast.dtype.itemsize < m.dtype.itemsize:
+        # a float64 mask on float32 inputs: finite values beyond float32's range
+        # would turn into +-inf (a blocked key, or NaN outputs) without a word
+        lost = np.isinf(cast) & np.isfinite(m)
+        if lost.any():
+            worst = float(np.max(np.abs(m[lost])))
+            raise ValueError(
+                f"{name} has finite values beyond {cast.dtype}'s range (largest magnitude "
+                f"{worst:.3g}); use -inf to block a key, or values within "
+                f"+-{float(np.finfo(cast.dtype).max):.3g}"
+            )
+    m = np.require(cast, requirements=["A"])
     return None, np.broadcast_to(m, full_shape)
 
 
@@ -238,6 +265,26 @@ def check_alibi(alibi: bool, slopes, num_heads: int,
     if not np.all(np.isfinite(arr)) or np.any(np.abs(arr) > float(np.finfo(dtype).max)):
         raise ValueError(f"alibi_slopes must be finite in {np.dtype(dtype).name}")
     return arr
+
+
+def positive_int(value, name: str) -> int:
+    """A size argument: a Python or NumPy int >= 1 (bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def float_dtype(dtype) -> np.dtype:
+    """float32 or float64, from anything numpy.dtype reads."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
 
 
 def check_flag(value, name: str) -> bool:

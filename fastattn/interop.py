@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .functional import _shape_str
+from .functional import _shape_str, refuse_masked
 
 __all__ = ["to_numpy", "to_own_names", "torch_module_config", "read_module_file"]
 
@@ -40,6 +40,9 @@ _TORCH_STACKED = {"in_proj_weight": "w", "in_proj_bias": "b"}
 
 def to_numpy(value: Any, name: str) -> np.ndarray:
     """A numpy array from an array-like or a (CPU or not) torch tensor."""
+    if value is None:
+        raise TypeError(f"{name}: expected a float array, got None")
+    refuse_masked(value, name)
     if hasattr(value, "detach") and hasattr(value, "cpu"):
         value = value.detach().cpu()
         if str(getattr(value, "dtype", "")) == "torch.bfloat16":
@@ -158,7 +161,7 @@ def torch_module_config(module) -> tuple:
 
 def parse_config(raw: Optional[np.ndarray], fmt: str, path) -> Dict[str, Any]:
     """The config stored by ``save``, checked field by field."""
-    where = os.fspath(path)
+    where = _source_name(path)
     if raw is None:
         raise ValueError(f"{where}: no __config__ entry; not written by fastattn's save()")
     try:
@@ -208,6 +211,23 @@ def _member_array(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
         return np.lib.format.read_array(f, allow_pickle=False)
 
 
+def _source_name(path) -> str:
+    """How messages name a file: its path, or a file object's name or type."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        return os.fsdecode(path)
+    return str(getattr(path, "name", None) or f"<{type(path).__name__}>")
+
+
+def resolve_module_path(path):
+    """The file save(path) wrote: numpy's savez adds ".npz" to a name without
+    it, so load("model") finds the "model.npz" that save("model") made."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        name = os.fsdecode(path)
+        if not os.path.exists(name) and not name.endswith(".npz") and os.path.exists(name + ".npz"):
+            return name + ".npz"
+    return path
+
+
 def read_module_file(path, fmt: str,
                      expected_shapes: Callable[[Dict[str, Any]], Dict[str, Tuple[int, ...]]]):
     """(config, arrays) of a module file, checking everything before reading data.
@@ -217,7 +237,8 @@ def read_module_file(path, fmt: str,
     corrupted, pickled, oversized or mislabelled file is refused with a
     ValueError and nothing in it is executed or allocated.
     """
-    where = os.fspath(path)
+    path = resolve_module_path(path)
+    where = _source_name(path)
     try:
         zf = zipfile.ZipFile(path)
     except FileNotFoundError:

@@ -42,8 +42,11 @@ from .functional import (
     check_flag,
     check_window,
     ensure_memory,
+    float_dtype,
     kernel_ready,
+    positive_int,
     prepare_mask,
+    refuse_masked,
 )
 
 __all__ = ["MultiHeadSelfAttention", "MultiHeadAttention"]
@@ -51,24 +54,6 @@ __all__ = ["MultiHeadSelfAttention", "MultiHeadAttention"]
 _WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o")
 _BIAS_NAMES = ("b_q", "b_k", "b_v", "b_o")
 _IN_DIM = {"q": "embed_dim", "k": "kdim", "v": "vdim", "o": "embed_dim"}
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
-def _float_dtype(dtype) -> np.dtype:
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    return dt
 
 
 def _param_property(name: str) -> property:
@@ -85,23 +70,23 @@ class _MultiHeadBase:
     @staticmethod
     def _init_config(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
                      dim_name: str) -> Dict[str, Any]:
-        embed_dim = _positive_int(embed_dim, dim_name)
-        num_heads = _positive_int(num_heads, "num_heads")
+        embed_dim = positive_int(embed_dim, dim_name)
+        num_heads = positive_int(num_heads, "num_heads")
         if embed_dim % num_heads:
             raise ValueError(
                 f"{dim_name} ({embed_dim}) must be divisible by num_heads ({num_heads}): "
                 f"each head gets {dim_name} // num_heads features"
             )
-        num_kv_heads = num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
+        num_kv_heads = num_heads if num_kv_heads is None else positive_int(num_kv_heads, "num_kv_heads")
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
             )
         bias = check_flag(bias, "bias")
-        kdim = embed_dim if kdim is None else _positive_int(kdim, "kdim")
-        vdim = embed_dim if vdim is None else _positive_int(vdim, "vdim")
+        kdim = embed_dim if kdim is None else positive_int(kdim, "kdim")
+        vdim = embed_dim if vdim is None else positive_int(vdim, "vdim")
         return dict(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                    kdim=kdim, vdim=vdim, bias=bool(bias), dtype=_float_dtype(dtype))
+                    kdim=kdim, vdim=vdim, bias=bool(bias), dtype=float_dtype(dtype))
 
     def _allocate(self, embed_dim: int, num_heads: int, num_kv_heads: int, kdim: int,
                   vdim: int, bias: bool, dtype: np.dtype) -> None:
@@ -413,13 +398,16 @@ class _MultiHeadBase:
         raise NotImplementedError
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the parameters and the config to an ``.npz`` file."""
+        """Write the parameters and the config to an ``.npz`` file, or a binary
+        file object.  As with ``numpy.savez``, a path without the suffix gets
+        ``.npz`` added; :meth:`load` finds the file under either name."""
         header = json.dumps({"format": self._FORMAT, **self.config()})
         np.savez(path, __config__=np.array(header), **self.state_dict())
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]):
-        """Read a module written by :meth:`save` (no pickles are ever loaded).
+        """Read a module written by :meth:`save`, from a path or a binary file
+        object (no pickles are ever loaded).
 
         Member names and array headers are checked against the stored config
         before any array is read; a file that is not such a module raises
@@ -509,8 +497,13 @@ class _MultiHeadBase:
         ensure_memory([(B * Lq, D + 2 * kv), (B * Lq, D), (B * Lq, D)]
                       + ([(B, H, Lq, Lk)] if need_weights else []), self.dtype.itemsize,
                       "the forward pass's buffers" + (" and weights" if need_weights else ""))
+        # 1. masks as broadcast views, checked before anything is computed or
+        # cached: a call that raises leaves a cache as it found it
+        full = (B, H, Lq, Lk)
+        bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, self.dtype)
+        pad = self._padding_mask(key_padding_mask, B, Lq, Lk, unbatched)
 
-        # 1. projections, straight into the head-major blocks the kernel reads
+        # 2. projections, straight into the head-major blocks the kernel reads
         merged = None
         src_k = q_in if self_attention else k_in
         src_v = q_in if self_attention else v_in
@@ -539,18 +532,29 @@ class _MultiHeadBase:
                 k2 = self._project(src_k.reshape(B * Lq, src_k.shape[2]), "k", kv, num_threads=nt)
                 v2 = self._project(src_v.reshape(B * Lq, src_v.shape[2]), "v", kv, num_threads=nt)
             q = q2.reshape(B, Lq, H, E).transpose(0, 2, 1, 3)
+            cached = len(cache)
             cache.append(k2.reshape(B, Lq, kv), v2.reshape(B, Lq, kv))
             k, v = cache.keys(), cache.values()
-        Lk = k.shape[2]
+        try:
+            return self._attend_and_project(q, k, v, merged, B, Lq, bmask, fmask, pad,
+                                            is_causal, need_weights, average_attn_weights,
+                                            window, slopes, unbatched, nt)
+        except BaseException:
+            if cache is not None:
+                cache._truncate(cached)
+            raise
 
-        # 2. masks as broadcast views, 3. the kernel, into the merged layout
-        full = (B, H, Lq, Lk)
-        bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, self.dtype)
-        pad = self._padding_mask(key_padding_mask, B, Lq, Lk, unbatched)
+    def _attend_and_project(self, q, k, v, merged, B, Lq, bmask, fmask, pad, is_causal,
+                            need_weights, average_attn_weights, window, slopes, unbatched, nt):
+        """Steps 3 and 4 of _forward: the kernel into the merged layout, then
+        the output projection."""
+        H, E, D = self.num_heads, self.head_dim, self.embed_dim
+        full = (B, H, Lq, k.shape[2])
         if merged is None:
             merged = np.empty((B * Lq, D), dtype=self.dtype)
         out = merged.reshape(B, Lq, H, E).transpose(0, 2, 1, 3)
         weights = np.empty(full, dtype=self.dtype) if need_weights else None
+        # 3. the kernel
         attention_into(
             q, k, v, out,
             bool_masks=(bmask, pad), float_mask=fmask, is_causal=is_causal,
@@ -578,6 +582,7 @@ class _MultiHeadBase:
         """key_padding_mask (True = padding) as a broadcast 'may attend' view."""
         if key_padding_mask is None:
             return None
+        refuse_masked(key_padding_mask, "key_padding_mask")
         kpm = np.asarray(key_padding_mask)
         expected = (Lk,) if unbatched else (B, Lk)
         if kpm.dtype != np.bool_:

@@ -25,7 +25,7 @@ from .reference import mhsa_numpy, sdpa_numpy
 
 FULL_PEERS = ("numpy", "torch-mha", "ort-attention")
 CORE_PEERS = ("numpy", "torch-sdpa", "ort-mha")
-ONNX_IR_VERSION = 8  # the IR version that introduced opset 17
+ONNX_IR_VERSION = 8  # what opset 17 needs (onnx 1.12 wrote it; IR 8 came with opset 15)
 
 
 class PeerUnavailable(Exception):

@@ -116,6 +116,7 @@ def test_onnx_peer_models_carry_the_ir_version_of_their_opset():
     # onnx stamps its own newest IR version; an older onnxruntime refuses that
     # (seen: onnx 1.23 wrote 14, onnxruntime 1.30 reads up to 13)
     onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")  # the peers need both
     from onnx import TensorProto, helper
 
     from fastattn import peers
@@ -125,7 +126,6 @@ def test_onnx_peer_models_carry_the_ir_version_of_their_opset():
     model = peers._onnx_model([helper.make_node("Relu", ["x"], ["y"])], [x], [y], [])
     assert model.ir_version == peers.ONNX_IR_VERSION == 8
     onnx.checker.check_model(model)
-    pytest.importorskip("onnxruntime")
     run = peers._ort_session(model, 1)
     a = np.array([[-1.0, 0.5, 2.0], [3.0, -4.0, 0.0]], np.float32)
     np.testing.assert_array_equal(run.run(None, {"x": a})[0], np.maximum(a, 0))

@@ -3,6 +3,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import fastattn
 
 
@@ -50,3 +52,23 @@ def test_demo_small():
         m = re.search(r"max[^\n=:]*[=:]\s*([0-9.]+(?:e[-+]?\d+)?)", low)
         assert m, r.stdout
         assert float(m.group(1)) < limit * 10, r.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("demo", "--heads", "3"), "--heads (3) must divide --d-model (512)"),
+    (("demo", "--d-model", "-16"), "--d-model: expected an integer >= 1, got -16"),
+    (("demo", "--batch", "0"), "--batch: expected an integer >= 1, got 0"),
+    (("demo", "--seq", "x"), "--seq: expected an integer, got 'x'"),
+    (("demo", "--rounds", "0"), "--rounds: expected an integer >= 1, got 0"),
+    (("demo", "--threads", "0"), "--threads: expected an integer from 1 to"),
+    (("scaling", "--dk", "0"), "--dk must be comma-separated integers >= 1"),
+    (("scaling", "--dk", "a,b"), "--dk must be comma-separated integers >= 1"),
+    (("scaling", "--trials", "1"), "--trials: expected an integer >= 2, got 1"),
+    (("scaling", "--length", "1"), "--length: expected an integer >= 2, got 1"),
+])
+def test_demo_and_scaling_refuse_bad_options(args, needle):
+    # refused before any work: exit status 2, the option named, no traceback
+    r = run(*args, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr

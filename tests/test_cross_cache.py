@@ -2,6 +2,7 @@
 the modules, and interop with torch both ways."""
 
 import pickle
+import re
 import sys
 
 import numpy as np
@@ -161,7 +162,7 @@ def test_cache_errors(rng):
           cache=MultiHeadSelfAttention(16, 2, num_kv_heads=1).new_cache(1, 8))
     with pytest.raises(TypeError, match="cache must be a KVCache"):
         m(rng.standard_normal((1, 1, 16)), cache=object())
-    with pytest.raises(ValueError, match="max_len must be a positive int"):
+    with pytest.raises(ValueError, match="max_len must be >= 1, got 0"):
         m.new_cache(1, 0)
 
 
@@ -244,3 +245,69 @@ def test_from_torch_cross_attention_with_kdim_vdim(rng):
     assert m2 == m
     with pytest.raises(ValueError, match="cross-attention"):
         MultiHeadSelfAttention.from_torch(t)
+
+
+# ---- a failed call leaves the cache as it was ---------------------------------------
+
+@pytest.mark.parametrize("bad", ["key_padding_mask", "attn_mask", "kernel"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_failed_call_does_not_grow_the_cache(rng, monkeypatch, bad, cross):
+    D, H = 16, 2
+    if cross:
+        m = MultiHeadAttention(D, H, kdim=12, vdim=10, dtype=np.float64, seed=3)
+    else:
+        m = MultiHeadSelfAttention(D, H, dtype=np.float64, seed=3)
+    x = rng.standard_normal((1, 5, D))
+    kx, vx = rng.standard_normal((1, 5, 12)), rng.standard_normal((1, 5, 10))
+
+    def call(sl, **kw):
+        return m(x[:, sl], kx[:, sl], vx[:, sl], **kw) if cross else m(x[:, sl], **kw)
+
+    full = call(slice(None), is_causal=True)
+    cache = m.new_cache(1, 8)
+    call(slice(0, 3), cache=cache)
+    step = slice(3, 5)
+    if bad == "key_padding_mask":
+        kwargs, error = dict(key_padding_mask=np.zeros((1, 2), bool)), ValueError
+    elif bad == "attn_mask":
+        kwargs, error = dict(attn_mask=np.zeros((2, 3), bool)), ValueError
+    else:
+        def fail(*args, **kw):
+            raise MemoryError("injected after the cache append")
+        monkeypatch.setattr(m, "_attend_and_project", fail)
+        kwargs, error = {}, MemoryError
+    with pytest.raises(error):
+        call(step, cache=cache, **kwargs)
+    assert len(cache) == 3
+    monkeypatch.undo()
+    # the retry sees the same cache as a first try would: the uncached result
+    np.testing.assert_allclose(call(step, cache=cache), full[:, step], **TOL64)
+    assert len(cache) == 5
+
+
+@pytest.mark.parametrize("kwargs, error, needle", [
+    (dict(grow="no"), TypeError, "grow must be True or False, got 'no'"),
+    (dict(max_len=8.0), TypeError, "max_len must be a positive int, got 8.0"),
+    (dict(batch_size=0), ValueError, "batch_size must be >= 1, got 0"),
+])
+def test_new_cache_checks_its_arguments(kwargs, error, needle):
+    m = MultiHeadSelfAttention(16, 2)
+    args = dict(batch_size=1, max_len=8)
+    args.update(kwargs)
+    with pytest.raises(error, match=re.escape(needle)):
+        m.new_cache(**args)
+
+
+@pytest.mark.parametrize("kwargs, error, needle", [
+    (dict(num_kv_heads=2.5), TypeError, "num_kv_heads must be a positive int, got 2.5"),
+    (dict(num_kv_heads=-1), ValueError, "num_kv_heads must be >= 1, got -1"),
+    (dict(head_dim=0), ValueError, "head_dim must be >= 1, got 0"),
+    (dict(dtype=int), TypeError, "dtype must be float32 or float64, got int64"),
+])
+def test_kvcache_checks_its_arguments(kwargs, error, needle):
+    from fastattn.cache import KVCache
+
+    args = dict(batch_size=1, max_len=4, num_kv_heads=2, head_dim=8, dtype=np.float32)
+    args.update(kwargs)
+    with pytest.raises(error, match=re.escape(needle)):
+        KVCache(**args)

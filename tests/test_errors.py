@@ -193,3 +193,58 @@ def test_module_flags_must_be_bools():
     m = fastattn.MultiHeadSelfAttention(8, 2, seed=0)
     with pytest.raises(TypeError, match="is_causal must be True or False"):
         m(np.zeros((1, 3, 8), np.float32), is_causal="yes")
+
+
+def test_one_dimensional_shapes_print_as_tuples():
+    m = MHSA(8, 2)
+    with pytest.raises(ValueError, match=r"got \(8,\)$"):
+        m(z(8))
+
+
+# ------------------------------------------------------------ masked arrays, mask range
+
+@pytest.mark.parametrize("where", ["q", "attn_mask", "x", "key_padding_mask", "weight"])
+def test_numpy_masked_arrays_are_refused(where):
+    # their mask would be ignored: silent garbage rather than an error
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 4, 8)).astype(np.float32)
+    m = MHSA(8, 2)
+    x = rng.standard_normal((1, 4, 8)).astype(np.float32)
+    with pytest.raises(TypeError, match=f"{where if where != 'weight' else 'w_q'} is a numpy "
+                                        f"masked array"):
+        if where == "q":
+            sdpa(np.ma.masked_array(q, mask=q > 0), q, q)
+        elif where == "attn_mask":
+            sdpa(q, q, q, attn_mask=np.ma.masked_array(np.ones((4, 4), bool)))
+        elif where == "x":
+            m(np.ma.masked_array(x))
+        elif where == "key_padding_mask":
+            m(x, key_padding_mask=np.ma.masked_array(np.zeros((1, 4), bool)))
+        else:
+            m.w_q = np.ma.masked_array(np.eye(8, dtype=np.float32))
+
+
+def test_float_mask_beyond_the_inputs_range_is_refused():
+    # -1e39 fits float64 only: cast to float32 it would be -inf (a blocked key,
+    # not the constant shift it is), and +1e39 would give NaN outputs
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 4, 8)).astype(np.float32)
+    for value in (-1e39, 1e39):
+        mask = np.zeros((4, 4))
+        mask[1, 2] = value
+        with pytest.raises(ValueError, match=r"attn_mask has finite values beyond float32's "
+                                             r"range \(largest magnitude 1e\+39\)"):
+            sdpa(q, q, q, attn_mask=mask)
+    # -inf blocks, and float32's own extremes are kept as they are
+    mask = np.zeros((4, 4))
+    mask[:, 0] = -np.inf
+    mask[:, 1] = -3.0e38
+    out = sdpa(q, q, q, attn_mask=mask)
+    q64 = q.astype(np.float64)
+    s = q64 @ q64.swapaxes(-1, -2) / np.sqrt(8) + mask
+    w = np.exp(s - s.max(-1, keepdims=True))
+    ref = (w / w.sum(-1, keepdims=True)) @ q64
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # float64 inputs keep a float64 mask as it is
+    out64 = sdpa(q64, q64, q64, attn_mask=np.where(mask == -3.0e38, -1e39, mask))
+    np.testing.assert_allclose(out64, ref, rtol=1e-12, atol=1e-12)

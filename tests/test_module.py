@@ -3,6 +3,7 @@
 Tolerances (see _util.MOD_TOL): float32 rtol 2e-5 / atol 2e-5, float64 rtol
 1e-11 / atol 1e-12.
 """
+import io
 import pathlib
 
 import numpy as np
@@ -488,6 +489,25 @@ def test_save_load_pathlib(rng, tmp_path):
     m2 = MHSA.load(path)
     x = randn(rng, (1, 4, 16))
     np.testing.assert_array_equal(m2(x), m(x))
+
+
+def test_save_load_without_suffix_and_file_objects(rng, tmp_path):
+    # numpy's savez adds ".npz" to a bare name; load finds the file under the
+    # name save was given, and both take binary file objects
+    m = MHSA(16, 2, seed=22)
+    x = randn(rng, (1, 4, 16))
+    m.save(str(tmp_path / "model"))
+    assert (tmp_path / "model.npz").exists() and not (tmp_path / "model").exists()
+    np.testing.assert_array_equal(MHSA.load(str(tmp_path / "model"))(x), m(x))
+    np.testing.assert_array_equal(MHSA.load(tmp_path / "model")(x), m(x))
+    buf = io.BytesIO()
+    m.save(buf)
+    buf.seek(0)
+    np.testing.assert_array_equal(MHSA.load(buf)(x), m(x))
+    with pytest.raises(ValueError, match="<BytesIO>: not a fastattn .npz archive"):
+        MHSA.load(io.BytesIO(b"not a zip file"))
+    with pytest.raises(FileNotFoundError):
+        MHSA.load(str(tmp_path / "missing"))
 
 
 # ---------------------------------------------------------------- constructor errors
