@@ -59,6 +59,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        return _demo(args)
+    except MemoryError as exc:
+        print(f"demo: not enough memory for these sizes ({exc})", file=sys.stderr)
+        return 1
+
+
+def _demo(args: argparse.Namespace) -> int:
     from . import MultiHeadSelfAttention, set_num_threads
     from .reference import mhsa_numpy
 
@@ -229,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated key widths d_k (default 4,8,...,1024)")
     ps.add_argument("--trials", type=_at_least(2), default=200, help="query rows per d_k (default 200)")
     ps.add_argument("--length", type=_at_least(2), default=128, help="keys per row, L (default 128)")
-    ps.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ps.add_argument("--seed", type=_at_least(0), default=0, help="random seed (default 0)")
     ps.add_argument("--json", default=None, help="write the measurements to this file")
     ps.add_argument("--plot", default=None, help="write the figure (PNG) here (needs matplotlib)")
     ps.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -92,11 +92,14 @@ class KVCache:
                     f"and cannot take {T} more (make it with a larger max_len, or grow=True)"
                 )
             capacity = max(end, 2 * self.capacity)
-            for name in ("_k", "_v"):
-                old = getattr(self, name)
-                new = np.empty(old.shape[:2] + (capacity, old.shape[3]), dtype=self.dtype)
-                new[:, :, : self._length] = old[:, :, : self._length]
-                setattr(self, name, new)
+            shape = self._k.shape[:2] + (capacity, self._k.shape[3])
+            ensure_memory([shape, shape], self.dtype.itemsize, "the grown cache")
+            # both allocated before either replaces the old: a failure leaves
+            # the cache as it was
+            k, v = np.empty(shape, self.dtype), np.empty(shape, self.dtype)
+            k[:, :, : self._length] = self._k[:, :, : self._length]
+            v[:, :, : self._length] = self._v[:, :, : self._length]
+            self._k, self._v = k, v
         H, E = self.num_kv_heads, self.head_dim
         self._k[:, :, self._length:end] = k_new.reshape(B, T, H, E).transpose(0, 2, 1, 3)
         self._v[:, :, self._length:end] = v_new.reshape(B, T, H, E).transpose(0, 2, 1, 3)

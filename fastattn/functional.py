@@ -76,18 +76,21 @@ def _shape_str(shape: Sequence[int]) -> str:
     return str(tuple(int(s) for s in shape))
 
 
-def refuse_masked(x, name: str) -> None:
+def refuse_masked(x, name: str, hint: str = "") -> None:
     """numpy masked arrays are refused: their mask would be silently ignored."""
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(
             f"{name} is a numpy masked array, whose mask fastattn would ignore; pass a "
-            f"plain ndarray such as {name}.filled(value)"
-            + ("" if "mask" in name else " (keys to leave out go in attn_mask or "
-               "key_padding_mask)")
+            f"plain ndarray such as {name}.filled(value){hint}"
         )
 
 
-def as_float_array(x, name: str, dtype: Optional[np.dtype] = None) -> np.ndarray:
+# for the modules' inputs, where padding has an argument of its own
+KEYS_HINT = " (keys to leave out go in attn_mask or key_padding_mask)"
+
+
+def as_float_array(x, name: str, dtype: Optional[np.dtype] = None,
+                   hint: str = "") -> np.ndarray:
     """``x`` as a float32/float64 ndarray (cast to ``dtype`` when given).
 
     Raises TypeError naming ``name`` for anything that is not a real float
@@ -95,7 +98,7 @@ def as_float_array(x, name: str, dtype: Optional[np.dtype] = None) -> np.ndarray
     """
     if x is None:
         raise TypeError(f"{name} must be a float32 or float64 array, got None")
-    refuse_masked(x, name)
+    refuse_masked(x, name, hint)
     arr = x if isinstance(x, np.ndarray) else np.asarray(x)
     if arr.dtype.kind != "f" or (dtype is None and arr.dtype not in _FLOAT_DTYPES):
         raise TypeError(
@@ -154,15 +157,17 @@ def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
     with np.errstate(over="ignore"):
         cast = m.astype(dtype, copy=False)
     if cast is not m and cast.dtype.itemsize < m.dtype.itemsize:
-        # a float64 mask on float32 inputs: finite values beyond float32's range
-        # would turn into +-inf (a blocked key, or NaN outputs) without a word
-        lost = np.isinf(cast) & np.isfinite(m)
-        if lost.any():
-            worst = float(np.max(np.abs(m[lost])))
+        # A float64 mask on float32 inputs.  Values below float32's range become
+        # -inf and block their key, which is what a mask built with
+        # np.finfo(np.float64).min means.  Values above it would become +inf and
+        # NaN outputs: refused (one pass over the mask, a second only then).
+        over = np.isposinf(cast)
+        if over.any() and np.isfinite(m[over]).any():
+            worst = float(np.max(m[over & np.isfinite(m)]))
             raise ValueError(
-                f"{name} has finite values beyond {cast.dtype}'s range (largest magnitude "
-                f"{worst:.3g}); use -inf to block a key, or values within "
-                f"+-{float(np.finfo(cast.dtype).max):.3g}"
+                f"{name} has finite values above {cast.dtype}'s range (largest {worst:.3g}), "
+                f"which would give NaN outputs; keep them within "
+                f"{float(np.finfo(cast.dtype).max):.3g}"
             )
     m = np.require(cast, requirements=["A"])
     return None, np.broadcast_to(m, full_shape)
@@ -253,6 +258,7 @@ def check_alibi(alibi: bool, slopes, num_heads: int,
     """float64 slopes per query head, or None when ALiBi is off."""
     if slopes is None:
         return alibi_slopes(num_heads) if alibi else None
+    refuse_masked(slopes, "alibi_slopes")
     arr = np.asarray(slopes)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"alibi_slopes must be a real array, got dtype {arr.dtype}")

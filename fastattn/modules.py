@@ -35,6 +35,7 @@ from .cache import KVCache
 from .functional import (
     BLOCK_K,
     BLOCK_Q,
+    KEYS_HINT,
     _shape_str,
     as_float_array,
     attention_into,
@@ -454,7 +455,8 @@ class _MultiHeadBase:
     def _forward(self, query, key, value, *, self_attention: bool, attn_mask, key_padding_mask,
                  is_causal: bool, need_weights: bool, average_attn_weights: bool,
                  cache: Optional[KVCache], window, alibi: bool, alibi_slopes):
-        q_in = as_float_array(query, "query" if not self_attention else "x", self.dtype)
+        q_in = as_float_array(query, "query" if not self_attention else "x", self.dtype,
+                              KEYS_HINT)
         unbatched = q_in.ndim == 2
         qname = "x" if self_attention else "query"
         if q_in.ndim not in (2, 3) or q_in.shape[-1] != self.embed_dim:
@@ -572,7 +574,7 @@ class _MultiHeadBase:
         return y, (weights[0] if unbatched else weights)
 
     def _check_source(self, arr, name: str, dim: int, B: int, unbatched: bool) -> np.ndarray:
-        a = as_float_array(arr, name, self.dtype)
+        a = as_float_array(arr, name, self.dtype, KEYS_HINT)
         expected = f"(L, {dim})" if unbatched else f"({B}, L, {dim})"
         if a.ndim != (2 if unbatched else 3) or a.shape[-1] != dim or (not unbatched and a.shape[0] != B):
             raise ValueError(f"{name} must have shape {expected}, got {_shape_str(a.shape)}")

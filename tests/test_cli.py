@@ -65,10 +65,18 @@ def test_demo_small():
     (("scaling", "--dk", "a,b"), "--dk must be comma-separated integers >= 1"),
     (("scaling", "--trials", "1"), "--trials: expected an integer >= 2, got 1"),
     (("scaling", "--length", "1"), "--length: expected an integer >= 2, got 1"),
+    (("scaling", "--seed", "-1"), "--seed: expected an integer >= 0, got -1"),
 ])
 def test_demo_and_scaling_refuse_bad_options(args, needle):
     # refused before any work: exit status 2, the option named, no traceback
     r = run(*args, timeout=60)
     assert r.returncode == 2, r.stdout + r.stderr
     assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_demo_without_enough_memory_says_so():
+    r = run("demo", "--batch", "1", "--seq", "99999999999", timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "demo: not enough memory for these sizes" in r.stderr
     assert "Traceback" not in r.stderr

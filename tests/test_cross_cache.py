@@ -311,3 +311,32 @@ def test_kvcache_checks_its_arguments(kwargs, error, needle):
     args.update(kwargs)
     with pytest.raises(error, match=re.escape(needle)):
         KVCache(**args)
+
+
+def test_cache_growth_that_fails_leaves_the_cache_usable(rng, monkeypatch):
+    # growing allocates both arrays before replacing either: an allocation
+    # that fails half-way leaves K and V the same length
+    import fastattn.cache as cache_mod
+
+    m = MultiHeadSelfAttention(16, 2, dtype=np.float64, seed=4)
+    x = rng.standard_normal((1, 5, 16))
+    full = m(x, is_causal=True)
+    cache = m.new_cache(1, 3, grow=True)
+    m(x[:, :3], cache=cache)
+    calls = []
+    real_empty = np.empty
+
+    def empty(*args, **kw):
+        calls.append(args)
+        if len(calls) == 2:
+            raise MemoryError("injected: the second array of a growth")
+        return real_empty(*args, **kw)
+
+    monkeypatch.setattr(cache_mod.np, "empty", empty)
+    with pytest.raises(MemoryError):
+        m(x[:, 3:], cache=cache)
+    monkeypatch.undo()
+    assert len(cache) == 3 and cache.capacity == 3
+    assert cache.keys().shape == cache.values().shape
+    np.testing.assert_allclose(m(x[:, 3:], cache=cache), full[:, 3:], **TOL64)
+    assert len(cache) == 5 and cache.capacity == 6

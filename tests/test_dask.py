@@ -104,6 +104,12 @@ def test_apply_rejects_bad_input(rng):
         fdask.apply(m, np.zeros((2, 3, 16), np.float32), key_padding_mask=np.zeros((2, 4), bool))
     with pytest.raises(TypeError, match="module"):
         fdask.apply(object(), np.zeros((2, 3, 16), np.float32))
+    # numpy masked arrays: their mask would be dropped
+    x = np.zeros((2, 3, 16), np.float32)
+    with pytest.raises(TypeError, match="x is a numpy masked array"):
+        fdask.apply(m, np.ma.masked_array(x, mask=x == 0))
+    with pytest.raises(TypeError, match="key_padding_mask is a numpy masked array"):
+        fdask.apply(m, x, key_padding_mask=np.ma.masked_array(np.zeros((2, 3), bool)))
 
 
 def test_example_script_streams_a_dataset_through_a_cluster(tmp_path):

@@ -203,7 +203,8 @@ def test_one_dimensional_shapes_print_as_tuples():
 
 # ------------------------------------------------------------ masked arrays, mask range
 
-@pytest.mark.parametrize("where", ["q", "attn_mask", "x", "key_padding_mask", "weight"])
+@pytest.mark.parametrize("where", ["q", "attn_mask", "x", "key_padding_mask", "weight",
+                                   "alibi_slopes"])
 def test_numpy_masked_arrays_are_refused(where):
     # their mask would be ignored: silent garbage rather than an error
     rng = np.random.default_rng(0)
@@ -220,31 +221,36 @@ def test_numpy_masked_arrays_are_refused(where):
             m(np.ma.masked_array(x))
         elif where == "key_padding_mask":
             m(x, key_padding_mask=np.ma.masked_array(np.zeros((1, 4), bool)))
+        elif where == "alibi_slopes":
+            sdpa(q, q, q, alibi_slopes=np.ma.masked_array([0.5, 0.25], mask=[True, False]))
         else:
             m.w_q = np.ma.masked_array(np.eye(8, dtype=np.float32))
 
 
-def test_float_mask_beyond_the_inputs_range_is_refused():
-    # -1e39 fits float64 only: cast to float32 it would be -inf (a blocked key,
-    # not the constant shift it is), and +1e39 would give NaN outputs
+def test_float_mask_beyond_the_inputs_range():
+    # a float64 mask on float32 inputs: values above float32's range would be
+    # +inf and NaN outputs, so they are refused; values below it block their
+    # key, as -inf does (masks built with np.finfo(np.float64).min mean that)
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, 2, 4, 8)).astype(np.float32)
-    for value in (-1e39, 1e39):
-        mask = np.zeros((4, 4))
-        mask[1, 2] = value
-        with pytest.raises(ValueError, match=r"attn_mask has finite values beyond float32's "
-                                             r"range \(largest magnitude 1e\+39\)"):
-            sdpa(q, q, q, attn_mask=mask)
-    # -inf blocks, and float32's own extremes are kept as they are
     mask = np.zeros((4, 4))
-    mask[:, 0] = -np.inf
-    mask[:, 1] = -3.0e38
-    out = sdpa(q, q, q, attn_mask=mask)
+    mask[1, 2] = 1e39
+    with pytest.raises(ValueError, match=r"attn_mask has finite values above float32's "
+                                         r"range \(largest 1e\+39\), which would give NaN"):
+        sdpa(q, q, q, attn_mask=mask)
     q64 = q.astype(np.float64)
-    s = q64 @ q64.swapaxes(-1, -2) / np.sqrt(8) + mask
-    w = np.exp(s - s.max(-1, keepdims=True))
-    ref = (w / w.sum(-1, keepdims=True)) @ q64
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-    # float64 inputs keep a float64 mask as it is
-    out64 = sdpa(q64, q64, q64, attn_mask=np.where(mask == -3.0e38, -1e39, mask))
-    np.testing.assert_allclose(out64, ref, rtol=1e-12, atol=1e-12)
+
+    def ref(mask):
+        s = q64 @ q64.swapaxes(-1, -2) / np.sqrt(8) + mask
+        w = np.exp(s - s.max(-1, keepdims=True))
+        return (w / w.sum(-1, keepdims=True)) @ q64
+
+    causal = np.where(np.tril(np.ones((4, 4), bool)), 0.0, -np.inf)
+    for block in (np.finfo(np.float64).min, -1e39):
+        mask = np.where(np.isinf(causal), block, 0.0)
+        mask[2, 0] = -3.0e38  # float32's own extreme is kept as it is
+        want = ref(np.where(np.isinf(causal), -np.inf, mask))
+        np.testing.assert_allclose(sdpa(q, q, q, attn_mask=mask), want, rtol=1e-5, atol=1e-5)
+        # float64 inputs keep a float64 mask as it is
+        np.testing.assert_allclose(sdpa(q64, q64, q64, attn_mask=mask), ref(mask),
+                                   rtol=1e-12, atol=1e-12)
