@@ -459,6 +459,7 @@ cdef int _run(const Problem* P, int num_threads, floating* tag) noexcept nogil:
     # a thread with no tile would only be woken, allocate and wait
     if n_work < num_threads:
         num_threads = <int>max(n_work, <int64_t>1)
+    _note_team(num_threads)
     with parallel(num_threads=num_threads):
         buf = <floating*>fa_aligned_alloc(_scratch_elems(P) * sizeof(floating))
         if buf == NULL:
@@ -688,6 +689,24 @@ cdef void _setup_blocks(Problem* P, int64_t block_q, int64_t block_k,
     P.dimv_pad = _round_up(P.dim_v, ca)
 
 
+# Set once a parallel region has run with more than one thread.  libgomp's
+# thread team does not survive fork(): a child forked after that hangs in its
+# next parallel region of more than one thread.  fastattn.threads reads this
+# in the child and drops to one thread.
+cdef int _team_started = 0
+
+
+cdef inline void _note_team(int num_threads) noexcept nogil:
+    global _team_started
+    if num_threads > 1:
+        _team_started = 1
+
+
+def team_started():
+    """True once a kernel of this build has run a team of more than one thread."""
+    return bool(_team_started)
+
+
 def isa():
     """The instruction set this build of the kernels was compiled for."""
     return fa_isa_name().decode()
@@ -874,6 +893,7 @@ cdef int _linear_run(const LinearJob* J, int num_threads, floating* tag) noexcep
         ra, ca = fa_row_align_f64(), fa_col_align_f64()
     if n_work < num_threads:
         num_threads = <int>n_work
+    _note_team(num_threads)
     with parallel(num_threads=num_threads):
         buf = <floating*>fa_aligned_alloc((ra * ca + ra * J.kc) * sizeof(floating))
         if buf == NULL:

@@ -12,7 +12,9 @@ cores.  Dask is an optional dependency (``pip install 'fastattn[dask]'``):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -27,9 +29,34 @@ from .modules import MultiHeadSelfAttention
 __all__ = ["apply", "thread_plan"]
 
 
+# fastattn's thread count is one number per process.  Tasks of the local
+# scheduler run in the caller's own process, several at once: the first to
+# start saves the caller's count and the last to finish puts it back.
+_task_lock = threading.Lock()
+_tasks_running = 0
+_callers_threads = 0
+
+
+@contextlib.contextmanager
+def _task_threads(n: int):
+    global _tasks_running, _callers_threads
+    with _task_lock:
+        if _tasks_running == 0:
+            _callers_threads = threads.get_num_threads()
+        _tasks_running += 1
+        threads.set_num_threads(n)
+    try:
+        yield
+    finally:
+        with _task_lock:
+            _tasks_running -= 1
+            if _tasks_running == 0:
+                threads.set_num_threads(_callers_threads)
+
+
 def _forward_block(module: MultiHeadSelfAttention, x: np.ndarray, key_padding_mask,
                    attn_mask, is_causal: bool, plan: Dict[str, int], default: int) -> np.ndarray:
-    """One chunk on a worker: set this task's thread count, run the forward."""
+    """One chunk on a worker: run the forward with this task's thread count."""
     n = default
     try:
         from distributed import get_worker
@@ -37,8 +64,9 @@ def _forward_block(module: MultiHeadSelfAttention, x: np.ndarray, key_padding_ma
         n = plan.get(get_worker().address, default)
     except (ImportError, ValueError):  # not on a distributed worker
         pass
-    threads.set_num_threads(max(1, n))
-    return module(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)
+    with _task_threads(max(1, n)):
+        return module(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                      is_causal=is_causal)
 
 
 def thread_plan(client=None, threads_per_task: Optional[int] = None) -> Dict[str, Any]:

@@ -89,6 +89,20 @@ def refuse_masked(x, name: str, hint: str = "") -> None:
 KEYS_HINT = " (keys to leave out go in attn_mask or key_padding_mask)"
 
 
+def tensor_to_numpy(value, name: str):
+    """A torch tensor (any device, bfloat16, requiring grad) as a numpy array;
+    anything else is returned as it came."""
+    if not (hasattr(value, "detach") and hasattr(value, "cpu") and hasattr(value, "numpy")):
+        return value
+    try:
+        t = value.detach().cpu()
+        if str(getattr(t, "dtype", "")) == "torch.bfloat16":
+            t = t.float()  # numpy has no bfloat16; float32 holds it exactly
+        return t.numpy()
+    except Exception as exc:  # meta, sparse, float8 ... tensors
+        raise TypeError(f"{name}: cannot read this tensor as a numpy array ({exc})") from None
+
+
 def as_float_array(x, name: str, dtype: Optional[np.dtype] = None,
                    hint: str = "") -> np.ndarray:
     """``x`` as a float32/float64 ndarray (cast to ``dtype`` when given).
@@ -99,6 +113,8 @@ def as_float_array(x, name: str, dtype: Optional[np.dtype] = None,
     if x is None:
         raise TypeError(f"{name} must be a float32 or float64 array, got None")
     refuse_masked(x, name, hint)
+    if not isinstance(x, np.ndarray):
+        x = tensor_to_numpy(x, name)
     arr = x if isinstance(x, np.ndarray) else np.asarray(x)
     if arr.dtype.kind != "f" or (dtype is None and arr.dtype not in _FLOAT_DTYPES):
         raise TypeError(

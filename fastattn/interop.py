@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .functional import _shape_str, refuse_masked
+from .functional import _shape_str, refuse_masked, tensor_to_numpy
 
 __all__ = ["to_numpy", "to_own_names", "torch_module_config", "read_module_file"]
 
@@ -43,11 +43,7 @@ def to_numpy(value: Any, name: str) -> np.ndarray:
     if value is None:
         raise TypeError(f"{name}: expected a float array, got None")
     refuse_masked(value, name)
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu()
-        if str(getattr(value, "dtype", "")) == "torch.bfloat16":
-            value = value.float()
-        value = value.numpy()
+    value = tensor_to_numpy(value, name)
     try:
         arr = np.asarray(value)
     except Exception as exc:
@@ -71,15 +67,25 @@ def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool,
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a mapping of names to arrays, got {type(state).__name__}")
     out: Dict[str, Any] = {}
+    given_by: Dict[str, str] = {}
     unknown = []
     total = slices["v"].stop
+
+    def put(name: str, value: Any, key: str) -> None:
+        # two naming schemes for one parameter: which one was meant is unknowable
+        if name in given_by:
+            raise ValueError(f"state dict gives {name} twice: as {given_by[name]!r} and as "
+                             f"{key!r}; keep one naming scheme")
+        given_by[name] = key
+        out[name] = value
+
     for key, value in state.items():
         if key in _OWN:
-            out[key] = value
+            put(key, value, key)
         elif key in _SEED:
-            out[_SEED[key]] = value
+            put(_SEED[key], value, key)
         elif key in _TORCH_SPLIT:
-            out[_TORCH_SPLIT[key]] = value
+            put(_TORCH_SPLIT[key], value, key)
         elif key in _TORCH_STACKED:
             kind = _TORCH_STACKED[key]
             shape = _shape(value)
@@ -90,7 +96,7 @@ def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool,
                 )
             arr = to_numpy(value, key)
             for part in ("q", "k", "v"):
-                out[f"{kind}_{part}"] = arr[slices[part]]
+                put(f"{kind}_{part}", arr[slices[part]], key)
         else:
             unknown.append(key)
     if unknown:

@@ -167,20 +167,43 @@ class _MultiHeadBase:
         view.flags.writeable = False  # the packed copy would not see in-place edits
         return view
 
-    def _set_param(self, name: str, value) -> None:
+    def _staged_param(self, name: str, value, key: str) -> np.ndarray:
+        """``value`` checked against parameter ``name`` and cast to the module's
+        dtype, so that writing it into the storage cannot fail half-way; ``key``
+        is what messages call it (a torch name, say)."""
         view = self._param_view(name)
-        if view is None:
+        arr = interop.to_numpy(value, key)
+        if arr.shape != view.shape:
+            raise ValueError(
+                f"{key}: expected shape {_shape_str(view.shape)}, got {_shape_str(arr.shape)}"
+            )
+        with np.errstate(over="ignore"):
+            cast = arr.astype(self.dtype, copy=True)
+        if arr.dtype.itemsize > cast.dtype.itemsize:
+            lost = np.isinf(cast) & np.isfinite(arr)
+            if lost.any():
+                raise ValueError(
+                    f"{key}: finite values beyond {self.dtype}'s range (largest magnitude "
+                    f"{float(np.max(np.abs(arr[lost]))):.3g}); the module computes in {self.dtype}"
+                )
+        return cast
+
+    def _store_params(self, staged: Mapping[str, np.ndarray]) -> None:
+        """Writes checked, cast parameters; the copies made from the old ones
+        (packed weights, plans) go even if the writing is interrupted."""
+        with self._lock:
+            try:
+                for name, arr in staged.items():
+                    self._param_view(name)[...] = arr
+            finally:
+                self._weights_changed()
+
+    def _set_param(self, name: str, value) -> None:
+        if self._param_view(name) is None:
             if value is None:
                 return
             raise ValueError(f"{name}: this module was built with bias=False and has no {name}")
-        arr = interop.to_numpy(value, name)
-        if arr.shape != view.shape:
-            raise ValueError(
-                f"{name}: expected shape {_shape_str(view.shape)}, got {_shape_str(arr.shape)}"
-            )
-        with self._lock:
-            view[...] = arr
-            self._weights_changed()
+        self._store_params({name: self._staged_param(name, value, name)})
 
     w_q = _param_property("w_q")
     w_k = _param_property("w_k")
@@ -329,20 +352,10 @@ class _MultiHeadBase:
         params = interop.to_own_names(state, self._slices(), self.bias, self.embed_dim)
         staged = {}
         for name, value in params.items():
-            view = self._param_view(name)
-            if view is None:
+            if self._param_view(name) is None:
                 raise ValueError(f"{name}: this module was built with bias=False")
-            arr = interop.to_numpy(value, name)
-            if arr.shape != view.shape:
-                raise ValueError(
-                    f"{interop.source_key(state, name)}: expected shape "
-                    f"{_shape_str(view.shape)}, got {_shape_str(arr.shape)}"
-                )
-            staged[name] = arr
-        with self._lock:
-            for name, arr in staged.items():
-                self._param_view(name)[...] = arr
-            self._weights_changed()
+            staged[name] = self._staged_param(name, value, interop.source_key(state, name))
+        self._store_params(staged)
 
     def to_torch(self):
         """A ``torch.nn.MultiheadAttention`` (batch_first=True, eval mode) with these

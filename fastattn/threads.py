@@ -11,6 +11,8 @@ make four busy threads; see shared/MEASURED.md, "Traps").
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
 import numpy as np
 
@@ -27,7 +29,7 @@ def _cpu_count() -> int:
 def default_num_threads() -> int:
     """OMP_NUM_THREADS when it is a positive integer, else the usable cores."""
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if env.isdigit() and int(env) > 0:
+    if env.isascii() and env.isdigit() and int(env) > 0:
         return int(env)
     return _cpu_count()
 
@@ -39,6 +41,29 @@ MAX_THREADS = 1024
 _num_threads = min(default_num_threads(), MAX_THREADS)
 
 
+# True in a process forked after fastattn ran a team of several threads: GCC's
+# OpenMP runtime cannot start a new team there (the child would hang), so the
+# child runs on one thread.
+_forked_after_team = False
+
+
+def _team_started() -> bool:
+    return any(getattr(mod, "team_started", lambda: False)()
+               for name, mod in list(sys.modules.items())
+               if name.startswith("fastattn._kernels_") and mod is not None)
+
+
+def _after_fork_in_child() -> None:
+    global _num_threads, _forked_after_team
+    if _team_started():
+        _forked_after_team = True
+        _num_threads = 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def set_num_threads(n: int) -> None:
     """Set the number of threads fastattn calls use (projections included).
 
@@ -47,6 +72,10 @@ def set_num_threads(n: int) -> None:
     n : int
         A positive thread count.  ``default_num_threads()`` gives the
         default: ``OMP_NUM_THREADS`` if set, else the cores this process may use.
+
+    In a process forked (``os.fork``, multiprocessing's default 'fork'
+    method on Linux) after fastattn ran on several threads, the count stays 1,
+    with a RuntimeWarning: the OpenMP runtime cannot start threads there.
 
     Raises
     ------
@@ -60,6 +89,13 @@ def set_num_threads(n: int) -> None:
         raise TypeError(f"set_num_threads: n must be a positive int, got {n!r}")
     if n < 1 or n > MAX_THREADS:
         raise ValueError(f"set_num_threads: n must be between 1 and {MAX_THREADS}, got {n}")
+    if n > 1 and _forked_after_team:
+        warnings.warn(
+            f"set_num_threads({n}) in a process forked after fastattn ran on several "
+            f"threads: GCC's OpenMP runtime cannot start threads there (the process would "
+            f"hang), so fastattn stays on 1 thread. Start workers with the 'spawn' or "
+            f"'forkserver' method to use more.", RuntimeWarning, stacklevel=2)
+        n = 1
     _num_threads = int(n)
 
 

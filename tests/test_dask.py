@@ -124,3 +124,21 @@ def test_example_script_streams_a_dataset_through_a_cluster(tmp_path):
     assert "sequences/s" in res.stdout
     m = fastattn.MultiHeadSelfAttention(32, 4, seed=0)
     np.testing.assert_array_equal(np.load(out), m(np.load(inp)))
+
+
+def test_apply_leaves_the_callers_thread_count_alone(rng):
+    # the local scheduler runs tasks in this process: each task's thread count
+    # must not outlive the computation
+    m = fastattn.MultiHeadSelfAttention(16, 2, seed=5)
+    x = rng.standard_normal((300, 8, 16)).astype(np.float32)
+    old = fastattn.get_num_threads()
+    try:
+        fastattn.set_num_threads(2)
+        y = fdask.apply(m, x).compute()
+        assert fastattn.get_num_threads() == 2
+        y7 = fdask.apply(m, x, threads_per_task=7).compute()
+        assert fastattn.get_num_threads() == 2
+    finally:
+        fastattn.set_num_threads(old)
+    np.testing.assert_allclose(y, m(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(y7, y)

@@ -524,3 +524,60 @@ def test_num_heads_not_multiple_of_kv_heads(H, kv):
     with pytest.raises(ValueError) as ei:
         MHSA(8 * H, H, num_kv_heads=kv)
     assert_msg(ei, numbers=[H, kv])
+
+
+# ---------------------------------------------------------------- weights beyond the dtype
+
+def test_weights_beyond_float32_range_are_refused_and_change_nothing(rng):
+    m = MHSA(16, 2, seed=30)
+    x = randn(rng, (1, 4, 16))
+    before = m(x)
+    state = {k: v.astype(np.float64) for k, v in MHSA(16, 2, seed=31).state_dict().items()}
+    state["w_o"][0, 0] = 1e39
+    with pytest.raises(ValueError, match=r"w_o: finite values beyond float32's range "
+                                         r"\(largest magnitude 1e\+39\)"):
+        m.load_state_dict(state)
+    # nothing was written: neither the earlier keys nor the plans
+    np.testing.assert_array_equal(m(x), before)
+    fresh = MHSA(16, 2, seed=0)
+    fresh.load_state_dict(m.state_dict())
+    np.testing.assert_array_equal(fresh(x), before)
+    with pytest.raises(ValueError, match=r"w_q: finite values beyond float32's range"):
+        m.w_q = np.full((16, 16), 1e300)
+    np.testing.assert_array_equal(m(x), before)
+    # torch's stacked name is the one the message gives
+    state = {k: v.astype(np.float64) for k, v in m.state_dict().items()}
+    stacked = {"in_proj_weight": np.concatenate([state.pop("w_q"), state.pop("w_k"),
+                                                 state.pop("w_v")])}
+    stacked["in_proj_weight"][20, 3] = -1e39
+    with pytest.raises(ValueError, match=r"in_proj_weight \(part k\): finite values beyond"):
+        m.load_state_dict({**state, **stacked})
+    # float64 modules take them
+    m64 = MHSA(16, 2, seed=30, dtype=np.float64)
+    m64.w_q = np.full((16, 16), 1e300)
+    assert m64.w_q[0, 0] == 1e300
+
+
+def test_state_dict_with_two_names_for_one_parameter_is_refused():
+    m = MHSA(16, 2, seed=32)
+    state = m.state_dict()
+    state["in_proj_weight"] = np.zeros((48, 16), np.float32)
+    with pytest.raises(ValueError, match="state dict gives w_q twice: as 'w_q' and as "
+                                         "'in_proj_weight'"):
+        m.load_state_dict(state)
+
+
+def test_torch_tensors_as_inputs():
+    torch = pytest.importorskip("torch")
+    m = MHSA(16, 2, seed=33)
+    x = torch.randn(1, 4, 16)
+    want = m(x.numpy())
+    # requires_grad and bfloat16 tensors are read as numpy arrays (bfloat16 as float32)
+    np.testing.assert_array_equal(m(x.clone().requires_grad_(True)), want)
+    np.testing.assert_array_equal(m(x.bfloat16()), m(x.bfloat16().float().numpy()))
+    with pytest.raises(TypeError, match="x: cannot read this tensor as a numpy array"):
+        m(torch.empty(1, 4, 16, device="meta"))
+    q = torch.randn(1, 2, 4, 8)
+    np.testing.assert_array_equal(fastattn.scaled_dot_product_attention(q.bfloat16(), q.bfloat16(),
+                                                                       q.bfloat16()),
+                                  fastattn.scaled_dot_product_attention(*[q.bfloat16().float().numpy()] * 3))

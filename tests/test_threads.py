@@ -134,3 +134,61 @@ def test_concurrent_python_threads_sdpa(rng):
     for t in range(n_threads):
         for i in range(n_calls):
             np.testing.assert_allclose(got[t][i], expected[t][i], rtol=1e-6, atol=1e-7)
+
+
+# ---- fork: GCC's OpenMP runtime cannot start threads in a forked child ----------
+
+FORK_SCRIPT = r"""
+import os, sys, warnings
+import numpy as np
+import fastattn
+
+first_call = sys.argv[1] == "call"
+fastattn.set_num_threads(2)
+m = fastattn.MultiHeadSelfAttention(64, 8, seed=0)
+x = np.random.default_rng(0).standard_normal((2, 64, 64)).astype(np.float32)
+want = m(x) if first_call else None
+pid = os.fork()
+if pid == 0:
+    n = fastattn.get_num_threads()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastattn.set_num_threads(2)
+    y = m(x)
+    ok = want is None or np.allclose(y, want, rtol=1e-5, atol=1e-6)
+    print(n, fastattn.get_num_threads(), len(caught),
+          caught[0].category.__name__ if caught else "-", ok, flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+@pytest.mark.parametrize("first_call", ["call", "nocall"])
+def test_forked_child_runs_single_threaded_after_a_threaded_call(tmp_path, first_call):
+    # A child forked after a 2-thread call used to hang in its first call; now it
+    # runs on 1 thread (and says so when asked for more).  Before any threaded
+    # call the child keeps its count.  A subprocess, so that a hang fails the test.
+    import subprocess
+    import sys
+
+    if not fastattn.info()["openmp"]:
+        pytest.skip("a build without OpenMP starts no threads")
+    script = tmp_path / "fork_child.py"
+    script.write_text(FORK_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), first_call], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    if first_call == "call":
+        assert r.stdout.split() == ["1", "1", "1", "RuntimeWarning", "True"], r.stdout
+    else:
+        assert r.stdout.split() == ["2", "2", "0", "-", "True"], r.stdout
+
+
+def test_omp_num_threads_needs_ascii_digits(monkeypatch):
+    from fastattn import threads
+
+    cores = threads._cpu_count()
+    for value, want in (("3", 3), ("\u00b2", cores), ("\u0663", cores), ("2,1", 2)):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert threads.default_num_threads() == want, value
