@@ -60,6 +60,8 @@ cdef extern from "fa_kernels.h" nogil:
                           float slope, int64_t rel)
     void fa_add_alibi_f64(double* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
                           double slope, int64_t rel)
+    void fa_add_into_f32(float* dst, const float* src, int64_t n)
+    void fa_add_into_f64(double* dst, const double* src, int64_t n)
     void fa_merge_splits_f32(float* out, int64_t ev, const float* parts, int64_t stride, int64_t n)
     void fa_merge_splits_f64(double* out, int64_t ev, const double* parts, int64_t stride,
                              int64_t n)
@@ -162,6 +164,13 @@ cdef inline void _gemm(int64_t M, int64_t N, int64_t K, const floating* A, int64
         fa_gemm_f32(M, N, K, A, rs, ps, B, ldb, C, ldc, accumulate, tail, colmax)
     else:
         fa_gemm_f64(M, N, K, A, rs, ps, B, ldb, C, ldc, accumulate, tail, colmax)
+
+
+cdef inline void _add_into(floating* dst, const floating* src, int64_t n) noexcept nogil:
+    if floating is float:
+        fa_add_into_f32(dst, src, n)
+    else:
+        fa_add_into_f64(dst, src, n)
 
 
 cdef inline void _copy_strided(floating* dst, int64_t d_rs, int64_t d_cs, const floating* src,
@@ -277,6 +286,18 @@ cdef inline void _key_range(const Problem* P, int64_t i0, int64_t rows, int64_t*
         hi[0] = min(P.len_k, i0 + rows - 1 + P.causal_offset + P.band_right + 1)
 
 
+cdef inline void _accumulate_block(const Problem* P, const floating* v, int64_t bk,
+                                   const floating* ST, int64_t L, floating* OT, floating* OB,
+                                   floating* tail, bint first) noexcept nogil:
+    """O^T += V_block^T P^T: the first block straight into O^T (still zero),
+    later ones summed apart in OB and then added (see fa_add_into)."""
+    if first:
+        _gemm(P.dim_v, L, bk, v, 1, P.v.s_row, ST, L, OT, L, 1, tail)
+    else:
+        _gemm(P.dim_v, L, bk, v, 1, P.v.s_row, ST, L, OB, L, 0, tail)
+        _add_into(OT, OB, P.dim_v * L)
+
+
 cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogil:
     """One (batch, head, query block): the whole attention output of the block."""
     cdef int64_t isz = sizeof(floating)
@@ -293,7 +314,8 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
     cdef floating* QT = scratch                    # E x L: queries, transposed, scaled
     cdef floating* ST = QT + P.dim * L             # block_k x L: scores, then probabilities
     cdef floating* OT = ST + P.block_k * L         # Ev x L: output accumulator
-    cdef floating* m = OT + P.dim_v * L            # L: running max per query
+    cdef floating* OB = OT + P.dim_v * L           # Ev x L: one key block's part of it
+    cdef floating* m = OB + P.dim_v * L            # L: running max per query
     cdef floating* l = m + L                       # L: running sum per query
     cdef floating* bm = l + L                      # L: max per query of one key block
     cdef floating* tail = bm + L                   # gemm tail panel
@@ -330,7 +352,7 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
                 fa_online_softmax_f64(ST, L, bk, L, m, l, OT, L, P.dim_v,
                                       bm if have_max else NULL)
             # O^T += V_block^T P^T, V read in place (rows of V are E-contiguous)
-            _gemm(P.dim_v, L, bk, v + j0 * P.v.s_row, 1, P.v.s_row, ST, L, OT, L, 1, tail)
+            _accumulate_block(P, v + j0 * P.v.s_row, bk, ST, L, OT, OB, tail, j0 == j_start)
             j0 += P.block_k
     else:
         # Weights requested: the scores of whole rows land in the caller's
@@ -351,7 +373,7 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
         while j0 < j_end:
             bk = min(P.block_k, j_end - j0)
             _copy_strided(ST, 1, L, W + j0, P.len_k, 1, rows, bk)
-            _gemm(P.dim_v, L, bk, v + j0 * P.v.s_row, 1, P.v.s_row, ST, L, OT, L, 1, tail)
+            _accumulate_block(P, v + j0 * P.v.s_row, bk, ST, L, OT, OB, tail, j0 == j_start)
             j0 += P.block_k
         for r in range(rows):
             l[r] = 1
@@ -378,8 +400,10 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
     cdef int64_t i, j0, bk, c, j_start, j_end, s0, s1, span
     cdef floating* s = scratch                  # keys_pad scores
     cdef floating* o = s + P.keys_pad           # dimv_pad accumulator
-    cdef floating* qs = o + P.dimv_pad          # dim: the scaled query
+    cdef floating* ob = o + P.dimv_pad          # dimv_pad: one key block's part of it
+    cdef floating* qs = ob + P.dimv_pad         # dim: the scaled query
     cdef floating m, l
+    cdef floating* acc
     cdef floating* part
     cdef const floating* q
     cdef const floating* k = <const floating*>_at(&P.k, b, hk, 0, 0, isz)
@@ -407,12 +431,18 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
             _mask_scores(P, s, 1, 0, b, h, i, 1, j0, bk)
             for c in range(bk, P.keys_pad):
                 s[c] = -INFINITY
+            # the first block straight into o, later ones summed apart in ob
+            acc = o if j0 == max(j_start, s0) else ob
+            if acc == ob:
+                memset(ob, 0, P.dimv_pad * isz)
             if floating is float:
                 fa_row_update_f32(s, P.keys_pad, &m, &l, o, P.dimv_pad)
-                fa_accum_rows_f32(o, P.dim_v, s, bk, v + j0 * P.v.s_row, P.v.s_row)
+                fa_accum_rows_f32(acc, P.dim_v, s, bk, v + j0 * P.v.s_row, P.v.s_row)
             else:
                 fa_row_update_f64(s, P.keys_pad, &m, &l, o, P.dimv_pad)
-                fa_accum_rows_f64(o, P.dim_v, s, bk, v + j0 * P.v.s_row, P.v.s_row)
+                fa_accum_rows_f64(acc, P.dim_v, s, bk, v + j0 * P.v.s_row, P.v.s_row)
+            if acc == ob:
+                _add_into(o, ob, P.dim_v)
             j0 += bk
         if P.n_splits > 1:
             part = (<floating*>P.parts) + ((bh * P.len_q + i) * P.n_splits + split) * P.parts_stride
@@ -441,11 +471,12 @@ cdef void _merge_row(const Problem* P, int64_t row, floating* tag) noexcept nogi
 
 
 cdef inline int64_t _scratch_elems(const Problem* P) noexcept nogil:
-    """Per-thread scratch, in elements: Q^T, S^T, O^T, m, l, the block max and
-    the tail panel (row mode: scores, accumulator, query)."""
+    """Per-thread scratch, in elements: Q^T, S^T, O^T, one key block's part of
+    O^T, m, l, the block max and the tail panel (row mode: scores, accumulator,
+    one block's part of it, query)."""
     if P.row_mode:
-        return P.keys_pad + P.dimv_pad + P.dim + 16
-    return (P.dim + P.block_k + P.dim_v + 3) * P.lanes + P.tail_len
+        return P.keys_pad + 2 * P.dimv_pad + P.dim + 16
+    return (P.dim + P.block_k + 2 * P.dim_v + 3) * P.lanes + P.tail_len
 
 
 cdef int _run(const Problem* P, int num_threads, floating* tag) noexcept nogil:

@@ -477,6 +477,14 @@ static void FA(accum_rows)(REAL *restrict o, int64_t ev, const REAL *restrict p,
     }
 }
 
+/* dst[0:n] += src[0:n].  The output accumulators take each block of keys as
+ * a separately summed partial: a running sum fed one product at a time would
+ * round once per key (error growing with the sequence length, ~Lk * eps at
+ * worst); block by block it grows with block_k + Lk / block_k. */
+static void FA(add_into)(REAL *restrict dst, const REAL *restrict src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] += src[i];
+}
+
 /* Merges the partial results of key splits of one query row: each part is
  * (m, l, o[0:ev]) over its keys; out = sum_s o_s e^(m_s - m) / sum_s l_s e^(m_s - m). */
 static void FA(merge_splits)(REAL *restrict out, int64_t ev, const REAL *restrict parts,
