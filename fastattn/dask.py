@@ -41,10 +41,11 @@ _callers_threads = 0
 def _task_threads(n: int):
     global _tasks_running, _callers_threads
     with _task_lock:
-        if _tasks_running == 0:
-            _callers_threads = threads.get_num_threads()
+        first = _tasks_running == 0
+        saved = threads.get_num_threads() if first else _callers_threads
+        threads.set_num_threads(n)  # may refuse n: then nothing was counted
+        _callers_threads = saved
         _tasks_running += 1
-        threads.set_num_threads(n)
     try:
         yield
     finally:
@@ -79,8 +80,9 @@ def thread_plan(client=None, threads_per_task: Optional[int] = None) -> Dict[str
     """
     if threads_per_task is not None:
         if isinstance(threads_per_task, bool) or not isinstance(threads_per_task, int) \
-                or threads_per_task < 1:
-            raise ValueError(f"threads_per_task must be a positive int, got {threads_per_task!r}")
+                or not 1 <= threads_per_task <= threads.MAX_THREADS:
+            raise ValueError(f"threads_per_task must be an int from 1 to {threads.MAX_THREADS}, "
+                             f"got {threads_per_task!r}")
         return {"plan": {}, "default": threads_per_task}
     if client is None:
         try:

@@ -147,7 +147,7 @@ def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
     if mask is None:
         return None, None
     refuse_masked(mask, name)
-    m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
+    m = mask if isinstance(mask, np.ndarray) else np.asarray(tensor_to_numpy(mask, name))
     if m.dtype != np.bool_ and m.dtype.kind != "f":
         raise TypeError(
             f"{name} must be a bool array (True = may attend) or a float array "

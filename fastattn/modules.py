@@ -48,6 +48,7 @@ from .functional import (
     positive_int,
     prepare_mask,
     refuse_masked,
+    tensor_to_numpy,
 )
 
 __all__ = ["MultiHeadSelfAttention", "MultiHeadAttention"]
@@ -184,7 +185,7 @@ class _MultiHeadBase:
             if lost.any():
                 raise ValueError(
                     f"{key}: finite values beyond {self.dtype}'s range (largest magnitude "
-                    f"{float(np.max(np.abs(arr[lost]))):.3g}); the module computes in {self.dtype}"
+                    f"{np.max(np.abs(arr[lost]))!s}); the module computes in {self.dtype}"
                 )
         return cast
 
@@ -598,7 +599,7 @@ class _MultiHeadBase:
         if key_padding_mask is None:
             return None
         refuse_masked(key_padding_mask, "key_padding_mask")
-        kpm = np.asarray(key_padding_mask)
+        kpm = np.asarray(tensor_to_numpy(key_padding_mask, "key_padding_mask"))
         expected = (Lk,) if unbatched else (B, Lk)
         if kpm.dtype != np.bool_:
             raise TypeError(

@@ -127,18 +127,47 @@ def test_example_script_streams_a_dataset_through_a_cluster(tmp_path):
 
 
 def test_apply_leaves_the_callers_thread_count_alone(rng):
-    # the local scheduler runs tasks in this process: each task's thread count
-    # must not outlive the computation
+    # the local scheduler (named: a client of another test may be the default)
+    # runs tasks in this process: each task's thread count must not outlive
+    # the computation
     m = fastattn.MultiHeadSelfAttention(16, 2, seed=5)
     x = rng.standard_normal((300, 8, 16)).astype(np.float32)
     old = fastattn.get_num_threads()
     try:
         fastattn.set_num_threads(2)
-        y = fdask.apply(m, x).compute()
+        y = fdask.apply(m, x).compute(scheduler="threads")
         assert fastattn.get_num_threads() == 2
-        y7 = fdask.apply(m, x, threads_per_task=7).compute()
+        y7 = fdask.apply(m, x, threads_per_task=7).compute(scheduler="threads")
         assert fastattn.get_num_threads() == 2
     finally:
         fastattn.set_num_threads(old)
     np.testing.assert_allclose(y, m(x), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(y7, y)
+
+
+def test_a_task_whose_thread_count_is_refused_leaves_no_trace(rng, monkeypatch):
+    from fastattn import threads
+
+    m = fastattn.MultiHeadSelfAttention(16, 2, seed=6)
+    x = rng.standard_normal((100, 8, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match="threads_per_task must be an int from 1 to 1024"):
+        fdask.apply(m, x, threads_per_task=5000)
+    real = threads.set_num_threads
+
+    def refuse_three(n):
+        if n == 3:
+            raise RuntimeWarning("refused (as in a forked child under -W error)")
+        real(n)
+
+    old = fastattn.get_num_threads()
+    try:
+        fastattn.set_num_threads(2)
+        monkeypatch.setattr(threads, "set_num_threads", refuse_three)
+        with pytest.raises(RuntimeWarning):
+            fdask.apply(m, x, threads_per_task=3).compute(scheduler="threads")
+        monkeypatch.undo()
+        assert fdask._tasks_running == 0
+        fdask.apply(m, x, threads_per_task=1).compute(scheduler="threads")
+        assert fastattn.get_num_threads() == 2
+    finally:
+        fastattn.set_num_threads(old)

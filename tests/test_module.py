@@ -597,6 +597,15 @@ def test_torch_tensors_as_inputs():
     # requires_grad and bfloat16 tensors are read as numpy arrays (bfloat16 as float32)
     np.testing.assert_array_equal(m(x.clone().requires_grad_(True)), want)
     np.testing.assert_array_equal(m(x.bfloat16()), m(x.bfloat16().float().numpy()))
+    # masks too: float (bfloat16, requiring grad) and bool
+    fmask = torch.triu(torch.full((4, 4), -1.5), 1)
+    want_masked = m(x.numpy(), attn_mask=fmask.numpy())
+    np.testing.assert_array_equal(m(x, attn_mask=fmask.clone().requires_grad_(True)), want_masked)
+    np.testing.assert_array_equal(m(x, attn_mask=fmask.bfloat16()),
+                                  m(x.numpy(), attn_mask=fmask.bfloat16().float().numpy()))
+    pad = torch.tensor([[False, False, True, False]])
+    np.testing.assert_array_equal(m(x, key_padding_mask=pad),
+                                  m(x.numpy(), key_padding_mask=pad.numpy()))
     q = torch.randn(1, 2, 4, 8)
     np.testing.assert_array_equal(fastattn.scaled_dot_product_attention(q.bfloat16(), q.bfloat16(),
                                                                        q.bfloat16()),
