@@ -107,10 +107,6 @@ def _bench_args_error(args: argparse.Namespace, known_shapes) -> Optional[str]:
     bad = [p for p in parts if p not in ("full", "core")]
     if not parts or bad:
         return f"--parts: expected full and/or core, got {args.parts!r}"
-    if args.rounds < 1:
-        return f"--rounds: expected a positive count, got {args.rounds}"
-    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
-        return f"--threads: expected a count from 1 to {MAX_THREADS}, got {args.threads}"
     return None
 
 
@@ -222,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated presets: small, bert, long, wide, decode (default: all)")
     pb.add_argument("--parts", default="full,core",
                     help="full (MHSA forward), core (attention) (default: both)")
-    pb.add_argument("--threads", type=int, default=None, help="default: fastattn's thread count")
-    pb.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    pb.add_argument("--threads", type=_at_least(1, MAX_THREADS), default=None,
+                    help="default: fastattn's thread count")
+    pb.add_argument("--rounds", type=_at_least(1), default=7, help="interleaved rounds (default 7)")
     pb.add_argument("--json", default=None, help="write the results to this file")
     pb.add_argument("--plot", default=None, help="write a bar chart (PNG) here (needs matplotlib)")
     pb.add_argument("--memory", action="store_true",

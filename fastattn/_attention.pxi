@@ -397,7 +397,8 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
     cdef int64_t b = bh // P.heads
     cdef int64_t h = bh % P.heads
     cdef int64_t hk = h // P.kv_group
-    cdef int64_t i, j0, bk, c, j_start, j_end, s0, s1, span
+    cdef int64_t i, j0, j_first, bk, c, j_start, j_end, s0, s1, span
+    cdef bint first
     cdef floating* s = scratch                  # keys_pad scores
     cdef floating* o = s + P.keys_pad           # dimv_pad accumulator
     cdef floating* ob = o + P.dimv_pad          # dimv_pad: one key block's part of it
@@ -420,7 +421,7 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
         m = -INFINITY
         l = 0
         _key_range(P, i, 1, &j_start, &j_end)
-        j0 = max(j_start, s0)
+        j0 = j_first = max(j_start, s0)
         j_end = min(j_end, s1)
         while j0 < j_end:
             bk = min(P.block_k, j_end - j0)
@@ -432,8 +433,9 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
             for c in range(bk, P.keys_pad):
                 s[c] = -INFINITY
             # the first block straight into o, later ones summed apart in ob
-            acc = o if j0 == max(j_start, s0) else ob
-            if acc == ob:
+            first = j0 == j_first
+            acc = o if first else ob
+            if not first:
                 memset(ob, 0, P.dimv_pad * isz)
             if floating is float:
                 fa_row_update_f32(s, P.keys_pad, &m, &l, o, P.dimv_pad)
@@ -441,7 +443,7 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
             else:
                 fa_row_update_f64(s, P.keys_pad, &m, &l, o, P.dimv_pad)
                 fa_accum_rows_f64(acc, P.dim_v, s, bk, v + j0 * P.v.s_row, P.v.s_row)
-            if acc == ob:
+            if not first:
                 _add_into(o, ob, P.dim_v)
             j0 += bk
         if P.n_splits > 1:

@@ -23,7 +23,7 @@ import dask
 import dask.array as da
 
 from . import threads
-from .functional import refuse_masked
+from .functional import array_from
 from .modules import MultiHeadSelfAttention
 
 __all__ = ["apply", "thread_plan"]
@@ -143,8 +143,7 @@ def apply(
     if not isinstance(module, MultiHeadSelfAttention):
         raise TypeError(f"module must be a fastattn.MultiHeadSelfAttention, got {type(module).__name__}")
     if not isinstance(x, da.Array):
-        refuse_masked(x, "x")
-        x = da.from_array(np.asarray(x), chunks=(64, -1, -1))
+        x = da.from_array(array_from(x, "x"), chunks=(64, -1, -1))
     if x.ndim != 3 or x.shape[2] != module.d_model:
         raise ValueError(
             f"x must have shape (num_sequences, N, {module.d_model}), got {tuple(x.shape)}"
@@ -155,8 +154,7 @@ def apply(
     if key_padding_mask is not None:
         kpm = key_padding_mask
         if not isinstance(kpm, da.Array):
-            refuse_masked(kpm, "key_padding_mask")
-            kpm = np.asarray(kpm)
+            kpm = array_from(kpm, "key_padding_mask")
             if kpm.dtype != np.bool_:
                 raise TypeError(f"key_padding_mask must be a bool array, got dtype {kpm.dtype}")
             kpm = da.from_array(kpm, chunks=(x.chunks[0], -1))

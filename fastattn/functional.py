@@ -103,6 +103,40 @@ def tensor_to_numpy(value, name: str):
         raise TypeError(f"{name}: cannot read this tensor as a numpy array ({exc})") from None
 
 
+def array_from(value, name: str, hint: str = "") -> np.ndarray:
+    """``value`` as a numpy array: torch tensors read as ``tensor_to_numpy``
+    does, masked arrays refused (their mask would be lost)."""
+    if isinstance(value, np.ndarray) and not isinstance(value, np.ma.MaskedArray):
+        return value
+    refuse_masked(value, name, hint)
+    return np.asarray(tensor_to_numpy(value, name))
+
+
+def cast_checked(arr: np.ndarray, dtype: np.dtype, name: str, *,
+                 below_blocks: bool = False) -> np.ndarray:
+    """``arr`` cast to ``dtype``, refusing finite values the cast would turn
+    into infinities.  With ``below_blocks`` (float masks) values below the range
+    may become -inf, which blocks a key as the caller meant; only values above
+    it, which would give NaN outputs, are refused."""
+    with np.errstate(over="ignore"):
+        cast = arr.astype(dtype, copy=False)
+    if cast is arr or cast.dtype.itemsize >= arr.dtype.itemsize:
+        return cast
+    grown = np.isposinf(cast) if below_blocks else np.isinf(cast)
+    if grown.any():
+        lost = grown & np.isfinite(arr)
+        if lost.any():
+            worst = np.max(arr[lost]) if below_blocks else np.max(np.abs(arr[lost]))
+            what = ("above", "largest", "give NaN outputs") if below_blocks else \
+                ("beyond", "largest magnitude", "become infinite")
+            raise ValueError(
+                f"{name}: finite values {what[0]} {cast.dtype}'s range ({what[1]} {worst!s}), "
+                f"which would {what[2]}; keep them within "
+                f"{float(np.finfo(cast.dtype).max):.3g}"
+            )
+    return cast
+
+
 def as_float_array(x, name: str, dtype: Optional[np.dtype] = None,
                    hint: str = "") -> np.ndarray:
     """``x`` as a float32/float64 ndarray (cast to ``dtype`` when given).
@@ -112,10 +146,7 @@ def as_float_array(x, name: str, dtype: Optional[np.dtype] = None,
     """
     if x is None:
         raise TypeError(f"{name} must be a float32 or float64 array, got None")
-    refuse_masked(x, name, hint)
-    if not isinstance(x, np.ndarray):
-        x = tensor_to_numpy(x, name)
-    arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    arr = array_from(x, name, hint)
     if arr.dtype.kind != "f" or (dtype is None and arr.dtype not in _FLOAT_DTYPES):
         raise TypeError(
             f"{name} must be a float32 or float64 array, got dtype {arr.dtype}"
@@ -146,8 +177,7 @@ def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
     """
     if mask is None:
         return None, None
-    refuse_masked(mask, name)
-    m = mask if isinstance(mask, np.ndarray) else np.asarray(tensor_to_numpy(mask, name))
+    m = array_from(mask, name)
     if m.dtype != np.bool_ and m.dtype.kind != "f":
         raise TypeError(
             f"{name} must be a bool array (True = may attend) or a float array "
@@ -170,22 +200,9 @@ def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
                 for st, n in zip(m.strides, m.shape))]
     if m.dtype == np.bool_:
         return np.broadcast_to(m, full_shape), None
-    with np.errstate(over="ignore"):
-        cast = m.astype(dtype, copy=False)
-    if cast is not m and cast.dtype.itemsize < m.dtype.itemsize:
-        # A float64 mask on float32 inputs.  Values below float32's range become
-        # -inf and block their key, which is what a mask built with
-        # np.finfo(np.float64).min means.  Values above it would become +inf and
-        # NaN outputs: refused (one pass over the mask, a second only then).
-        over = np.isposinf(cast)
-        if over.any() and np.isfinite(m[over]).any():
-            worst = float(np.max(m[over & np.isfinite(m)]))
-            raise ValueError(
-                f"{name} has finite values above {cast.dtype}'s range (largest {worst:.3g}), "
-                f"which would give NaN outputs; keep them within "
-                f"{float(np.finfo(cast.dtype).max):.3g}"
-            )
-    m = np.require(cast, requirements=["A"])
+    # a float64 mask on float32 inputs: values below float32's range block
+    # their key (np.finfo(np.float64).min masks mean that), values above refused
+    m = np.require(cast_checked(m, dtype, name, below_blocks=True), requirements=["A"])
     return None, np.broadcast_to(m, full_shape)
 
 
@@ -274,8 +291,7 @@ def check_alibi(alibi: bool, slopes, num_heads: int,
     """float64 slopes per query head, or None when ALiBi is off."""
     if slopes is None:
         return alibi_slopes(num_heads) if alibi else None
-    refuse_masked(slopes, "alibi_slopes")
-    arr = np.asarray(slopes)
+    arr = array_from(slopes, "alibi_slopes")
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"alibi_slopes must be a real array, got dtype {arr.dtype}")
     if arr.shape != (num_heads,):

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .functional import _shape_str, refuse_masked, tensor_to_numpy
+from .functional import _shape_str, array_from
 
 __all__ = ["to_numpy", "to_own_names", "torch_module_config", "read_module_file"]
 
@@ -42,11 +42,9 @@ def to_numpy(value: Any, name: str) -> np.ndarray:
     """A numpy array from an array-like or a (CPU or not) torch tensor."""
     if value is None:
         raise TypeError(f"{name}: expected a float array, got None")
-    refuse_masked(value, name)
-    value = tensor_to_numpy(value, name)
     try:
-        arr = np.asarray(value)
-    except Exception as exc:
+        arr = array_from(value, name)
+    except (ValueError, OverflowError) as exc:  # ragged lists and the like
         raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
     if arr.dtype.kind != "f":
         raise TypeError(f"{name}: expected a float array, got dtype {arr.dtype}")

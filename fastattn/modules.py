@@ -37,8 +37,10 @@ from .functional import (
     BLOCK_Q,
     KEYS_HINT,
     _shape_str,
+    array_from,
     as_float_array,
     attention_into,
+    cast_checked,
     check_alibi,
     check_flag,
     check_window,
@@ -47,8 +49,6 @@ from .functional import (
     kernel_ready,
     positive_int,
     prepare_mask,
-    refuse_masked,
-    tensor_to_numpy,
 )
 
 __all__ = ["MultiHeadSelfAttention", "MultiHeadAttention"]
@@ -178,16 +178,9 @@ class _MultiHeadBase:
             raise ValueError(
                 f"{key}: expected shape {_shape_str(view.shape)}, got {_shape_str(arr.shape)}"
             )
-        with np.errstate(over="ignore"):
-            cast = arr.astype(self.dtype, copy=True)
-        if arr.dtype.itemsize > cast.dtype.itemsize:
-            lost = np.isinf(cast) & np.isfinite(arr)
-            if lost.any():
-                raise ValueError(
-                    f"{key}: finite values beyond {self.dtype}'s range (largest magnitude "
-                    f"{np.max(np.abs(arr[lost]))!s}); the module computes in {self.dtype}"
-                )
-        return cast
+        cast = cast_checked(arr, self.dtype, key)
+        # a copy of its own: a value may be a view of another parameter's storage
+        return cast.copy() if cast is arr else cast
 
     def _store_params(self, staged: Mapping[str, np.ndarray]) -> None:
         """Writes checked, cast parameters; the copies made from the old ones
@@ -598,8 +591,7 @@ class _MultiHeadBase:
         """key_padding_mask (True = padding) as a broadcast 'may attend' view."""
         if key_padding_mask is None:
             return None
-        refuse_masked(key_padding_mask, "key_padding_mask")
-        kpm = np.asarray(tensor_to_numpy(key_padding_mask, "key_padding_mask"))
+        kpm = array_from(key_padding_mask, "key_padding_mask")
         expected = (Lk,) if unbatched else (B, Lk)
         if kpm.dtype != np.bool_:
             raise TypeError(

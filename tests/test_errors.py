@@ -235,7 +235,7 @@ def test_float_mask_beyond_the_inputs_range():
     q = rng.standard_normal((1, 2, 4, 8)).astype(np.float32)
     mask = np.zeros((4, 4))
     mask[1, 2] = 1e39
-    with pytest.raises(ValueError, match=r"attn_mask has finite values above float32's "
+    with pytest.raises(ValueError, match=r"attn_mask: finite values above float32's "
                                          r"range \(largest 1e\+39\), which would give NaN"):
         sdpa(q, q, q, attn_mask=mask)
     q64 = q.astype(np.float64)
