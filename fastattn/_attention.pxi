@@ -87,11 +87,11 @@ cdef extern from "fa_kernels.h" nogil:
     void fa_linear_block_f32(const float* X, int64_t ldx, int64_t m0, int64_t m1, int64_t K,
                              const float* Wp, const float* bias, int64_t n_out, int64_t q0,
                              int64_t q1, float* Y, const fa_out_layout* lay, int64_t kc,
-                             float* scratch)
+                             float* scratch, const int64_t* qlist)
     void fa_linear_block_f64(const double* X, int64_t ldx, int64_t m0, int64_t m1, int64_t K,
                              const double* Wp, const double* bias, int64_t n_out, int64_t q0,
                              int64_t q1, double* Y, const fa_out_layout* lay, int64_t kc,
-                             double* scratch)
+                             double* scratch, const int64_t* qlist)
     void fa_dots_f32(float* s, const float* q, int64_t E, const float* k, int64_t ks, int64_t n)
     void fa_dots_f64(double* s, const double* q, int64_t E, const double* k, int64_t ks, int64_t n)
     void fa_row_update_f32(float* s, int64_t n_pad, float* m, float* l, float* o, int64_t ev_pad)
@@ -774,6 +774,16 @@ def _aligned_empty(Py_ssize_t n, dtype):
     return raw[skip:skip + n]
 
 
+def panel_width(dtype):
+    """Output features per packed weight panel in this build (a head whose
+    width is a multiple of it starts and ends on panel boundaries)."""
+    if np.dtype(dtype) == np.float32:
+        return fa_col_align_f32()
+    if np.dtype(dtype) == np.float64:
+        return fa_col_align_f64()
+    raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+
+
 def pack_weight(w, bias):
     """Pack an nn.Linear weight (n_out, k) for :func:`linear`; pad its bias.
 
@@ -940,16 +950,64 @@ cdef int _linear_run(const LinearJob* J, int num_threads, floating* tag) noexcep
                 if floating is float:
                     fa_linear_block_f32(<const float*>J.x, J.ldx, m0, m1, J.k,
                                         <const float*>J.w, <const float*>J.bias, J.n_out,
-                                        q0, q1, <float*>J.y, &J.lay, J.kc, buf)
+                                        q0, q1, <float*>J.y, &J.lay, J.kc, buf, NULL)
                 else:
                     fa_linear_block_f64(<const double*>J.x, J.ldx, m0, m1, J.k,
                                         <const double*>J.w, <const double*>J.bias, J.n_out,
-                                        q0, q1, <double*>J.y, &J.lay, J.kc, buf)
+                                        q0, q1, <double*>J.y, &J.lay, J.kc, buf, NULL)
         free(buf)
     return -1 if failed else 0
 
 
 # ---- one self-attention forward, prepared once per shape -------------------
+
+cdef int _fused_run(const LinearJob* J, const Problem* P, const int64_t* panels,
+                    int64_t per_unit, int num_threads, floating* tag) noexcept nogil:
+    """The Q/K/V projection and the attention core, one (batch entry, K/V head)
+    at a time: a thread projects that head's K and V and its group's queries,
+    then runs their tiles at once, while those rows are still in its L2.
+    (Projected for the whole batch first, they come back from memory: loading
+    each tile's queries stalled on it for about 2 % of the core at bert.)
+    panels[hk * per_unit ...]: the weight panels of K/V head hk's unit."""
+    cdef int64_t hkv = P.heads // P.kv_group
+    cdef int64_t n_units = P.lead_count * hkv
+    cdef int64_t n = P.len_q, u, b, hk, h, t
+    cdef int64_t ra, ca, elems
+    cdef int failed = 0
+    cdef int* failed_flag = &failed
+    cdef floating* buf = NULL
+    if floating is float:
+        ra, ca = fa_row_align_f32(), fa_col_align_f32()
+    else:
+        ra, ca = fa_row_align_f64(), fa_col_align_f64()
+    elems = max(ra * ca + ra * J.kc, _scratch_elems(P))
+    if n_units < num_threads:
+        num_threads = <int>n_units
+    _note_team(num_threads)
+    with parallel(num_threads=num_threads):
+        buf = <floating*>fa_aligned_alloc(elems * sizeof(floating))
+        if buf == NULL:
+            failed_flag[0] = 1
+        for u in prange(n_units, schedule="dynamic"):
+            if buf != NULL:
+                b = u // hkv
+                hk = u % hkv
+                if floating is float:
+                    fa_linear_block_f32(<const float*>J.x, J.ldx, b * n, (b + 1) * n, J.k,
+                                        <const float*>J.w, <const float*>J.bias, J.n_out,
+                                        0, per_unit, <float*>J.y, &J.lay, J.kc, buf,
+                                        panels + hk * per_unit)
+                else:
+                    fa_linear_block_f64(<const double*>J.x, J.ldx, b * n, (b + 1) * n, J.k,
+                                        <const double*>J.w, <const double*>J.bias, J.n_out,
+                                        0, per_unit, <double*>J.y, &J.lay, J.kc, buf,
+                                        panels + hk * per_unit)
+                for h in range(hk * P.kv_group, (hk + 1) * P.kv_group):
+                    for t in range(P.n_qblocks):
+                        _tile(P, (b * P.heads + h) * P.n_qblocks + t, buf)
+        free(buf)
+    return -1 if failed else 0
+
 
 from cpython.pythread cimport PyThread_get_thread_ident
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -972,10 +1030,16 @@ cdef class ForwardPlan:
     and data evicted from the caches by the GEMMs before it.  The buffers
     (head-major qkv, merged heads) and packed weights are the caller's; the
     plan keeps them alive.  Not for concurrent use: one plan per thread.
+
+    With ``fused``, the first two calls become one: each work item projects
+    one (batch entry, K/V head) and attends it at once (see _fused_run).
+    The results are bit for bit the same.
     """
     cdef LinearJob j_in, j_out
     cdef Problem P
     cdef list keep
+    cdef const int64_t* panels   # fused: each unit's weight panels (see _fused_run), else NULL
+    cdef int64_t per_unit
     cdef object packed           # the module's packed-weights dict the plan was made from
     cdef unsigned long owner     # the thread that made it
     cdef int num_threads, typ
@@ -985,7 +1049,9 @@ cdef class ForwardPlan:
 
     def __init__(self, wq, bq, Py_ssize_t n_qkv, qkv, q, k, v, out, merged, wo, bo,
                  double scale, Py_ssize_t block_q, Py_ssize_t block_k, int num_threads,
-                 packed=None):
+                 packed=None, bint fused=False):
+        # fused is a request: shapes it cannot serve run unfused (see the
+        # `fused` property)
         cdef cnp.ndarray M = <cnp.ndarray?>merged, QKV = <cnp.ndarray?>qkv
         if M.ndim != 2 or QKV.ndim != 4 or M.shape[0] != QKV.shape[0] * QKV.shape[2]:
             raise ValueError("ForwardPlan: merged must be (B * N, D) for qkv (B, G, N, E)")
@@ -1007,6 +1073,34 @@ cdef class ForwardPlan:
                 and _linear_setup(&self.j_out, M, wo, bo, M.shape[1], M, False)):
             raise ValueError("ForwardPlan: empty or mismatched operands")
         self.kernel_seconds = 0.0
+        self.panels = NULL
+        if fused:
+            self._plan_units()
+
+    @property
+    def fused(self):
+        """Whether run() projects and attends one (batch entry, K/V head) at a time."""
+        return self.panels != NULL
+
+    cdef _plan_units(self):
+        """Lists each K/V head's weight panels (its group's Q heads, then K,
+        then V) for _fused_run, where the shape allows: no panel may straddle
+        two heads, and the tiles must not run row by row."""
+        cdef int64_t E = self.j_in.lay.head_dim, H = self.P.heads
+        cdef int64_t g = self.P.kv_group, hkv = H // g
+        cdef int64_t nr = fa_col_align_f32() if self.j_in.is_f32 else fa_col_align_f64()
+        if self.P.row_mode or E % nr or self.P.len_q != self.P.len_k:
+            return
+        cdef int64_t hp = E // nr, hk, j, c
+        lists = []
+        for hk in range(hkv):
+            cols = [(hk * g + j) * E for j in range(g)]          # its queries
+            cols += [(H + hk) * E, (H + hkv + hk) * E]          # its K and V
+            lists.append([c // nr + j for c in cols for j in range(hp)])
+        arr = np.ascontiguousarray(lists, dtype=np.int64)
+        self.keep.append(arr)
+        self.per_unit = arr.shape[1]
+        self.panels = <const int64_t*>cnp.PyArray_DATA(arr)
 
     cdef bint _fits(self, x):
         if type(x) is not np.ndarray:
@@ -1053,9 +1147,15 @@ cdef class ForwardPlan:
         cdef double t0, t1
         with nogil:
             t0 = _seconds()
-            rc = _linear_job_run(j_in, nt)
-            if rc == 0:
-                rc = _attention_run(P, nt)
+            if self.panels != NULL:
+                if j_in.is_f32:
+                    rc = _fused_run(j_in, P, self.panels, self.per_unit, nt, <float*>NULL)
+                else:
+                    rc = _fused_run(j_in, P, self.panels, self.per_unit, nt, <double*>NULL)
+            else:
+                rc = _linear_job_run(j_in, nt)
+                if rc == 0:
+                    rc = _attention_run(P, nt)
             if rc == 0:
                 rc = _linear_job_run(j_out, nt)
             t1 = _seconds()

@@ -275,19 +275,28 @@ def _plan_operands(mod, rng, B, N, H, Hkv, E, dtype):
 
 @pytest.mark.parametrize("isa", available_isas())
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("B,N,H,Hkv,E", [(2, 37, 4, 2, 16), (1, 3, 2, 2, 8), (1, 130, 8, 8, 64)])
-def test_forward_plan_matches_reference(rng, isa, dtype, B, N, H, Hkv, E):
+@pytest.mark.parametrize("B,N,H,Hkv,E", [(2, 37, 4, 2, 16), (1, 3, 2, 2, 8), (1, 130, 8, 8, 64),
+                                         (3, 70, 6, 2, 32), (2, 16, 2, 1, 48)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_forward_plan_matches_reference(rng, isa, dtype, B, N, H, Hkv, E, fused):
     mod = importlib.import_module(f"fastattn._kernels_{isa}")
     ops, reference = _plan_operands(mod, rng, B, N, H, Hkv, E, dtype)
     tol = dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
+    # fused where asked and a head's columns are whole weight panels (and not row by row)
+    expect_fused = fused and E % mod.panel_width(dtype) == 0 and N > 4
     for nt in (1, 3):
-        plan = mod.ForwardPlan(*ops, nt)
+        plan = mod.ForwardPlan(*ops, nt, None, fused)
+        assert plan.fused == expect_fused
         for _ in range(2):  # the same plan again, on new inputs: a new output each time
             x = rng.standard_normal((B, N, H * E)).astype(dtype)
             y = plan.run(x)
             assert y.shape == x.shape and y.dtype == dtype and y.flags.c_contiguous
             np.testing.assert_allclose(y, reference(x), **tol)
             assert plan.kernel_seconds > 0
+            if fused:
+                # the same sums in the same order, only scheduled differently
+                y = y.copy()
+                np.testing.assert_array_equal(mod.ForwardPlan(*ops, nt).run(x), y)
 
 
 def test_forward_plan_checks_its_input_and_its_conditions(rng):

@@ -272,15 +272,18 @@ static inline int64_t FA(padded_bias_len)(int64_t n_out) { return ((n_out + NR -
 
 /*
  * Rows [m0, m1) x output panels [q0, q1) of Y = X Wp^T (+ bias): the unit of
- * work one thread takes.  K is walked in chunks of kc so that a panel of Wp
- * (kc x NR) and the FA_MR rows of X it meets stay in L1.  `scratch` holds
+ * work one thread takes.  With `qlist`, the panels are qlist[q0 .. q1)
+ * instead (a head's Q, K and V columns, which are not adjacent).  K is walked
+ * in chunks of kc so that a panel of Wp (kc x NR) and the FA_MR rows of X it
+ * meets stay in L1.  `scratch` holds
  * FA_MR * kc elements (a tail of rows, zero-padded) plus one FA_MR x NR tile
  * (a tail of output features); it must be FA_ALIGN-aligned.
  */
 static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, int64_t m1,
                              int64_t K, const REAL *restrict Wp, const REAL *restrict bias,
                              int64_t n_out, int64_t q0, int64_t q1, REAL *restrict Y,
-                             const fa_out_layout *lay, int64_t kc, REAL *restrict scratch) {
+                             const fa_out_layout *lay, int64_t kc, REAL *restrict scratch,
+                             const int64_t *restrict qlist) {
     REAL *tile = scratch;               /* FA_MR x NR, aligned */
     REAL *rows_tail = scratch + FA_MR * NR;
     /* a panel of rows is written with one row stride: in the head-major
@@ -305,7 +308,8 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
                 ps = FA_MR;
             }
             for (int64_t r = 0; r < mr; r++) roff[r] = fa_row_off(lay, i + r);
-            for (int64_t q = q0; q < q1; q++) {
+            for (int64_t qi = q0; qi < q1; qi++) {
+                int64_t q = qlist ? qlist[qi] : qi;
                 const REAL *b = Wp + q * K * NR + k0 * NR;
                 const REAL *bb = (first && bias) ? bias + q * NR : NULL;
                 int64_t col = q * NR;
