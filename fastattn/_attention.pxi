@@ -1013,6 +1013,10 @@ from cpython.pythread cimport PyThread_get_thread_ident
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 
+cdef inline bint _overlap(const char* a, int64_t na, const char* b, int64_t nb) noexcept nogil:
+    return a < b + nb and b < a + na
+
+
 cdef inline double _seconds() noexcept nogil:
     # a C clock: Python's perf_counter, called from here, cost microseconds
     # with the interpreter's code evicted by the kernels
@@ -1033,13 +1037,15 @@ cdef class ForwardPlan:
 
     With ``fused``, the first two calls become one: each work item projects
     one (batch entry, K/V head) and attends it at once (see _fused_run).
-    The results are bit for bit the same.
+    The results are bit for bit the same.  A call whose x shares memory with
+    merged runs unfused (a unit's output would feed a later unit's input).
     """
     cdef LinearJob j_in, j_out
     cdef Problem P
     cdef list keep
     cdef const int64_t* panels   # fused: each unit's weight panels (see _fused_run), else NULL
     cdef int64_t per_unit
+    cdef int64_t x_bytes         # bytes of x (and of merged: the same shape)
     cdef object packed           # the module's packed-weights dict the plan was made from
     cdef unsigned long owner     # the thread that made it
     cdef int num_threads, typ
@@ -1073,9 +1079,22 @@ cdef class ForwardPlan:
                 and _linear_setup(&self.j_out, M, wo, bo, M.shape[1], M, False)):
             raise ValueError("ForwardPlan: empty or mismatched operands")
         self.kernel_seconds = 0.0
+        self.x_bytes = M.shape[0] * M.shape[1] * M.itemsize
         self.panels = NULL
         if fused:
             self._plan_units()
+
+    cdef bint _reads_projected(self, Operand op, int64_t g0):
+        """Whether op's head h, row n, column e is the element the Q/K/V
+        projection writes for group g0 + h, for every batch entry."""
+        cdef const fa_out_layout* lay = &self.j_in.lay
+        cdef int64_t isz = 4 if self.j_in.is_f32 else 8, b
+        if op.s_head != lay.g_stride or op.s_row != lay.head_dim or op.s_col != 1:
+            return False
+        for b in range(self.P.lead_count):
+            if _at(&op, b, 0, 0, 0, isz) != self.j_in.y + (b * lay.b_stride + g0 * lay.g_stride) * isz:
+                return False
+        return True
 
     @property
     def fused(self):
@@ -1085,11 +1104,16 @@ cdef class ForwardPlan:
     cdef _plan_units(self):
         """Lists each K/V head's weight panels (its group's Q heads, then K,
         then V) for _fused_run, where the shape allows: no panel may straddle
-        two heads, and the tiles must not run row by row."""
+        two heads, the tiles must not run row by row, and q, k and v must be
+        the heads the projection writes (qkv[:, :H], [:, H:H + Hkv], the rest),
+        since a unit attends right after projecting its own."""
         cdef int64_t E = self.j_in.lay.head_dim, H = self.P.heads
         cdef int64_t g = self.P.kv_group, hkv = H // g
         cdef int64_t nr = fa_col_align_f32() if self.j_in.is_f32 else fa_col_align_f64()
-        if self.P.row_mode or E % nr or self.P.len_q != self.P.len_k:
+        if (self.P.row_mode or E % nr or self.P.len_q != self.P.len_k or self.P.dim != E
+                or self.P.dim_v != E or not self._reads_projected(self.P.q, 0)
+                or not self._reads_projected(self.P.k, H)
+                or not self._reads_projected(self.P.v, H + hkv)):
             return
         cdef int64_t hp = E // nr, hk, j, c
         lists = []
@@ -1147,7 +1171,9 @@ cdef class ForwardPlan:
         cdef double t0, t1
         with nogil:
             t0 = _seconds()
-            if self.panels != NULL:
+            # a unit writes merged rows that a later unit's projection would
+            # read, were x to share them (no such x comes from the module)
+            if self.panels != NULL and not _overlap(j_in.x, self.x_bytes, j_out.x, self.x_bytes):
                 if j_in.is_f32:
                     rc = _fused_run(j_in, P, self.panels, self.per_unit, nt, <float*>NULL)
                 else:

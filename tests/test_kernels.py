@@ -299,6 +299,26 @@ def test_forward_plan_matches_reference(rng, isa, dtype, B, N, H, Hkv, E, fused)
                 np.testing.assert_array_equal(mod.ForwardPlan(*ops, nt).run(x), y)
 
 
+def test_fused_plan_only_where_it_reads_what_it_projects(rng):
+    ops, reference = _plan_operands(kernels, rng, 2, 40, 4, 2, 64, np.float32)
+    assert kernels.ForwardPlan(*ops, 2, None, True).fused
+    # q, k or v not the heads the projection writes: not fused (and still right)
+    qkv = ops[3]
+    for i, other in ((4, qkv[:, :4].copy()), (5, qkv[:, 6:]), (6, qkv[:, 4:6])):
+        plan = kernels.ForwardPlan(*ops[:i], other, *ops[i + 1:], 2, None, True)
+        assert not plan.fused
+    # x sharing memory with merged: that call runs unfused, so a unit's output
+    # never feeds a later unit's projection
+    plan = kernels.ForwardPlan(*ops, 1, None, True)
+    x = rng.standard_normal((2, 40, 256)).astype(np.float32)
+    merged = ops[8]
+    shared = merged.reshape(2, 40, 256)
+    shared[...] = x
+    np.testing.assert_allclose(plan.run(shared), reference(x), rtol=2e-5, atol=2e-5)
+    shared[...] = x
+    np.testing.assert_array_equal(plan.run(shared), plan.run(x))
+
+
 def test_forward_plan_checks_its_input_and_its_conditions(rng):
     import threading
 
