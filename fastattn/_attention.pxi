@@ -923,22 +923,29 @@ cdef struct LinearJob:
     bint is_f32
 
 
+cdef inline int64_t _linear_scratch_elems(const LinearJob* J) noexcept nogil:
+    """Per-thread scratch of fa_linear_block, in elements: one FA_MR x NR tile
+    and FA_MR rows of one K chunk."""
+    if J.is_f32:
+        return fa_row_align_f32() * (fa_col_align_f32() + J.kc)
+    return fa_row_align_f64() * (fa_col_align_f64() + J.kc)
+
+
+cdef inline int64_t _itemsize(const LinearJob* J) noexcept nogil:
+    return 4 if J.is_f32 else 8
+
+
 cdef int _linear_run(const LinearJob* J, int num_threads, floating* tag) noexcept nogil:
     cdef int64_t n_work = J.row_blocks * J.panel_blocks
-    cdef int64_t ra, ca
     cdef int failed = 0
     cdef int* failed_flag = &failed
     cdef int64_t w, m0, m1, q0, q1
     cdef floating* buf = NULL
-    if floating is float:
-        ra, ca = fa_row_align_f32(), fa_col_align_f32()
-    else:
-        ra, ca = fa_row_align_f64(), fa_col_align_f64()
     if n_work < num_threads:
         num_threads = <int>n_work
     _note_team(num_threads)
     with parallel(num_threads=num_threads):
-        buf = <floating*>fa_aligned_alloc((ra * ca + ra * J.kc) * sizeof(floating))
+        buf = <floating*>fa_aligned_alloc(_linear_scratch_elems(J) * sizeof(floating))
         if buf == NULL:
             failed_flag[0] = 1
         for w in prange(n_work, schedule="dynamic"):
@@ -972,15 +979,10 @@ cdef int _fused_run(const LinearJob* J, const Problem* P, const int64_t* panels,
     cdef int64_t hkv = P.heads // P.kv_group
     cdef int64_t n_units = P.lead_count * hkv
     cdef int64_t n = P.len_q, u, b, hk, h, t
-    cdef int64_t ra, ca, elems
+    cdef int64_t elems = max(_linear_scratch_elems(J), _scratch_elems(P))
     cdef int failed = 0
     cdef int* failed_flag = &failed
     cdef floating* buf = NULL
-    if floating is float:
-        ra, ca = fa_row_align_f32(), fa_col_align_f32()
-    else:
-        ra, ca = fa_row_align_f64(), fa_col_align_f64()
-    elems = max(ra * ca + ra * J.kc, _scratch_elems(P))
     if n_units < num_threads:
         num_threads = <int>n_units
     _note_team(num_threads)
@@ -1013,8 +1015,9 @@ from cpython.pythread cimport PyThread_get_thread_ident
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 
-cdef inline bint _overlap(const char* a, int64_t na, const char* b, int64_t nb) noexcept nogil:
-    return a < b + nb and b < a + na
+cdef inline bint _overlap(const char* a, const char* b, int64_t nbytes) noexcept nogil:
+    """Whether two contiguous regions of nbytes each share a byte."""
+    return a < b + nbytes and b < a + nbytes
 
 
 cdef inline double _seconds() noexcept nogil:
@@ -1045,7 +1048,6 @@ cdef class ForwardPlan:
     cdef list keep
     cdef const int64_t* panels   # fused: each unit's weight panels (see _fused_run), else NULL
     cdef int64_t per_unit
-    cdef int64_t x_bytes         # bytes of x (and of merged: the same shape)
     cdef object packed           # the module's packed-weights dict the plan was made from
     cdef unsigned long owner     # the thread that made it
     cdef int num_threads, typ
@@ -1079,7 +1081,6 @@ cdef class ForwardPlan:
                 and _linear_setup(&self.j_out, M, wo, bo, M.shape[1], M, False)):
             raise ValueError("ForwardPlan: empty or mismatched operands")
         self.kernel_seconds = 0.0
-        self.x_bytes = M.shape[0] * M.shape[1] * M.itemsize
         self.panels = NULL
         if fused:
             self._plan_units()
@@ -1088,7 +1089,7 @@ cdef class ForwardPlan:
         """Whether op's head h, row n, column e is the element the Q/K/V
         projection writes for group g0 + h, for every batch entry."""
         cdef const fa_out_layout* lay = &self.j_in.lay
-        cdef int64_t isz = 4 if self.j_in.is_f32 else 8, b
+        cdef int64_t isz = _itemsize(&self.j_in), b
         if op.s_head != lay.g_stride or op.s_row != lay.head_dim or op.s_col != 1:
             return False
         for b in range(self.P.lead_count):
@@ -1173,7 +1174,7 @@ cdef class ForwardPlan:
             t0 = _seconds()
             # a unit writes merged rows that a later unit's projection would
             # read, were x to share them (no such x comes from the module)
-            if self.panels != NULL and not _overlap(j_in.x, self.x_bytes, j_out.x, self.x_bytes):
+            if self.panels != NULL and not _overlap(j_in.x, j_out.x, j_in.m * j_in.k * _itemsize(j_in)):
                 if j_in.is_f32:
                     rc = _fused_run(j_in, P, self.panels, self.per_unit, nt, <float*>NULL)
                 else:
