@@ -60,6 +60,10 @@ cdef extern from "fa_kernels.h" nogil:
                           float slope, int64_t rel)
     void fa_add_alibi_f64(double* S, int64_t s_is, int64_t s_js, int64_t rows, int64_t cols,
                           double slope, int64_t rel)
+    int64_t fa_nonfinite_row_f32(const float* v, int64_t vs, int64_t start, int64_t n,
+                                 int64_t ev)
+    int64_t fa_nonfinite_row_f64(const double* v, int64_t vs, int64_t start, int64_t n,
+                                 int64_t ev)
     void fa_add_into_f32(float* dst, const float* src, int64_t n)
     void fa_add_into_f64(double* dst, const double* src, int64_t n)
     void fa_merge_splits_f32(float* out, int64_t ev, const float* parts, int64_t stride, int64_t n)
@@ -286,15 +290,73 @@ cdef inline void _key_range(const Problem* P, int64_t i0, int64_t rows, int64_t*
         hi[0] = min(P.len_k, i0 + rows - 1 + P.causal_offset + P.band_right + 1)
 
 
+cdef inline int64_t _nonfinite_row(const floating* v, int64_t vs, int64_t start, int64_t n,
+                                   int64_t ev) noexcept nogil:
+    if floating is float:
+        return fa_nonfinite_row_f32(v, vs, start, n, ev)
+    else:
+        return fa_nonfinite_row_f64(v, vs, start, n, ev)
+
+
+cdef inline bint _attended(const Problem* P, int64_t b, int64_t h, int64_t i, int64_t j,
+                           const floating* tag) noexcept nogil:
+    """Whether query i may attend key j under every mask (the rule _mask_scores
+    applies, asked for one pair)."""
+    cdef int64_t pos = i + P.causal_offset
+    if P.has_band and (j < pos - P.band_left or j > pos + P.band_right):
+        return False
+    if P.has_bmask1 and (<const uint8_t*>_at(&P.bmask1, b, h, i, j, 1))[0] == 0:
+        return False
+    if P.has_bmask2 and (<const uint8_t*>_at(&P.bmask2, b, h, i, j, 1))[0] == 0:
+        return False
+    if P.has_fmask and (<const floating*>_at(&P.fmask, b, h, i, j, sizeof(floating)))[0] == -INFINITY:
+        return False
+    return True
+
+
+cdef void _accumulate_rows(const Problem* P, const floating* v, int64_t n, const floating* ST,
+                           int64_t L, floating* T, floating* tail, bint accumulate, int64_t b,
+                           int64_t h, int64_t i0, int64_t rows, int64_t j0) noexcept nogil:
+    """T (+)= V_block^T P^T where some key of the block holds a NaN or an inf and
+    some query may not attend it: P is 0 there, but 0 * NaN in the GEMM would
+    reach every query of the tile.  The finite runs of keys go through the
+    GEMM; each non-finite key is added only to the queries that attend it."""
+    cdef int64_t start = 0, j, i, e
+    cdef const floating* vj
+    cdef floating p
+    if not accumulate:
+        memset(T, 0, P.dim_v * L * sizeof(floating))
+    while start < n:
+        j = _nonfinite_row(v, P.v.s_row, start, n, P.dim_v)
+        if j > start:
+            _gemm(P.dim_v, L, j - start, v + start * P.v.s_row, 1, P.v.s_row, ST + start * L,
+                  L, T, L, 1, tail)
+        if j == n:
+            break
+        vj = v + j * P.v.s_row
+        for i in range(rows):
+            if _attended(P, b, h, i0 + i, j0 + j, vj):
+                p = ST[j * L + i]
+                for e in range(P.dim_v):
+                    T[e * L + i] += p * vj[e]
+        start = j + 1
+
+
 cdef inline void _accumulate_block(const Problem* P, const floating* v, int64_t bk,
                                    const floating* ST, int64_t L, floating* OT, floating* OB,
-                                   floating* tail, bint first) noexcept nogil:
+                                   floating* tail, bint first, bint masked, int64_t b,
+                                   int64_t h, int64_t i0, int64_t rows,
+                                   int64_t j0) noexcept nogil:
     """O^T += V_block^T P^T: the first block straight into O^T (still zero),
-    later ones summed apart in OB and then added (see fa_add_into)."""
-    if first:
-        _gemm(P.dim_v, L, bk, v, 1, P.v.s_row, ST, L, OT, L, 1, tail)
+    later ones summed apart in OB and then added (see fa_add_into).  In a
+    block that a mask touches, a key holding a NaN or an inf goes only to the
+    queries that attend it (masked keys never affect the output)."""
+    cdef floating* T = OT if first else OB
+    if masked and _nonfinite_row(v, P.v.s_row, 0, bk, P.dim_v) < bk:
+        _accumulate_rows(P, v, bk, ST, L, T, tail, first, b, h, i0, rows, j0)
     else:
-        _gemm(P.dim_v, L, bk, v, 1, P.v.s_row, ST, L, OB, L, 0, tail)
+        _gemm(P.dim_v, L, bk, v, 1, P.v.s_row, ST, L, T, L, first, tail)
+    if not first:
         _add_into(OT, OB, P.dim_v * L)
 
 
@@ -352,7 +414,8 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
                 fa_online_softmax_f64(ST, L, bk, L, m, l, OT, L, P.dim_v,
                                       bm if have_max else NULL)
             # O^T += V_block^T P^T, V read in place (rows of V are E-contiguous)
-            _accumulate_block(P, v + j0 * P.v.s_row, bk, ST, L, OT, OB, tail, j0 == j_start)
+            _accumulate_block(P, v + j0 * P.v.s_row, bk, ST, L, OT, OB, tail, j0 == j_start,
+                              not have_max, b, h, i0, rows, j0)
             j0 += P.block_k
     else:
         # Weights requested: the scores of whole rows land in the caller's
@@ -373,7 +436,8 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
         while j0 < j_end:
             bk = min(P.block_k, j_end - j0)
             _copy_strided(ST, 1, L, W + j0, P.len_k, 1, rows, bk)
-            _accumulate_block(P, v + j0 * P.v.s_row, bk, ST, L, OT, OB, tail, j0 == j_start)
+            _accumulate_block(P, v + j0 * P.v.s_row, bk, ST, L, OT, OB, tail, j0 == j_start,
+                              _block_masked(P, i0, rows, j0, bk), b, h, i0, rows, j0)
             j0 += P.block_k
         for r in range(rows):
             l[r] = 1

@@ -345,10 +345,16 @@ static void FA(mask_bool)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t 
             if (!mask[i * m_is + j * m_js]) S[i * s_is + j * s_js] = (REAL)-INFINITY;
 }
 
+/* Float masks add to the scores; a -inf entry blocks its key outright, so a
+ * NaN score there (a NaN or inf in a masked key) stays out of the softmax. */
 static void FA(mask_add)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t rows,
                          int64_t cols, const REAL *restrict mask, int64_t m_is, int64_t m_js) {
     for (int64_t i = 0; i < rows; i++)
-        for (int64_t j = 0; j < cols; j++) S[i * s_is + j * s_js] += mask[i * m_is + j * m_js];
+        for (int64_t j = 0; j < cols; j++) {
+            REAL a = mask[i * m_is + j * m_js];
+            REAL *s = S + i * s_is + j * s_js;
+            *s = a == (REAL)-INFINITY ? a : *s + a;
+        }
 }
 
 /* Query row i may attend the columns c with lo + i <= c <= hi + i (a band:
@@ -479,6 +485,27 @@ static void FA(accum_rows)(REAL *restrict o, int64_t ev, const REAL *restrict p,
         for (int64_t c = 0; c < evv; c += VLEN) *(VEC *)(o + c) += pj * *(const UVEC *)(vj + c);
         for (int64_t c = evv; c < ev; c++) o[c] += pj * vj[c];
     }
+}
+
+/* The first row j in [from, n) of v (rows vs apart, ev long) holding a NaN or
+ * an inf, or n.  x - x is 0 for finite x and NaN otherwise, so one vector
+ * sum per row tells. */
+static int64_t FA(nonfinite_row)(const REAL *restrict v, int64_t vs, int64_t from, int64_t n,
+                                 int64_t ev) {
+    typedef FA(uvec) UVEC;
+    int64_t evv = ev - ev % VLEN;
+    for (int64_t j = from; j < n; j++) {
+        const REAL *vj = v + j * vs;
+        VEC acc = FA(vsplat)(0);
+        for (int64_t c = 0; c < evv; c += VLEN) {
+            VEC x = *(const UVEC *)(vj + c);
+            acc += x - x;
+        }
+        REAL tail = 0;
+        for (int64_t c = evv; c < ev; c++) tail += vj[c] - vj[c];
+        if (FA(hsum)(acc) + tail != 0) return j;
+    }
+    return n;
 }
 
 /* dst[0:n] += src[0:n].  The output accumulators take each block of keys as
