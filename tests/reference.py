@@ -11,6 +11,9 @@ Contract being modelled (see the fastattn API):
 * bool attn_mask: True = MAY attend; float attn_mask: ADDED to the scaled scores
 * is_causal: query i may attend key j iff j <= i + (Lk - Lq)  (bottom-right)
 * a query row with every key masked out gives all-zero weights and output
+* a masked key (bool False, float -inf, outside the causal band) contributes
+  nothing to a query, even a NaN or an inf in its key or value; a key the masks
+  let a query attend passes its NaN/inf on, whatever its weight
 """
 import numpy as np
 
@@ -43,7 +46,9 @@ def ref_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None):
         if m.dtype == np.bool_:
             allowed &= np.broadcast_to(m, scores.shape)
         else:
-            scores = scores + np.broadcast_to(m.astype(np.float64), scores.shape)
+            fm = np.broadcast_to(m.astype(np.float64), scores.shape)
+            allowed &= fm != -np.inf
+            scores = scores + fm
     if is_causal:
         i = np.arange(Lq)[:, None]
         j = np.arange(Lk)[None, :]
@@ -57,7 +62,17 @@ def ref_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None):
         e = np.exp(scores - rowmax)  # exp(-inf) == 0 for masked keys
         denom = np.sum(e, axis=-1, keepdims=True)
         weights = np.where(dead, 0.0, e / np.where(dead, 1.0, denom))
-    out = np.matmul(weights, v)  # (..., H, Lq, Ev); zeros when Lk == 0
+    # (..., H, Lq, Ev); zeros when Lk == 0.  Values holding a NaN or an inf are
+    # added apart, to the queries allowed to attend them: in the matmul,
+    # 0 * NaN would reach every query.
+    bad = ~np.isfinite(v).all(axis=-1)  # (..., H, Lk)
+    out = np.matmul(weights, np.where(bad[..., None], 0.0, v))
+    if bad.any():
+        w_seen = np.where(allowed, weights, 0.0)
+        for j in np.flatnonzero(bad.any(axis=tuple(range(bad.ndim - 1)))):
+            vj = v[..., j:j + 1, :]  # (..., H, 1, Ev)
+            hit = allowed[..., :, j:j + 1] & bad[..., None, j:j + 1]  # (..., H, Lq, 1)
+            out = out + np.where(hit, w_seen[..., :, j:j + 1] * vj, 0.0)
     return out, weights
 
 
