@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Callable, List, Optional
@@ -110,10 +111,28 @@ def _bench_args_error(args: argparse.Namespace, known_shapes) -> Optional[str]:
     return None
 
 
+def _output_error(args: argparse.Namespace) -> Optional[str]:
+    """Why --json or --plot cannot be written, checked before a run that
+    could take minutes and then lose its results; None when both can."""
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        target = os.path.abspath(path)
+        folder = os.path.dirname(target)
+        if os.path.isdir(target):
+            return f"{option}: {path!r} is a directory, expected a file name"
+        if not os.path.isdir(folder):
+            return f"{option}: cannot write {path!r}: no directory {folder!r}"
+        writable = os.access(target if os.path.exists(target) else folder, os.W_OK)
+        if not writable:
+            return f"{option}: cannot write {path!r}: permission denied"
+    return None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import benchmark, get_num_threads, info, set_num_threads
 
-    error = _bench_args_error(args, benchmark.PRESETS)
+    error = _bench_args_error(args, benchmark.PRESETS) or _output_error(args)
     if error:
         print(error, file=sys.stderr)
         return 2
@@ -180,8 +199,17 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     if not dks or min(dks) < 1:
         print(f"--dk must be comma-separated integers >= 1, got {args.dk!r}", file=sys.stderr)
         return 2
-    rows = scaling.measure(dks, trials=args.trials, length=args.length, seed=args.seed,
-                           progress=not args.no_progress)
+    error = _output_error(args)
+    if error:
+        print(error, file=sys.stderr)
+        return 2
+    try:
+        rows = scaling.measure(dks, trials=args.trials, length=args.length, seed=args.seed,
+                               progress=not args.no_progress)
+    except MemoryError as exc:
+        print(f"scaling: not enough memory for --dk {args.dk} with --trials {args.trials} and "
+              f"--length {args.length} ({exc})", file=sys.stderr)
+        return 2
     print(scaling.format_table(rows, args.length))
     if args.json:
         with open(args.json, "w") as f:

@@ -147,13 +147,17 @@ def as_float_array(x, name: str, dtype: Optional[np.dtype] = None,
     if x is None:
         raise TypeError(f"{name} must be a float32 or float64 array, got None")
     arr = array_from(x, name, hint)
-    if arr.dtype.kind != "f" or (dtype is None and arr.dtype not in _FLOAT_DTYPES):
+    # a byte-swapped float32/float64 (">f4" from a file) is that dtype in
+    # another byte order: converted to the native one the kernels read
+    native = arr.dtype.newbyteorder("=") if arr.dtype.kind == "f" else arr.dtype
+    if arr.dtype.kind != "f" or (dtype is None and native not in _FLOAT_DTYPES):
         raise TypeError(
             f"{name} must be a float32 or float64 array, got dtype {arr.dtype}"
             + (" (cast it with .astype(np.float32))" if arr.dtype.kind in "fiub" else "")
         )
-    if dtype is not None and arr.dtype != dtype:
-        arr = arr.astype(dtype)
+    target = native if dtype is None else dtype
+    if arr.dtype != target:
+        arr = arr.astype(target)
     return arr
 
 
@@ -305,6 +309,37 @@ def check_alibi(alibi: bool, slopes, num_heads: int,
     return arr
 
 
+# ALiBi's bias may take at most this fraction of the dtype's range; the rest
+# is left to the scores (and a float mask) it is added to, so a score plus
+# its bias overflows only when the score is already beyond three quarters of
+# the range.
+_ALIBI_RANGE_SHARE = 0.25
+
+
+def check_alibi_range(slopes: np.ndarray, len_q: int, len_k: int, dtype: np.dtype) -> None:
+    """Refuse slopes whose bias ``-slope * |j - i'|`` would leave ``dtype``'s range.
+
+    The largest distance of a call is ``max(Lq, Lk) - 1`` (``Lk`` counts every
+    cached key); an infinite bias would give NaN rows (``inf - inf`` in the
+    softmax) or block keys the slope only meant to penalise.
+    """
+    distance = max(int(len_q), int(len_k)) - 1
+    if distance < 1:
+        return
+    name = np.dtype(dtype).name
+    limit = _ALIBI_RANGE_SHARE * float(np.finfo(dtype).max)
+    too_far = np.abs(slopes) * distance > limit
+    if too_far.any():
+        h = int(np.argmax(too_far))
+        raise ValueError(
+            f"alibi_slopes[{h}] = {slopes[h]:.6g}: times the largest query-key distance of "
+            f"this call ({distance}) it leaves {name}'s range (largest value "
+            f"{float(np.finfo(dtype).max):.3g}) once added to the scores; |slope| * distance "
+            f"must stay within a quarter of it, {limit:.3g} (|slope| <= "
+            f"{limit / distance:.3g} here)"
+        )
+
+
 def positive_int(value, name: str) -> int:
     """A size argument: a Python or NumPy int >= 1 (bools and floats are refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -369,6 +404,9 @@ def attention_into(
     head-merged layout, so no transpose copy follows).  Masks are the broadcast
     views of :func:`prepare_mask`; at most two bool masks.
     """
+    if slopes is not None:
+        # here, where both lengths are known (k holds every cached key)
+        check_alibi_range(slopes, q.shape[-2], k.shape[-2], q.dtype)
     if out.size == 0 and (weights is None or weights.size == 0):
         return  # nothing to compute (zero batch, heads, queries or value width)
     masks = [m for m in bool_masks if m is not None]
@@ -437,7 +475,8 @@ def scaled_dot_product_attention(
         Add ALiBi's linear distance penalty ``-slope_h * |j - i'|``, with the
         paper's slopes for H heads (see :func:`alibi_slopes`).
     alibi_slopes : array of shape (H,), optional
-        Explicit ALiBi slopes (implies ``alibi``).
+        Explicit ALiBi slopes (implies ``alibi``); ``|slope| * (max(Lq, Lk) - 1)``
+        must stay within a quarter of the dtype's largest value.
 
     Returns
     -------

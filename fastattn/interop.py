@@ -15,6 +15,7 @@ torch is never imported here: tensors are recognised by their methods.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import zipfile
@@ -24,7 +25,8 @@ import numpy as np
 
 from .functional import _shape_str, array_from
 
-__all__ = ["to_numpy", "to_own_names", "torch_module_config", "read_module_file"]
+__all__ = ["to_numpy", "to_own_names", "torch_module_config", "read_module_file",
+           "saved_name"]
 
 _OWN = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
 _SEED = {
@@ -222,14 +224,40 @@ def _source_name(path) -> str:
     return str(getattr(path, "name", None) or f"<{type(path).__name__}>")
 
 
+def saved_name(path):
+    """The file ``save(path)`` writes: numpy's savez adds ".npz" to a name
+    without it.  Paths may be str, bytes or os.PathLike (bytes are decoded as
+    the OS does, so b"m" and "m" name one file); file objects are returned
+    as they came."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return path
+    name = os.fsdecode(path)
+    return name if name.endswith(".npz") else name + ".npz"
+
+
 def resolve_module_path(path):
-    """The file save(path) wrote: numpy's savez adds ".npz" to a name without
-    it, so load("model") finds the "model.npz" that save("model") made."""
-    if isinstance(path, (str, bytes, os.PathLike)):
-        name = os.fsdecode(path)
-        if not os.path.exists(name) and not name.endswith(".npz") and os.path.exists(name + ".npz"):
-            return name + ".npz"
-    return path
+    """The file ``load(path)`` reads: the one ``save(path)`` wrote.
+
+    A name without ".npz" reads ``name.npz``; the name itself only when no
+    ``name.npz`` exists (a file written through a file object, say).  When
+    both exist, which one is meant is unknowable and ValueError names both.
+    """
+    saved = saved_name(path)
+    if not isinstance(saved, str):
+        return saved
+    name = os.fsdecode(path)
+    if saved == name:
+        return name
+    saved_exists, name_exists = os.path.exists(saved), os.path.exists(name)
+    if saved_exists and name_exists and not os.path.isdir(name):
+        raise ValueError(
+            f"path {name!r} is ambiguous: save({name!r}) writes {saved!r}, and a file "
+            f"{name!r} exists too; pass the full name of the one to load"
+        )
+    if not saved_exists and not name_exists:
+        raise FileNotFoundError(errno.ENOENT, f"no such file: {saved!r} (what save({name!r}) "
+                                f"writes) nor {name!r}")
+    return saved if saved_exists else name
 
 
 def read_module_file(path, fmt: str,

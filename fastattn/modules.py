@@ -412,8 +412,9 @@ class _MultiHeadBase:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the parameters and the config to an ``.npz`` file, or a binary
-        file object.  As with ``numpy.savez``, a path without the suffix gets
-        ``.npz`` added; :meth:`load` finds the file under either name."""
+        file object.  As with ``numpy.savez``, a path (str, bytes or
+        os.PathLike) without the suffix gets ``.npz`` added; :meth:`load`
+        with the same path reads that file."""
         header = json.dumps({"format": self._FORMAT, **self.config()})
         np.savez(path, __config__=np.array(header), **self.state_dict())
 
@@ -421,6 +422,10 @@ class _MultiHeadBase:
     def load(cls, path: Union[str, os.PathLike]):
         """Read a module written by :meth:`save`, from a path or a binary file
         object (no pickles are ever loaded).
+
+        ``load(path)`` reads the file ``save(path)`` writes: ``path`` with
+        ``.npz`` added when missing, or ``path`` itself when only it exists; a
+        ValueError naming both when both exist.
 
         Member names and array headers are checked against the stored config
         before any array is read; a file that is not such a module raises

@@ -33,7 +33,7 @@ from typing import List, Sequence
 import numpy as np
 
 from ._progress import Progress
-from .functional import scaled_dot_product_attention
+from .functional import ensure_memory, scaled_dot_product_attention
 from .modules import MultiHeadSelfAttention
 
 __all__ = ["ScalingRow", "measure", "format_table", "plot", "DEFAULT_DKS"]
@@ -115,6 +115,12 @@ def measure(
             raise ValueError(f"dks must be positive ints, got {dk!r}")
     if trials < 2 or length < 2:
         raise ValueError(f"trials and length must be >= 2, got {trials} and {length}")
+    dk = max(int(d) for d in dks) if len(dks) else 0
+    # the largest d_k's arrays, checked before any is measured: the mhsa
+    # setting's inputs, keys and their bias-add temporary, the queries, and
+    # four (d_k, d_k) weights plus their packed copies
+    ensure_memory([(trials, length, dk)] * 3 + [(trials, dk)] + [(dk, dk)] * 8,
+                  np.dtype(np.float64).itemsize, f"the measurement at d_k = {dk}")
     rows: List[ScalingRow] = []
     bar = Progress(len(dks) * len(settings), progress)
     try:
