@@ -416,7 +416,7 @@ class _MultiHeadBase:
         os.PathLike) without the suffix gets ``.npz`` added; :meth:`load`
         with the same path reads that file."""
         header = json.dumps({"format": self._FORMAT, **self.config()})
-        np.savez(path, __config__=np.array(header), **self.state_dict())
+        np.savez(interop.saved_name(path), __config__=np.array(header), **self.state_dict())
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]):

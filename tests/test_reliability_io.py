@@ -45,8 +45,6 @@ def test_load_accepts_bytes_paths(tmp_path):
     assert MHSA.load(os.fsencode(tmp_path / "m")) == m
 
 
-@pytest.mark.xfail(strict=True, reason="needs modules.py save() to call "
-                   "np.savez(interop.saved_name(path), ...); remove this mark when wired")
 def test_save_accepts_bytes_paths(tmp_path):
     m = MHSA(8, 2, seed=3)
     m.save(os.fsencode(tmp_path / "m"))
