@@ -12,8 +12,6 @@ cores.  Dask is an optional dependency (``pip install 'fastattn[dask]'``):
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 from typing import Any, Dict, Optional
 
@@ -22,42 +20,25 @@ import numpy as np
 import dask
 import dask.array as da
 
-from . import threads
-from .functional import array_from
+from . import _resources, threads
+from .functional import array_from, prepare_mask
 from .modules import MultiHeadSelfAttention
 
 __all__ = ["apply", "thread_plan"]
 
 
-# fastattn's thread count is one number per process.  Tasks of the local
-# scheduler run in the caller's own process, several at once: the first to
-# start saves the caller's count and the last to finish puts it back.
+# (no longer used: each task sets its own thread's count, see _forward_block)
 _task_lock = threading.Lock()
-_tasks_running = 0
-_callers_threads = 0
-
-
-@contextlib.contextmanager
-def _task_threads(n: int):
-    global _tasks_running, _callers_threads
-    with _task_lock:
-        first = _tasks_running == 0
-        saved = threads.get_num_threads() if first else _callers_threads
-        threads.set_num_threads(n)  # may refuse n: then nothing was counted
-        _callers_threads = saved
-        _tasks_running += 1
-    try:
-        yield
-    finally:
-        with _task_lock:
-            _tasks_running -= 1
-            if _tasks_running == 0:
-                threads.set_num_threads(_callers_threads)
 
 
 def _forward_block(module: MultiHeadSelfAttention, x: np.ndarray, key_padding_mask,
                    attn_mask, is_causal: bool, plan: Dict[str, int], default: int) -> np.ndarray:
-    """One chunk on a worker: run the forward with this task's thread count."""
+    """One chunk on a worker: run the forward with this task's thread count.
+
+    Tasks of the local scheduler run in the caller's own process, several at
+    once: the count is the task thread's own, so the caller's (and what it
+    sets during the compute) is never touched.
+    """
     n = default
     try:
         from distributed import get_worker
@@ -65,7 +46,7 @@ def _forward_block(module: MultiHeadSelfAttention, x: np.ndarray, key_padding_ma
         n = plan.get(get_worker().address, default)
     except (ImportError, ValueError):  # not on a distributed worker
         pass
-    with _task_threads(max(1, n)):
+    with threads.this_thread_uses(max(1, n), "threads_per_task"):
         return module(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                       is_causal=is_causal)
 
@@ -74,16 +55,13 @@ def thread_plan(client=None, threads_per_task: Optional[int] = None) -> Dict[str
     """fastattn threads per task, per worker: ``{"plan": {address: n}, "default": n}``.
 
     With a distributed client, each host's cores are shared out among the
-    worker threads it runs (cores // worker threads on that host, at least 1).
+    worker threads it runs (the cores a worker may use, as fastattn's default
+    thread count counts them, // worker threads on that host, at least 1).
     Without one (dask's local schedulers run one task per core), 1.
-    ``threads_per_task`` overrides both.
+    ``threads_per_task`` (an int or numpy int) overrides both.
     """
     if threads_per_task is not None:
-        if isinstance(threads_per_task, bool) or not isinstance(threads_per_task, int) \
-                or not 1 <= threads_per_task <= threads.MAX_THREADS:
-            raise ValueError(f"threads_per_task must be an int from 1 to {threads.MAX_THREADS}, "
-                             f"got {threads_per_task!r}")
-        return {"plan": {}, "default": threads_per_task}
+        return {"plan": {}, "default": threads.valid_count(threads_per_task, "threads_per_task")}
     if client is None:
         try:
             from distributed import get_client
@@ -92,7 +70,7 @@ def thread_plan(client=None, threads_per_task: Optional[int] = None) -> Dict[str
         except (ImportError, ValueError):
             return {"plan": {}, "default": 1}
     workers = client.scheduler_info()["workers"]
-    cores = client.run(os.cpu_count)  # {address: cores of its host}
+    cores = client.run(_resources.usable_cpus)  # {address: cores it may use}
     per_host: Dict[str, int] = {}
     for addr, w in workers.items():
         per_host[w["host"]] = per_host.get(w["host"], 0) + int(w["nthreads"])
@@ -161,6 +139,11 @@ def apply(
         if tuple(kpm.shape) != (S, N):
             raise ValueError(f"key_padding_mask must have shape {(S, N)}, got {tuple(kpm.shape)}")
         kpm_blocks = list(kpm.rechunk((x.chunks[0], -1)).to_delayed().ravel())
+    if attn_mask is not None:
+        # checked here, as the module would check it, so a bad mask fails now
+        # rather than in the middle of the compute
+        attn_mask = array_from(attn_mask, "attn_mask")
+        prepare_mask(attn_mask, "attn_mask", (1, module.num_heads, N, N), module.dtype)
     plan = thread_plan(client, threads_per_task)
     module_d = dask.delayed(module, pure=True, traverse=False)
     mask_d = dask.delayed(attn_mask, pure=True, traverse=False) if attn_mask is not None else None

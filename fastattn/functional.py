@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import threads
+from . import _resources, threads
 from ._dispatch import kernels
 
 __all__ = ["scaled_dot_product_attention", "alibi_slopes"]
@@ -38,37 +38,40 @@ BLOCK_K = 256
 
 
 def available_memory() -> Optional[int]:
-    """Bytes the OS could still give this process (Linux: MemAvailable), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    """Bytes the OS could still give this process (Linux: MemAvailable, and
+    what its cgroup's memory limit leaves), or None."""
+    return _resources.available_memory()
 
 
 # Allocations below this size are not checked against the available memory.
 _CHECK_MEMORY_ABOVE = 256 << 20
 
 
-def ensure_memory(shapes: Sequence[Tuple[int, ...]], itemsize: int, what: str) -> None:
-    """Raise MemoryError before allocating arrays of ``shapes`` that cannot fit.
+def ensure_memory(shapes: Sequence[Tuple[int, ...]], itemsize: int, what: str,
+                  extra_bytes: int = 0) -> None:
+    """Raise MemoryError before allocating arrays of ``shapes`` (and
+    ``extra_bytes`` more) that cannot fit.
 
     Sizes are computed with Python integers (no overflow); with overcommit an
     oversized allocation could otherwise succeed and be killed later, when its
-    pages are touched.
+    pages are touched (in a container, by its cgroup's OOM killer).
     """
-    nbytes = sum(math.prod(int(d) for d in shape) for shape in shapes) * itemsize
+    nbytes = sum(math.prod(int(d) for d in shape) for shape in shapes) * itemsize + extra_bytes
     if nbytes < _CHECK_MEMORY_ABOVE:
-        return  # reading /proc/meminfo costs more than a small call
+        return  # reading /proc/meminfo and the cgroup files costs more than a small call
     avail = available_memory()
     if nbytes > 2 ** 62 or (avail is not None and nbytes > avail):
         raise MemoryError(
             f"{what} needs {nbytes / 2 ** 30:.3g} GiB, more than the "
             + (f"{avail / 2 ** 30:.3g} GiB available" if avail is not None else "addressable size")
         )
+
+
+def _offset_table_bytes(lead: Tuple[int, ...], operands: int) -> int:
+    """What the kernel allocates per call beside the arrays: with two or more
+    leading axes, each operand gets a table of one int64 offset per leading
+    index."""
+    return 8 * math.prod(lead) * operands if len(lead) > 1 else 0
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -506,8 +509,10 @@ def scaled_dot_product_attention(
     scale = resolve_scale(scale, E, q.dtype)
     window = check_window(window)
     slopes = check_alibi(alibi, alibi_slopes, H, q.dtype)
+    tables = _offset_table_bytes(lead, 4 + need_weights + (attn_mask is not None))
     ensure_memory([lead + (H, Lq, Ev)] + ([full] if need_weights else []), q.dtype.itemsize,
-                  "the output" + (" and attention weights" if need_weights else ""))
+                  "the output" + (" and attention weights" if need_weights else "")
+                  + (" and the kernel's offset tables" if tables else ""), tables)
     out = np.empty(lead + (H, Lq, Ev), dtype=q.dtype)
     weights = np.empty(full, dtype=q.dtype) if need_weights else None
     attention_into(

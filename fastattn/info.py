@@ -1,4 +1,4 @@
-"""What this install runs on: kernel build, OpenMP, threads, BLAS."""
+"""What this install runs on: kernel build, OpenMP, threads, CPU and memory limits, BLAS."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from . import threads
+from . import _resources, threads
 from ._dispatch import available_isas, kernels
 
 
@@ -26,9 +26,10 @@ def info() -> Dict[str, Any]:
     """A dict describing the running configuration (printed by ``python -m fastattn info``).
 
     Keys: ``version``, ``kernel_isa`` (the instruction-set build in use),
-    ``available_isas``, ``openmp``, ``num_threads``, ``projections`` (what
-    runs the Q/K/V and output GEMMs), ``numpy``, ``numpy_blas``, ``python``,
-    ``machine``.
+    ``available_isas``, ``openmp``, ``num_threads``, ``limits`` (the CPUs and
+    memory this process may use: affinity mask, cgroup CPU quota and memory
+    limit, see ``fastattn._resources.limits``), ``projections`` (what runs the
+    Q/K/V and output GEMMs), ``numpy``, ``numpy_blas``, ``python``, ``machine``.
     """
     from . import __version__
 
@@ -38,6 +39,7 @@ def info() -> Dict[str, Any]:
         "available_isas": available_isas(),
         "openmp": kernels.openmp_enabled(),
         "num_threads": threads.get_num_threads(),
+        "limits": _resources.limits(),
         "numpy": np.__version__,
         "projections": f"fastattn GEMM ({kernels.isa()}, "
                        + ("OpenMP)" if kernels.openmp_enabled() else "single-threaded)"),

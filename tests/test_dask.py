@@ -78,8 +78,10 @@ def test_apply_on_a_two_process_cluster_matches_in_process_bits(client, rng):
 
 
 def test_thread_plan_shares_each_hosts_cores(client):
+    from fastattn import _resources
+
     plan = fdask.thread_plan(client)
-    cores = os.cpu_count()
+    cores = _resources.usable_cpus()  # the workers' CPUs are this process's
     assert set(plan["plan"]) == set(client.scheduler_info()["workers"])
     assert all(n == max(1, cores // 2) for n in plan["plan"].values())
     assert fdask.thread_plan(client, threads_per_task=3) == {"plan": {}, "default": 3}
@@ -146,28 +148,26 @@ def test_apply_leaves_the_callers_thread_count_alone(rng):
 
 
 def test_a_task_whose_thread_count_is_refused_leaves_no_trace(rng, monkeypatch):
+    import warnings
+
     from fastattn import threads
 
     m = fastattn.MultiHeadSelfAttention(16, 2, seed=6)
     x = rng.standard_normal((100, 8, 16)).astype(np.float32)
     with pytest.raises(ValueError, match="threads_per_task must be an int from 1 to 1024"):
         fdask.apply(m, x, threads_per_task=5000)
-    real = threads.set_num_threads
-
-    def refuse_three(n):
-        if n == 3:
-            raise RuntimeWarning("refused (as in a forked child under -W error)")
-        real(n)
-
     old = fastattn.get_num_threads()
     try:
         fastattn.set_num_threads(2)
-        monkeypatch.setattr(threads, "set_num_threads", refuse_three)
-        with pytest.raises(RuntimeWarning):
-            fdask.apply(m, x, threads_per_task=3).compute(scheduler="threads")
+        # a forked child refuses 3 threads with a warning, an error under -W error
+        monkeypatch.setattr(threads, "_forked_after_team", True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with pytest.raises(RuntimeWarning):
+                fdask.apply(m, x, threads_per_task=3).compute(scheduler="sync")
         monkeypatch.undo()
-        assert fdask._tasks_running == 0
-        fdask.apply(m, x, threads_per_task=1).compute(scheduler="threads")
+        assert getattr(threads._this_thread, "n", None) is None
+        fdask.apply(m, x, threads_per_task=1).compute(scheduler="sync")
         assert fastattn.get_num_threads() == 2
     finally:
         fastattn.set_num_threads(old)
