@@ -23,6 +23,7 @@ import dask
 import dask.array as da
 
 from . import threads
+from ._locks import ForkSafeLock
 from .functional import array_from
 from .modules import MultiHeadSelfAttention
 
@@ -32,7 +33,7 @@ __all__ = ["apply", "thread_plan"]
 # fastattn's thread count is one number per process.  Tasks of the local
 # scheduler run in the caller's own process, several at once: the first to
 # start saves the caller's count and the last to finish puts it back.
-_task_lock = threading.Lock()
+_task_lock = ForkSafeLock()
 _tasks_running = 0
 _callers_threads = 0
 
