@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import numpy as np
 
+from ._locks import ForkSafeLock
 from .functional import check_flag, ensure_memory, float_dtype, positive_int
 
 __all__ = ["KVCache"]
@@ -29,6 +33,10 @@ class KVCache:
         The module's dtype.
     grow : bool
         When full, double the capacity instead of raising.
+
+    A cache belongs to one sequence batch, so to one call at a time: a call
+    (or ``append``, ``reset``) that finds it in use by another thread's call
+    raises RuntimeError instead of mixing two calls' positions.
     """
 
     def __init__(self, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
@@ -44,6 +52,7 @@ class KVCache:
         self._k = np.empty(shape, dtype=self.dtype)
         self._v = np.empty_like(self._k)
         self._length = 0
+        self._busy = ForkSafeLock()
 
     def __len__(self) -> int:
         """Positions cached so far."""
@@ -56,7 +65,8 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget every cached position (the storage is kept)."""
-        self._length = 0
+        with self._claim():
+            self._length = 0
 
     def keys(self) -> np.ndarray:
         """Cached keys as a (B, Hkv, len, E) view."""
@@ -81,8 +91,30 @@ class KVCache:
         if np.dtype(dtype) != self.dtype:
             raise ValueError(f"cache has dtype {self.dtype}, the module computes in {dtype}")
 
+    @contextlib.contextmanager
+    def _claim(self) -> Iterator[None]:
+        """Holds the cache for one call: its length read, its append, its
+        attention over the keys and a rollback on error must not interleave
+        with another call's, which would lose or mix positions.  Refuses
+        rather than waits: two calls on one cache at once are a mistake, and
+        the order they would run in is not the sequence's."""
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "cache is in use by another call (in another thread): a KVCache belongs "
+                "to one sequence batch; use one cache per thread"
+            )
+        try:
+            yield
+        finally:
+            self._busy.release()
+
     def append(self, k_new: np.ndarray, v_new: np.ndarray) -> None:
         """Store T new positions; k_new and v_new are (B, T, Hkv * E)."""
+        with self._claim():
+            self._append(k_new, v_new)
+
+    def _append(self, k_new: np.ndarray, v_new: np.ndarray) -> None:
+        """append, for a caller that holds the cache (see _claim)."""
         B, T = k_new.shape[0], k_new.shape[1]
         end = self._length + T
         if end > self.capacity:
@@ -109,6 +141,16 @@ class KVCache:
         """Forget the positions past ``length``: a call that appended and then
         failed leaves the cache as it found it."""
         self._length = min(self._length, length)
+
+    # a copy (pickle, copy.deepcopy) gets its own lock, free
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_busy"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._busy = ForkSafeLock()
 
     def __repr__(self) -> str:
         return (f"KVCache(batch_size={self.batch_size}, length={self._length}, "

@@ -12,7 +12,6 @@ cores.  Dask is an optional dependency (``pip install 'fastattn[dask]'``):
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -27,8 +26,6 @@ from .modules import MultiHeadSelfAttention
 __all__ = ["apply", "thread_plan"]
 
 
-# (no longer used: each task sets its own thread's count, see _forward_block)
-_task_lock = threading.Lock()
 
 
 def _forward_block(module: MultiHeadSelfAttention, x: np.ndarray, key_padding_mask,

@@ -14,23 +14,32 @@ pass, in order:
 
 The GEMMs are fastattn's own (``_kernels.linear``), on weights packed once per
 weight change, and run on the same OpenMP threads as the attention kernel.
-Because the packed copies must follow the weights, the parameter arrays handed
-out (``m.w_q`` ...) are read-only views: change weights by assignment
-(``m.w_q = new``), ``load_state_dict`` or ``reset_parameters``.
+
+Parameters are copy-on-write.  One :class:`_Params` object holds every weight
+and bias of one moment, as read-only arrays over immutable bytes (so neither
+they nor the views handed out, ``m.w_q`` ..., can be made writable, and the
+packed copies can never fall behind them), together with the packed copies and
+the plans made from them.  A call reads ``self._state`` once and uses only
+that object, so it computes with one weight set, without taking a lock, while
+another thread changes the weights.  A change (assignment ``m.w_q = new``,
+``load_state_dict``, ``reset_parameters``) builds a new object and swaps it in
+with one assignment, under the module's writer lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import threading
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import interop, threads
 from ._dispatch import kernels
+from ._locks import ForkSafeLock
 from .cache import KVCache
 from .functional import (
     BLOCK_K,
@@ -53,8 +62,6 @@ from .functional import (
 
 __all__ = ["MultiHeadSelfAttention", "MultiHeadAttention"]
 
-_WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o")
-_BIAS_NAMES = ("b_q", "b_k", "b_v", "b_o")
 _IN_DIM = {"q": "embed_dim", "k": "kdim", "v": "vdim", "o": "embed_dim"}
 
 
@@ -62,6 +69,35 @@ def _param_property(name: str) -> property:
     return property(lambda self: self._public_view(name),
                     lambda self, value: self._set_param(name, value),
                     doc=f"The {name} parameter (a read-only view; assign to replace it).")
+
+
+class _Params:
+    """A module's parameters at one moment; never changed, a weight change
+    makes a new one.
+
+    ``arrays`` maps storage names (``w_qkv`` or ``w_q``/``w_k``/``w_v``,
+    ``w_o``, ``b_qkv``, ``b_o``) to arrays made by :func:`_frozen`.
+    ``packed`` holds the packed copies of its weights, made on first use,
+    ``plans`` the ForwardPlans made from them (one per calling thread) and
+    ``plan`` the last one made.  Calls fill these without a lock: an entry
+    two threads make at once is made twice, the same, and one is kept.
+    """
+
+    __slots__ = ("arrays", "packed", "plans", "plan")
+
+    def __init__(self, arrays: Dict[str, np.ndarray]) -> None:
+        self.arrays = arrays
+        self.packed: Dict[str, tuple] = {}
+        self.plans: Dict[int, Any] = {}
+        self.plan = None
+
+
+def _frozen(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """``parts`` (arrays of one dtype and trailing shape) stacked along axis 0,
+    in a read-only array over an immutable bytes object, the one copy made:
+    numpy refuses to make it, or any view of it, writable."""
+    data = b"".join([memoryview(np.ascontiguousarray(p)) for p in parts])
+    return np.frombuffer(data, parts[0].dtype).reshape((-1,) + parts[0].shape[1:])
 
 
 class _MultiHeadBase:
@@ -92,7 +128,8 @@ class _MultiHeadBase:
 
     def _allocate(self, embed_dim: int, num_heads: int, num_kv_heads: int, kdim: int,
                   vdim: int, bias: bool, dtype: np.dtype) -> None:
-        """Config and (uninitialised) parameter storage."""
+        """Config, and no parameters yet: every constructor loads a full set
+        (reset_parameters or load_state_dict) before the module is used."""
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -101,33 +138,14 @@ class _MultiHeadBase:
         self.vdim = vdim
         self.bias = bool(bias)
         self.dtype = np.dtype(dtype)
-        D, kv = embed_dim, self.kv_dim
-        ensure_memory([(D, D), (kv, kdim), (kv, vdim), (D, D), (2 * D + 2 * kv,)],
-                      self.dtype.itemsize, "the module's parameters")
-        # With kdim == vdim == D the Q, K and V weights live in one (D + 2*Dkv, D)
-        # array so a self-attention projection is one GEMM; otherwise each has
-        # its own.  Biases are always stacked (as torch's in_proj_bias).
-        if self.fused:
-            self._w_qkv = np.empty((D + 2 * kv, D), dtype=self.dtype)
-            self._w_in = {}
-        else:
-            self._w_qkv = None
-            self._w_in = {
-                "q": np.empty((D, D), dtype=self.dtype),
-                "k": np.empty((kv, kdim), dtype=self.dtype),
-                "v": np.empty((kv, vdim), dtype=self.dtype),
-            }
-        self._w_o = np.empty((D, D), dtype=self.dtype)
-        self._b_qkv = np.empty(D + 2 * kv, dtype=self.dtype) if self.bias else None
-        self._b_o = np.empty(D, dtype=self.dtype) if self.bias else None
-        self._packed: Dict[str, tuple] = {}
-        # guards _packed against a weight change racing a pack in another thread
-        self._lock = threading.Lock()
+        self._shapes = self._param_shapes(self.config())
+        ensure_memory(list(self._shapes.values()), self.dtype.itemsize,
+                      "the module's parameters")
+        self._state: Optional[_Params] = None
+        # serialises weight changes, each of which reads the current state
+        # and builds the next; calls never take it
+        self._lock = ForkSafeLock()
         self._workspace = threading.local()
-        # ForwardPlans of m(x): one per calling thread (by thread id), and the
-        # last one made, which m(x) tries first
-        self._plans: Dict[int, Any] = {}
-        self._plan = None
 
     @property
     def kv_dim(self) -> int:
@@ -139,61 +157,71 @@ class _MultiHeadBase:
         """True when kdim == vdim == embed_dim: one stacked Q/K/V weight."""
         return self.kdim == self.embed_dim and self.vdim == self.embed_dim
 
-    def _weights_changed(self) -> None:
-        """Drops every copy made from the weights (call with self._lock held):
-        packed weights and the plans holding them, which the next calls remake.
-        A plan running in another thread stays alive until its call returns."""
-        self._packed = {}
-        self._plans = {}
-        self._plan = None
+    @property
+    def _plan(self):
+        """The last ForwardPlan made from the current weights, or None."""
+        return self._state.plan
 
     def _slices(self) -> Dict[str, slice]:
         D, kv = self.embed_dim, self.kv_dim
         return {"q": slice(0, D), "k": slice(D, D + kv), "v": slice(D + kv, D + 2 * kv)}
 
-    def _param_view(self, name: str) -> Optional[np.ndarray]:
-        """The writable storage of parameter ``name``."""
-        kind, part = name[0], name[2]
-        if part == "o":
-            return self._w_o if kind == "w" else self._b_o
-        if kind == "b":
-            return None if self._b_qkv is None else self._b_qkv[self._slices()[part]]
-        return self._w_qkv[self._slices()[part]] if self.fused else self._w_in[part]
+    def _storage(self) -> Dict[str, Tuple[str, ...]]:
+        """Storage array name -> the parameters it stacks.  With kdim == vdim
+        == D the Q, K and V weights are one (D + 2*Dkv, D) array, so that a
+        self-attention projection is one GEMM; otherwise each has its own.
+        Biases are always stacked (as torch's in_proj_bias)."""
+        layout = ({"w_qkv": ("w_q", "w_k", "w_v")} if self.fused
+                  else {"w_q": ("w_q",), "w_k": ("w_k",), "w_v": ("w_v",)})
+        layout["w_o"] = ("w_o",)
+        if self.bias:
+            layout.update(b_qkv=("b_q", "b_k", "b_v"), b_o=("b_o",))
+        return layout
+
+    def _param_view(self, name: str, state: _Params) -> Optional[np.ndarray]:
+        """Parameter (w_q ...) or storage array (w_qkv ...) ``name`` of
+        ``state``; None for a bias the module lacks."""
+        arrays = state.arrays
+        if name in arrays:
+            return arrays[name]
+        if name not in self._shapes:
+            return None
+        return arrays[name[0] + "_qkv"][self._slices()[name[2]]]
 
     def _public_view(self, name: str) -> Optional[np.ndarray]:
-        view = self._param_view(name)
-        if view is None:
-            return None
-        view = view.view()
-        view.flags.writeable = False  # the packed copy would not see in-place edits
-        return view
+        view = self._param_view(name, self._state)
+        # a view of its own: a caller setting its shape leaves the storage alone
+        return None if view is None else view.view()
 
     def _staged_param(self, name: str, value, key: str) -> np.ndarray:
         """``value`` checked against parameter ``name`` and cast to the module's
-        dtype, so that writing it into the storage cannot fail half-way; ``key``
+        dtype, so that building the new state cannot fail half-way; ``key``
         is what messages call it (a torch name, say)."""
-        view = self._param_view(name)
+        shape = self._shapes[name]
         arr = interop.to_numpy(value, key)
-        if arr.shape != view.shape:
+        if arr.shape != shape:
             raise ValueError(
-                f"{key}: expected shape {_shape_str(view.shape)}, got {_shape_str(arr.shape)}"
+                f"{key}: expected shape {_shape_str(shape)}, got {_shape_str(arr.shape)}"
             )
-        cast = cast_checked(arr, self.dtype, key)
-        # a copy of its own: a value may be a view of another parameter's storage
-        return cast.copy() if cast is arr else cast
+        return cast_checked(arr, self.dtype, key)
 
     def _store_params(self, staged: Mapping[str, np.ndarray]) -> None:
-        """Writes checked, cast parameters; the copies made from the old ones
-        (packed weights, plans) go even if the writing is interrupted."""
+        """Swaps in a new state: the current parameters with ``staged`` ones
+        (checked and cast) in their place.  Storage none of them is in is
+        shared with the old state, which calls running meanwhile keep using."""
         with self._lock:
-            try:
-                for name, arr in staged.items():
-                    self._param_view(name)[...] = arr
-            finally:
-                self._weights_changed()
+            old = self._state
+            arrays = {}
+            for key, names in self._storage().items():
+                if old is not None and not any(n in staged for n in names):
+                    arrays[key] = old.arrays[key]
+                else:
+                    arrays[key] = _frozen([staged[n] if n in staged else self._param_view(n, old)
+                                           for n in names])
+            self._state = _Params(arrays)
 
     def _set_param(self, name: str, value) -> None:
-        if self._param_view(name) is None:
+        if name not in self._shapes:
             if value is None:
                 return
             raise ValueError(f"{name}: this module was built with bias=False and has no {name}")
@@ -208,25 +236,20 @@ class _MultiHeadBase:
     b_v = _param_property("b_v")
     b_o = _param_property("b_o")
 
-    def _packed_weight(self, part: str):
-        """(packed weight, padded bias) of projection ``part``: "qkv", "q", "k",
-        "v" or "o"; packed on first use after each weight change."""
-        with self._lock:
-            entry = self._packed.get(part)
-            if entry is None:
-                if part == "qkv":
-                    w, b = self._w_qkv, self._b_qkv
-                elif part == "o":
-                    w, b = self._w_o, self._b_o
-                else:
-                    w = self._param_view("w_" + part)
-                    b = None if self._b_qkv is None else self._b_qkv[self._slices()[part]]
-                entry = self._packed[part] = kernels.pack_weight(w, b)
-            return entry
+    def _packed_weight(self, state: _Params, part: str):
+        """(packed weight, padded bias) of projection ``part`` ("qkv", "q", "k",
+        "v" or "o") of ``state``, packed on first use."""
+        entry = state.packed.get(part)
+        if entry is None:
+            entry = kernels.pack_weight(self._param_view("w_" + part, state),
+                                        self._param_view("b_" + part, state))
+            entry = state.packed.setdefault(part, entry)
+        return entry
 
-    def _project(self, x2d: np.ndarray, part: str, n_out: int, out: Optional[np.ndarray] = None,
-                 num_threads: int = 1, head_major: bool = False) -> np.ndarray:
-        w, b = self._packed_weight(part)
+    def _project(self, state: _Params, x2d: np.ndarray, part: str, n_out: int,
+                 out: Optional[np.ndarray] = None, num_threads: int = 1,
+                 head_major: bool = False) -> np.ndarray:
+        w, b = self._packed_weight(state, part)
         if out is None:
             out = np.empty((x2d.shape[0], n_out), dtype=self.dtype)
         kernels.linear(kernel_ready(x2d), w, b, n_out, out, num_threads, head_major)
@@ -266,12 +289,13 @@ class _MultiHeadBase:
         at the small preset on this kind of machine (its code and data evicted
         by the GEMMs each time), 0.5-2 % of the call.
         """
+        state = self._state  # this call's weights, whatever other threads assign
         nt = threads.get_num_threads()
         tid = threading.get_ident()
-        plan = self._plans.get(tid)
+        plan = state.plans.get(tid)
         if plan is not None:
             # the plan itself says whether it fits (shape, weights, thread count)
-            y = plan.run_if(x, self._packed, nt)
+            y = plan.run_if(x, state.packed, nt)
             if y is not None:
                 return y
         if (type(x) is not np.ndarray or x.dtype != self.dtype or x.ndim != 3
@@ -282,24 +306,21 @@ class _MultiHeadBase:
             return None
         ensure_memory([(B * N, D + 2 * self.kv_dim), (B * N, D), (B * N, D)],
                       self.dtype.itemsize, "the forward pass's buffers")
-        # taken before packing: should the weights change meanwhile, the plan
-        # names a dict that is no longer current, and is used for this call only
-        packed = self._packed
-        plan = self._plain_plan(B, N, nt, packed)
-        with self._lock:
-            if packed is self._packed:
-                # plans of threads that have ended go (and their buffers with them)
-                alive = {t.ident for t in threading.enumerate()}
-                plans = {t: p for t, p in self._plans.items() if t in alive}
-                plans[tid] = plan
-                self._plans = plans
-                self._plan = plan
+        plan = self._plain_plan(state, B, N, nt)
+        # plans of threads that have ended go (and their buffers with them);
+        # list() copies the keys at once, while other threads may add theirs
+        alive = {t.ident for t in threading.enumerate()}
+        for t in list(state.plans):
+            if t not in alive:
+                state.plans.pop(t, None)
+        state.plans[tid] = plan
+        state.plan = plan
         return plan.run(x)
 
-    def _plain_plan(self, B: int, N: int, nt: int, packed: dict):
+    def _plain_plan(self, state: _Params, B: int, N: int, nt: int):
         H, Hkv, E = self.num_heads, self.num_kv_heads, self.head_dim
-        wq, bq = self._packed_weight("qkv")
-        wo, bo = self._packed_weight("o")
+        wq, bq = self._packed_weight(state, "qkv")
+        wo, bo = self._packed_weight(state, "o")
         qkv, merged = self._buffers(B, N)
         out = merged.reshape(B, N, H, E).transpose(0, 2, 1, 3)
         # One (batch entry, K/V head) per work item keeps each head's Q, K and V
@@ -307,10 +328,12 @@ class _MultiHeadBase:
         # forward 1 % faster).  The items are coarse: with fewer than two per
         # thread, one slow item would leave the other threads idle.
         fused = B * Hkv >= 2 * nt
+        # run_if compares state.packed by identity: the plan fits while
+        # state is the module's current one
         return kernels.ForwardPlan(
             wq, bq, self.embed_dim + 2 * self.kv_dim, qkv, qkv[:, :H], qkv[:, H:H + Hkv],
             qkv[:, H + Hkv:], out, merged, wo, bo, 1.0 / math.sqrt(E), BLOCK_Q, BLOCK_K, nt,
-            packed, fused)
+            state.packed, fused)
 
     def reset_parameters(self, seed: Union[None, int, np.random.Generator] = None) -> None:
         """Draw fresh weights like ``torch.nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -322,17 +345,16 @@ class _MultiHeadBase:
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"seed must be None, a non-negative int (or sequence of them) "
                                 f"or a numpy Generator, got {seed!r} ({exc})") from None
-        with self._lock:
-            for name in _WEIGHT_NAMES + (_BIAS_NAMES if self.bias else ()):
-                view = self._param_view(name)
-                bound = 1.0 / math.sqrt(getattr(self, _IN_DIM[name[2]]))
-                view[...] = rng.uniform(-bound, bound, size=view.shape)
-            self._weights_changed()
+        staged = {}
+        for name, shape in self._shapes.items():
+            bound = 1.0 / math.sqrt(getattr(self, _IN_DIM[name[2]]))
+            staged[name] = rng.uniform(-bound, bound, size=shape).astype(self.dtype, copy=False)
+        self._store_params(staged)
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         """Copies of the parameters under this class's names (w_q, ..., b_o)."""
-        names = _WEIGHT_NAMES + (_BIAS_NAMES if self.bias else ())
-        return {name: self._param_view(name).copy() for name in names}
+        state = self._state  # one moment's weights, whatever other threads assign
+        return {name: self._param_view(name, state).copy() for name in self._shapes}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load parameters from a dict of numpy arrays or torch tensors.
@@ -351,7 +373,7 @@ class _MultiHeadBase:
         params = interop.to_own_names(state, self._slices(), self.bias, self.embed_dim)
         staged = {}
         for name, value in params.items():
-            if self._param_view(name) is None:
+            if name not in self._shapes:
                 raise ValueError(f"{name}: this module was built with bias=False")
             staged[name] = self._staged_param(name, value, interop.source_key(state, name))
         self._store_params(staged)
@@ -377,15 +399,17 @@ class _MultiHeadBase:
         t = torch.nn.MultiheadAttention(self.embed_dim, self.num_heads, bias=self.bias,
                                         kdim=self.kdim, vdim=self.vdim, batch_first=True,
                                         dtype=tdtype)
-        state = {"out_proj.weight": torch.from_numpy(self._w_o.copy())}
+        # copies: torch tensors over read-only arrays are not to be written
+        arrays = self._state.arrays
+        state = {"out_proj.weight": torch.from_numpy(arrays["w_o"].copy())}
         if self.fused:
-            state["in_proj_weight"] = torch.from_numpy(self._w_qkv.copy())
+            state["in_proj_weight"] = torch.from_numpy(arrays["w_qkv"].copy())
         else:
             for part in "qkv":
-                state[f"{part}_proj_weight"] = torch.from_numpy(self._w_in[part].copy())
+                state[f"{part}_proj_weight"] = torch.from_numpy(arrays["w_" + part].copy())
         if self.bias:
-            state["in_proj_bias"] = torch.from_numpy(self._b_qkv.copy())
-            state["out_proj.bias"] = torch.from_numpy(self._b_o.copy())
+            state["in_proj_bias"] = torch.from_numpy(arrays["b_qkv"].copy())
+            state["out_proj.bias"] = torch.from_numpy(arrays["b_o"].copy())
         t.load_state_dict(state)
         return t.eval()
 
@@ -509,61 +533,70 @@ class _MultiHeadBase:
             cache.check(B, self.dtype, Hkv, E)
             is_causal = True  # new positions follow every cached one
         nt = threads.get_num_threads()
-        # every buffer of the call, checked once before any is allocated
-        Lk = Lq if self_attention else k_in.shape[1]
-        if cache is not None:
-            Lk = len(cache) + Lq
-        ensure_memory([(B * Lq, D + 2 * kv), (B * Lq, D), (B * Lq, D)]
-                      + ([(B, H, Lq, Lk)] if need_weights else []), self.dtype.itemsize,
-                      "the forward pass's buffers" + (" and weights" if need_weights else ""))
-        # 1. masks as broadcast views, checked before anything is computed or
-        # cached: a call that raises leaves a cache as it found it
-        full = (B, H, Lq, Lk)
-        bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, self.dtype)
-        pad = self._padding_mask(key_padding_mask, B, Lq, Lk, unbatched)
-
-        # 2. projections, straight into the head-major blocks the kernel reads
-        merged = None
-        src_k = q_in if self_attention else k_in
-        src_v = q_in if self_attention else v_in
-        if cache is None:
-            if self_attention and self.fused:
-                qkv, merged = self._buffers(B, Lq)
-                self._project(q_in.reshape(B * Lq, D), "qkv", D + 2 * kv, qkv, nt,
-                              head_major=True)
-                q, k, v = qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:]
-            else:
-                Lk_new = src_k.shape[1]
-                q = self._project(q_in.reshape(B * Lq, D), "q", D,
-                                  np.empty((B, H, Lq, E), self.dtype), nt, head_major=True)
-                k = self._project(src_k.reshape(B * Lk_new, src_k.shape[2]), "k", kv,
-                                  np.empty((B, Hkv, Lk_new, E), self.dtype), nt, head_major=True)
-                v = self._project(src_v.reshape(B * Lk_new, src_v.shape[2]), "v", kv,
-                                  np.empty((B, Hkv, Lk_new, E), self.dtype), nt, head_major=True)
-        else:
-            # decoding: the new positions' K and V go into the cache's layout
-            if self_attention and self.fused:
-                qkv = self._project(q_in.reshape(B * Lq, D), "qkv", D + 2 * kv, num_threads=nt)
-                sl = self._slices()
-                q2, k2, v2 = qkv[:, sl["q"]], qkv[:, sl["k"]], qkv[:, sl["v"]]
-            else:
-                q2 = self._project(q_in.reshape(B * Lq, D), "q", D, num_threads=nt)
-                k2 = self._project(src_k.reshape(B * Lq, src_k.shape[2]), "k", kv, num_threads=nt)
-                v2 = self._project(src_v.reshape(B * Lq, src_v.shape[2]), "v", kv, num_threads=nt)
-            q = q2.reshape(B, Lq, H, E).transpose(0, 2, 1, 3)
-            cached = len(cache)
-            cache.append(k2.reshape(B, Lq, kv), v2.reshape(B, Lq, kv))
-            k, v = cache.keys(), cache.values()
-        try:
-            return self._attend_and_project(q, k, v, merged, B, Lq, bmask, fmask, pad,
-                                            is_causal, need_weights, average_attn_weights,
-                                            window, slopes, unbatched, nt)
-        except BaseException:
+        state = self._state  # this call's weights, whatever other threads assign
+        # a cache is held from its length read to its append, or the rollback
+        # of a failed call: another call in between would lose or mix positions
+        with cache._claim() if cache is not None else contextlib.nullcontext():
+            # every buffer of the call, checked once before any is allocated
+            Lk = Lq if self_attention else k_in.shape[1]
             if cache is not None:
-                cache._truncate(cached)
-            raise
+                Lk = len(cache) + Lq
+            ensure_memory([(B * Lq, D + 2 * kv), (B * Lq, D), (B * Lq, D)]
+                          + ([(B, H, Lq, Lk)] if need_weights else []), self.dtype.itemsize,
+                          "the forward pass's buffers" + (" and weights" if need_weights else ""))
+            # 1. masks as broadcast views, checked before anything is computed or
+            # cached: a call that raises leaves a cache as it found it
+            full = (B, H, Lq, Lk)
+            bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, self.dtype)
+            pad = self._padding_mask(key_padding_mask, B, Lq, Lk, unbatched)
 
-    def _attend_and_project(self, q, k, v, merged, B, Lq, bmask, fmask, pad, is_causal,
+            # 2. projections, straight into the head-major blocks the kernel reads
+            merged = None
+            src_k = q_in if self_attention else k_in
+            src_v = q_in if self_attention else v_in
+            if cache is None:
+                if self_attention and self.fused:
+                    qkv, merged = self._buffers(B, Lq)
+                    self._project(state, q_in.reshape(B * Lq, D), "qkv", D + 2 * kv, qkv, nt,
+                                  head_major=True)
+                    q, k, v = qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:]
+                else:
+                    Lk_new = src_k.shape[1]
+                    q = self._project(state, q_in.reshape(B * Lq, D), "q", D,
+                                      np.empty((B, H, Lq, E), self.dtype), nt, head_major=True)
+                    k = self._project(state, src_k.reshape(B * Lk_new, src_k.shape[2]), "k", kv,
+                                      np.empty((B, Hkv, Lk_new, E), self.dtype), nt,
+                                      head_major=True)
+                    v = self._project(state, src_v.reshape(B * Lk_new, src_v.shape[2]), "v", kv,
+                                      np.empty((B, Hkv, Lk_new, E), self.dtype), nt,
+                                      head_major=True)
+            else:
+                # decoding: the new positions' K and V go into the cache's layout
+                if self_attention and self.fused:
+                    qkv = self._project(state, q_in.reshape(B * Lq, D), "qkv", D + 2 * kv,
+                                        num_threads=nt)
+                    sl = self._slices()
+                    q2, k2, v2 = qkv[:, sl["q"]], qkv[:, sl["k"]], qkv[:, sl["v"]]
+                else:
+                    q2 = self._project(state, q_in.reshape(B * Lq, D), "q", D, num_threads=nt)
+                    k2 = self._project(state, src_k.reshape(B * Lq, src_k.shape[2]), "k", kv,
+                                       num_threads=nt)
+                    v2 = self._project(state, src_v.reshape(B * Lq, src_v.shape[2]), "v", kv,
+                                       num_threads=nt)
+                q = q2.reshape(B, Lq, H, E).transpose(0, 2, 1, 3)
+                cached = len(cache)
+                cache._append(k2.reshape(B, Lq, kv), v2.reshape(B, Lq, kv))
+                k, v = cache.keys(), cache.values()
+            try:
+                return self._attend_and_project(state, q, k, v, merged, B, Lq, bmask, fmask, pad,
+                                                is_causal, need_weights, average_attn_weights,
+                                                window, slopes, unbatched, nt)
+            except BaseException:
+                if cache is not None:
+                    cache._truncate(cached)
+                raise
+
+    def _attend_and_project(self, state, q, k, v, merged, B, Lq, bmask, fmask, pad, is_causal,
                             need_weights, average_attn_weights, window, slopes, unbatched, nt):
         """Steps 3 and 4 of _forward: the kernel into the merged layout, then
         the output projection."""
@@ -581,7 +614,7 @@ class _MultiHeadBase:
             num_threads=nt,
         )
         # 4. output projection
-        y = self._project(merged, "o", D, num_threads=nt).reshape(B, Lq, D)
+        y = self._project(state, merged, "o", D, num_threads=nt).reshape(B, Lq, D)
         if unbatched:
             y = y[0]
         if not need_weights:
@@ -634,7 +667,9 @@ _FORWARD_DOC = """
         cache : KVCache, optional
             From :meth:`new_cache`: the new positions' keys and values are
             appended and the queries attend causally over every cached
-            position (one token per call, or a chunk).
+            position (one token per call, or a chunk).  One call at a time:
+            a call that finds it in use by another thread's call raises
+            RuntimeError.
         window : (int or None, int or None), optional
             Sliding window around each query's position (see
             :func:`fastattn.scaled_dot_product_attention`).
@@ -672,9 +707,19 @@ class MultiHeadSelfAttention(_MultiHeadBase):
     w_q, w_k, w_v, w_o : ndarray
         Projection weights, ``(out_features, in_features)`` as in
         ``torch.nn.Linear``: ``w_q`` and ``w_o`` are (D, D), ``w_k`` and
-        ``w_v`` are (num_kv_heads * head_dim, D).  Read-only views.
+        ``w_v`` are (num_kv_heads * head_dim, D).  Read-only views; numpy
+        refuses to make them, or their bases, writable.
     b_q, b_k, b_v, b_o : ndarray or None
         Biases (None with ``bias=False``).
+
+    Weights change only by assignment (``m.w_q = new``), :meth:`load_state_dict`
+    or :meth:`reset_parameters`.  ``torch.from_numpy(m.w_q)`` warns that
+    writing to the tensor is undefined behaviour, and it is: the module would
+    not see the write.  ``torch.tensor(m.w_q)`` is a copy to write to.
+
+    A module may be called from several threads at once while another thread
+    changes its weights: each call computes with the weights of one moment,
+    those before or those after the change.
     """
 
     _FORMAT = "fastattn.MultiHeadSelfAttention/1"
@@ -763,9 +808,10 @@ class MultiHeadSelfAttention(_MultiHeadBase):
             # the last plan checks, in C, that it fits this call (thread, thread
             # count, weights, x); after the GEMMs each Python operation here
             # costs microseconds, its code and data gone from the caches
-            plan = self._plan
+            state = self._state
+            plan = state.plan
             if plan is not None:
-                y = plan.run_if(x, self._packed, threads._num_threads)
+                y = plan.run_if(x, state.packed, threads.get_num_threads())
                 if y is not None:
                     return y
             y = self._plain_forward(x)
@@ -813,6 +859,8 @@ class MultiHeadAttention(_MultiHeadBase):
     ----------
     w_q (E, E), w_k (Dkv, kdim), w_v (Dkv, vdim), w_o (E, E), b_q ... b_o
         As in ``torch.nn.Linear``; ``Dkv = num_kv_heads * head_dim``.
+        Read-only, changed and shared across threads as for
+        :class:`MultiHeadSelfAttention`.
     """
 
     _FORMAT = "fastattn.MultiHeadAttention/1"
@@ -884,8 +932,10 @@ class MultiHeadAttention(_MultiHeadBase):
         alibi: bool = False,
         alibi_slopes=None,
     ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
-        # the same array three times is self-attention: one fused projection
-        same = key is query and value is query
+        # the same array three times is self-attention, one fused projection,
+        # where the module has one (kdim == vdim == embed_dim); otherwise key
+        # and value are checked against kdim and vdim like any others
+        same = key is query and value is query and self.fused
         return self._forward(
             query, key, value, self_attention=same, attn_mask=attn_mask,
             key_padding_mask=key_padding_mask, is_causal=is_causal, need_weights=need_weights,

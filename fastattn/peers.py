@@ -85,16 +85,19 @@ def full_peer(name: str, module, x: np.ndarray, num_threads: int) -> Callable[[]
         return lambda: mhsa_numpy(module, x)
     if module.num_kv_heads != module.num_heads or not module.bias:
         raise PeerUnavailable(f"{name} compares modules with biases and no grouped-query heads")
+    sd = module.state_dict()  # one weight set, in torch's stacked layout below
+    w_qkv = np.concatenate([sd["w_q"], sd["w_k"], sd["w_v"]])
+    b_qkv = np.concatenate([sd["b_q"], sd["b_k"], sd["b_v"]])
     if name == "torch-mha":
         torch = _torch()
         torch.set_num_threads(num_threads)
         D, H = module.d_model, module.num_heads
         t = torch.nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float32).eval()
         t.load_state_dict({
-            "in_proj_weight": torch.from_numpy(module._w_qkv.astype(np.float32)),
-            "in_proj_bias": torch.from_numpy(module._b_qkv.astype(np.float32)),
-            "out_proj.weight": torch.from_numpy(module.w_o.astype(np.float32)),
-            "out_proj.bias": torch.from_numpy(module.b_o.astype(np.float32)),
+            "in_proj_weight": torch.from_numpy(w_qkv.astype(np.float32)),
+            "in_proj_bias": torch.from_numpy(b_qkv.astype(np.float32)),
+            "out_proj.weight": torch.from_numpy(sd["w_o"].astype(np.float32)),
+            "out_proj.bias": torch.from_numpy(sd["b_o"].astype(np.float32)),
         })
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
@@ -109,10 +112,10 @@ def full_peer(name: str, module, x: np.ndarray, num_threads: int) -> Callable[[]
 
         D, H = module.d_model, module.num_heads
         inits = [
-            numpy_helper.from_array(np.ascontiguousarray(module._w_qkv.T, np.float32), "w_qkv"),
-            numpy_helper.from_array(module._b_qkv.astype(np.float32), "b_qkv"),
-            numpy_helper.from_array(np.ascontiguousarray(module.w_o.T, np.float32), "w_o"),
-            numpy_helper.from_array(module.b_o.astype(np.float32), "b_o"),
+            numpy_helper.from_array(np.ascontiguousarray(w_qkv.T, np.float32), "w_qkv"),
+            numpy_helper.from_array(b_qkv.astype(np.float32), "b_qkv"),
+            numpy_helper.from_array(np.ascontiguousarray(sd["w_o"].T, np.float32), "w_o"),
+            numpy_helper.from_array(sd["b_o"].astype(np.float32), "b_o"),
         ]
         nodes = [
             helper.make_node("Attention", ["x", "w_qkv", "b_qkv"], ["attn"], domain="com.microsoft",

@@ -162,7 +162,7 @@ def test_plans_do_not_keep_old_weights_or_ended_threads_buffers(rng):
     m = MHSA(32, 4, seed=1)
     x = randn(rng, (2, 6, 32))
     m(x)
-    old = weakref.ref(m._packed["qkv"][0])
+    old = weakref.ref(m._state.packed["qkv"][0])
 
     together = threading.Barrier(3)
 
@@ -175,14 +175,14 @@ def test_plans_do_not_keep_old_weights_or_ended_threads_buffers(rng):
         t.start()
     for t in workers:
         t.join()
-    assert len(m._plans) == 4
+    assert len(m._state.plans) == 4
     # a plan made after those threads ended drops theirs
     x2 = randn(rng, (1, 3, 32))
     m(x2)
-    assert list(m._plans) == [threading.get_ident()]
+    assert list(m._state.plans) == [threading.get_ident()]
     m.reset_parameters(5)  # the plans held the old packed weights
     gc.collect()
-    assert old() is None and m._plan is None and not m._plans
+    assert old() is None and m._plan is None and not m._state.plans
     np.testing.assert_allclose(m(x), ref_forward(m, x)[0], **mod_tol(np.float32))
 
 
