@@ -104,6 +104,7 @@ class _MultiHeadBase:
     """Parameters, packing, persistence and the forward pass shared by both modules."""
 
     _FORMAT = ""  # set by each subclass: the .npz format name
+    _QUERY_ARG = ""  # set by each subclass: what its first argument is called
 
     @staticmethod
     def _init_config(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
@@ -496,10 +497,9 @@ class _MultiHeadBase:
     def _forward(self, query, key, value, *, self_attention: bool, attn_mask, key_padding_mask,
                  is_causal: bool, need_weights: bool, average_attn_weights: bool,
                  cache: Optional[KVCache], window, alibi: bool, alibi_slopes):
-        q_in = as_float_array(query, "query" if not self_attention else "x", self.dtype,
-                              KEYS_HINT)
+        qname = self._QUERY_ARG
+        q_in = as_float_array(query, qname, self.dtype, KEYS_HINT)
         unbatched = q_in.ndim == 2
-        qname = "x" if self_attention else "query"
         if q_in.ndim not in (2, 3) or q_in.shape[-1] != self.embed_dim:
             raise ValueError(
                 f"{qname} must have shape (B, L, {self.embed_dim}) or (L, {self.embed_dim}), "
@@ -723,6 +723,7 @@ class MultiHeadSelfAttention(_MultiHeadBase):
     """
 
     _FORMAT = "fastattn.MultiHeadSelfAttention/1"
+    _QUERY_ARG = "x"
 
     def __init__(
         self,
@@ -864,6 +865,7 @@ class MultiHeadAttention(_MultiHeadBase):
     """
 
     _FORMAT = "fastattn.MultiHeadAttention/1"
+    _QUERY_ARG = "query"
 
     def __init__(
         self,

@@ -409,3 +409,12 @@ def test_one_array_three_times_is_checked_against_kdim_and_vdim(rng, dims, name,
     with pytest.raises(ValueError) as e:
         m(x, x, x)
     assert_msg(e, names=(name,), shapes=((2, 5, 16),), numbers=(width,))
+
+
+def test_cross_attention_names_query_when_given_one_array_three_times(rng):
+    # the self-attention shortcut used to name the query argument "x"
+    m = fastattn.MultiHeadAttention(16, 4)
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    with pytest.raises(ValueError) as exc:
+        m(x, x, x)
+    assert_msg(exc, names=["query"], shapes=[(2, 5, 8)])
