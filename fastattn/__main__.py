@@ -51,6 +51,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  kernels:     {data['kernel_isa']} build (runnable here: {', '.join(data['available_isas'])})")
     print(f"  OpenMP:      {'on' if data['openmp'] else 'off (single-threaded build)'}")
     print(f"  threads:     {data['num_threads']}")
+    lim = data["limits"]
+    quota = "none" if lim["cpu_quota"] is None else f"{lim['cpu_quota']:g} CPUs"
+    mem = "none" if lim["memory_limit"] is None else f"{lim['memory_limit'] / 2**30:.2f} GiB"
+    print(f"  limits:      {lim['affinity_cpus']} CPUs in the affinity mask, cgroup CPU quota "
+          f"{quota}, cgroup memory limit {mem}; "
+          f"{lim['available_memory'] / 2**30:.2f} GiB available")
     print(f"  numpy:       {data['numpy']}")
     print(f"  projections: {data['projections']} (no BLAS in a fastattn call)")
     blas = data["numpy_blas"]

@@ -29,6 +29,9 @@ def test_info():
     assert "blas" in low
     # the thread count is printed as a number
     assert re.search(r"thread[^\n]*\d", low)
+    # and the limits found, as fastattn.info() reports them
+    cpus = fastattn.info()["limits"]["affinity_cpus"]
+    assert re.search(rf"limits:\s+{cpus} cpus in the affinity mask", low)
 
 
 def test_unknown_command_fails():
