@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import numpy as np
 
 from ._locks import ForkSafeLock
@@ -91,22 +88,13 @@ class KVCache:
         if np.dtype(dtype) != self.dtype:
             raise ValueError(f"cache has dtype {self.dtype}, the module computes in {dtype}")
 
-    @contextlib.contextmanager
-    def _claim(self) -> Iterator[None]:
-        """Holds the cache for one call: its length read, its append, its
-        attention over the keys and a rollback on error must not interleave
-        with another call's, which would lose or mix positions.  Refuses
-        rather than waits: two calls on one cache at once are a mistake, and
-        the order they would run in is not the sequence's."""
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError(
-                "cache is in use by another call (in another thread): a KVCache belongs "
-                "to one sequence batch; use one cache per thread"
-            )
-        try:
-            yield
-        finally:
-            self._busy.release()
+    def _claim(self) -> "_Claim":
+        """Holds the cache for one call (``with cache._claim():``): its length
+        read, its append, its attention over the keys and a rollback on error
+        must not interleave with another call's, which would lose or mix
+        positions.  Refuses rather than waits: two calls on one cache at once
+        are a mistake, and the order they would run in is not the sequence's."""
+        return _Claim(self._busy)
 
     def append(self, k_new: np.ndarray, v_new: np.ndarray) -> None:
         """Store T new positions; k_new and v_new are (B, T, Hkv * E)."""
@@ -156,3 +144,23 @@ class KVCache:
         return (f"KVCache(batch_size={self.batch_size}, length={self._length}, "
                 f"capacity={self.capacity}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, dtype={self.dtype.name}, grow={self.grow})")
+
+
+class _Claim:
+    """KVCache._claim's context manager: a class, not a generator, since a
+    decoding step is short enough for a generator's setup to show."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: ForkSafeLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(
+                "cache is in use by another call (in another thread): a KVCache belongs "
+                "to one sequence batch; use one cache per thread"
+            )
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()

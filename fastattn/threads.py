@@ -41,7 +41,13 @@ _num_threads = min(default_num_threads(), MAX_THREADS)
 
 # Set by fastattn.dask's tasks, through this_thread_uses: a count for the
 # calls of one thread that leaves _num_threads, the caller's, alone.
-_this_thread = threading.local()
+class _ThreadCount(threading.local):
+    # a class default: reading an unset count is a plain attribute hit, not a
+    # caught AttributeError, on every call's path
+    n = None
+
+
+_this_thread = _ThreadCount()
 
 
 # True in a process forked after an OpenMP team of several threads ran, in
@@ -132,7 +138,7 @@ def this_thread_uses(n: int, name: str = "n"):
     """Within the block, fastattn calls made from this thread use ``n`` threads;
     other threads, and the count set_num_threads sets, are left alone."""
     n = _count_for_this_process(n, name)
-    outer = getattr(_this_thread, "n", None)
+    outer = _this_thread.n
     _this_thread.n = n
     try:
         yield
@@ -167,5 +173,5 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     """The number of threads a fastattn call made from this thread uses."""
-    n = getattr(_this_thread, "n", None)
+    n = _this_thread.n
     return _num_threads if n is None or _forked_after_team else n
