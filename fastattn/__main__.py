@@ -129,9 +129,17 @@ def _output_error(args: argparse.Namespace) -> Optional[str]:
             return f"{option}: {path!r} is a directory, expected a file name"
         if not os.path.isdir(folder):
             return f"{option}: cannot write {path!r}: no directory {folder!r}"
-        writable = os.access(target if os.path.exists(target) else folder, os.W_OK)
-        if not writable:
-            return f"{option}: cannot write {path!r}: permission denied"
+        # os.access says yes to root everywhere: opening is the real test
+        # (append mode, so an existing file keeps its contents until the run
+        # writes it; a file made here goes again)
+        existed = os.path.exists(target)
+        try:
+            with open(target, "ab"):
+                pass
+        except OSError as exc:
+            return f"{option}: cannot write {path!r}: {exc.strerror or exc}"
+        if not existed:
+            os.remove(target)
     return None
 
 

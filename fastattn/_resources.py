@@ -28,7 +28,7 @@ def _read(root: str, path: str) -> Optional[str]:
     try:
         with open(os.path.join(root, path.lstrip("/"))) as f:
             return f.read()
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, ValueError):  # ValueError: a NUL in the path
         return None
 
 
@@ -92,7 +92,7 @@ def cpu_quota(root: Optional[str] = None) -> Optional[float]:
             quota, period = (_int(fields[0]), _int(fields[1])) if len(fields) == 2 else (None, None)
         else:
             quota, period = _int(_read(d, "cpu.cfs_quota_us")), _int(_read(d, "cpu.cfs_period_us"))
-        if quota is not None and quota > 0 and period:  # v1 writes -1 for no quota
+        if quota is not None and quota > 0 and period and period > 0:  # v1: -1, no quota
             quotas.append(quota / period)
     return min(quotas) if quotas else None
 
@@ -128,7 +128,8 @@ def cgroup_memory(root: Optional[str] = None) -> Optional[Tuple[int, int]]:
     best = None
     for d in dirs:
         limit, usage = _int(_read(d, limit_file)), _int(_read(d, usage_file))
-        if limit is None or limit >= _UNLIMITED or usage is None:  # "max": no limit
+        # "max" (or v1's huge number): no limit; a negative one is not a limit either
+        if limit is None or limit < 0 or limit >= _UNLIMITED or usage is None:
             continue
         cache = 0
         for line in (_read(d, "memory.stat") or "").splitlines():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ._locks import ForkSafeLock
-from .functional import check_flag, ensure_memory, float_dtype, positive_int
+from .functional import (_shape_str, as_float_array, check_flag, ensure_memory, float_dtype,
+                         positive_int)
 
 __all__ = ["KVCache"]
 
@@ -97,9 +98,24 @@ class KVCache:
         return _Claim(self._busy)
 
     def append(self, k_new: np.ndarray, v_new: np.ndarray) -> None:
-        """Store T new positions; k_new and v_new are (B, T, Hkv * E)."""
+        """Store T new positions; k_new and v_new are float arrays of shape
+        (B, T, Hkv * E), cast to the cache's dtype.
+
+        Raises TypeError or ValueError, naming the argument, for anything else
+        (no broadcasting: one sequence's keys never fill another's rows)."""
+        width = self.num_kv_heads * self.head_dim
+        arrays = []
+        for name, a in (("k_new", k_new), ("v_new", v_new)):
+            a = as_float_array(a, name, self.dtype)
+            if a.ndim != 3 or a.shape[0] != self.batch_size or a.shape[2] != width:
+                raise ValueError(f"{name} must have shape ({self.batch_size}, T, {width}), "
+                                 f"got {_shape_str(a.shape)}")
+            arrays.append(a)
+        if arrays[0].shape[1] != arrays[1].shape[1]:
+            raise ValueError(f"k_new and v_new must hold as many positions, got "
+                             f"{_shape_str(arrays[0].shape)} and {_shape_str(arrays[1].shape)}")
         with self._claim():
-            self._append(k_new, v_new)
+            self._append(*arrays)
 
     def _append(self, k_new: np.ndarray, v_new: np.ndarray) -> None:
         """append, for a caller that holds the cache (see _claim)."""
@@ -129,6 +145,13 @@ class KVCache:
         """Forget the positions past ``length``: a call that appended and then
         failed leaves the cache as it found it."""
         self._length = min(self._length, length)
+
+    def __copy__(self) -> "KVCache":
+        """A copy with storage of its own: two caches sharing it would write
+        each other's positions (a beam search forking a sequence, say)."""
+        new = KVCache.__new__(KVCache)
+        new.__setstate__({**self.__getstate__(), "_k": self._k.copy(), "_v": self._v.copy()})
+        return new
 
     # a copy (pickle, copy.deepcopy) gets its own lock, free
     def __getstate__(self) -> dict:

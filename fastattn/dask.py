@@ -130,11 +130,14 @@ def apply(
         kpm = key_padding_mask
         if not isinstance(kpm, da.Array):
             kpm = array_from(kpm, "key_padding_mask")
-            if kpm.dtype != np.bool_:
-                raise TypeError(f"key_padding_mask must be a bool array, got dtype {kpm.dtype}")
-            kpm = da.from_array(kpm, chunks=(x.chunks[0], -1))
+        # a dask array's dtype and shape are known now too: both checked
+        # before the graph is built, not in the middle of the compute
+        if kpm.dtype != np.bool_:
+            raise TypeError(f"key_padding_mask must be a bool array, got dtype {kpm.dtype}")
         if tuple(kpm.shape) != (S, N):
             raise ValueError(f"key_padding_mask must have shape {(S, N)}, got {tuple(kpm.shape)}")
+        if not isinstance(kpm, da.Array):
+            kpm = da.from_array(kpm, chunks=(x.chunks[0], -1))
         kpm_blocks = list(kpm.rechunk((x.chunks[0], -1)).to_delayed().ravel())
     if attn_mask is not None:
         # checked here, as the module would check it, so a bad mask fails now

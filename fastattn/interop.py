@@ -230,7 +230,10 @@ def saved_name(path):
     the OS does, so b"m" and "m" name one file); file objects are returned
     as they came."""
     if not isinstance(path, (str, bytes, os.PathLike)):
-        return path
+        if hasattr(path, "read") or hasattr(path, "write"):
+            return path
+        raise TypeError(f"path must be a file name (str, bytes or os.PathLike) or a binary "
+                        f"file object, got {type(path).__name__}")
     name = os.fsdecode(path)
     return name if name.endswith(".npz") else name + ".npz"
 
@@ -249,7 +252,11 @@ def resolve_module_path(path):
     if saved == name:
         return name
     saved_exists, name_exists = os.path.exists(saved), os.path.exists(name)
-    if saved_exists and name_exists and not os.path.isdir(name):
+    # a folder is never what save wrote, and one file under two names (a
+    # symlink) is not two candidates
+    if saved_exists and name_exists and os.path.isdir(saved) != os.path.isdir(name):
+        return name if os.path.isdir(saved) else saved
+    if saved_exists and name_exists and not os.path.samefile(saved, name):
         raise ValueError(
             f"path {name!r} is ambiguous: save({name!r}) writes {saved!r}, and a file "
             f"{name!r} exists too; pass the full name of the one to load"

@@ -17,7 +17,7 @@ weight change, and run on the same OpenMP threads as the attention kernel.
 
 Parameters are copy-on-write.  One :class:`_Params` object holds every weight
 and bias of one moment, as read-only arrays over immutable bytes (so neither
-they nor the views handed out, ``m.w_q`` ..., can be made writable, and the
+the read-only copies handed out, ``m.w_q`` ..., can be made writable, and the
 packed copies can never fall behind them), together with the packed copies and
 the plans made from them.  A call reads ``self._state`` once and uses only
 that object, so it computes with one weight set, without taking a lock, while
@@ -68,7 +68,7 @@ _IN_DIM = {"q": "embed_dim", "k": "kdim", "v": "vdim", "o": "embed_dim"}
 def _param_property(name: str) -> property:
     return property(lambda self: self._public_view(name),
                     lambda self, value: self._set_param(name, value),
-                    doc=f"The {name} parameter (a read-only view; assign to replace it).")
+                    doc=f"The {name} parameter (a read-only copy; assign to replace it).")
 
 
 class _Params:
@@ -190,9 +190,12 @@ class _MultiHeadBase:
         return arrays[name[0] + "_qkv"][self._slices()[name[2]]]
 
     def _public_view(self, name: str) -> Optional[np.ndarray]:
+        # A read-only copy of its own: numpy refuses to make it writable, and
+        # a writer that ignores the flag (torch.from_numpy(m.w_o).mul_(2))
+        # changes only this copy, never the storage that state_dict, save and
+        # the packed weights share.
         view = self._param_view(name, self._state)
-        # a view of its own: a caller setting its shape leaves the storage alone
-        return None if view is None else view.view()
+        return None if view is None else _frozen([view])
 
     def _staged_param(self, name: str, value, key: str) -> np.ndarray:
         """``value`` checked against parameter ``name`` and cast to the module's
@@ -541,7 +544,9 @@ class _MultiHeadBase:
             Lk = Lq if self_attention else k_in.shape[1]
             if cache is not None:
                 Lk = len(cache) + Lq
-            ensure_memory([(B * Lq, D + 2 * kv), (B * Lq, D), (B * Lq, D)]
+            # (the K and V projections of cross-attention are as long as key)
+            Lk_new = Lq if self_attention or cache is not None else Lk
+            ensure_memory([(B * Lq, D + 2 * kv), (B * Lq, D), (B * Lq, D), (B * Lk_new, 2 * kv)]
                           + ([(B, H, Lq, Lk)] if need_weights else []), self.dtype.itemsize,
                           "the forward pass's buffers" + (" and weights" if need_weights else ""))
             # 1. masks as broadcast views, checked before anything is computed or
@@ -707,15 +712,15 @@ class MultiHeadSelfAttention(_MultiHeadBase):
     w_q, w_k, w_v, w_o : ndarray
         Projection weights, ``(out_features, in_features)`` as in
         ``torch.nn.Linear``: ``w_q`` and ``w_o`` are (D, D), ``w_k`` and
-        ``w_v`` are (num_kv_heads * head_dim, D).  Read-only views; numpy
+        ``w_v`` are (num_kv_heads * head_dim, D).  Read-only copies; numpy
         refuses to make them, or their bases, writable.
     b_q, b_k, b_v, b_o : ndarray or None
         Biases (None with ``bias=False``).
 
     Weights change only by assignment (``m.w_q = new``), :meth:`load_state_dict`
     or :meth:`reset_parameters`.  ``torch.from_numpy(m.w_q)`` warns that
-    writing to the tensor is undefined behaviour, and it is: the module would
-    not see the write.  ``torch.tensor(m.w_q)`` is a copy to write to.
+    writing to the tensor is undefined behaviour; such a write reaches only the
+    copy ``m.w_q`` returned, never the module.
 
     A module may be called from several threads at once while another thread
     changes its weights: each call computes with the weights of one moment,

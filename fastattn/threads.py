@@ -64,13 +64,20 @@ def _team_started() -> bool:
                if name.startswith("fastattn._kernels_") and mod is not None)
 
 
+# threading lists a foreign thread that once called into Python (a ctypes
+# callback from an OpenMP worker, say) as a dummy entry for good: such a
+# thread was not started by Python and still counts as foreign.
+_DummyThread = getattr(threading, "_DummyThread", ())
+
+
 def _native_threads_python_does_not_know() -> set:
-    """Thread ids of this process that are not Python threads (Linux; else empty)."""
+    """Thread ids of this process that Python did not start (Linux; else empty)."""
     try:
         tids = {int(t) for t in os.listdir("/proc/self/task")}
     except (OSError, ValueError):
         return set()
-    return tids - {t.native_id for t in threading.enumerate()}
+    return tids - {t.native_id for t in threading.enumerate()
+                   if not isinstance(t, _DummyThread)}
 
 
 def _libgomp_loaded() -> bool:

@@ -38,6 +38,25 @@ def test_load_reads_the_file_save_wrote_or_refuses_an_ambiguous_name(tmp_path):
 
 # ---------------------------------------------------------------- item 9: bytes paths
 
+def test_load_and_save_refuse_what_is_neither_a_path_nor_a_file(tmp_path):
+    for bad in (3, None, 2.5):
+        with pytest.raises(TypeError, match="path must be a file name"):
+            MHSA.load(bad)
+        with pytest.raises(TypeError):
+            MHSA(8, 2).save(bad)
+
+
+def test_load_takes_one_file_under_two_names_or_a_folder_beside_a_file(tmp_path):
+    m = MHSA(8, 2, seed=4)
+    m.save(tmp_path / "a")
+    os.symlink(tmp_path / "a.npz", tmp_path / "a")  # the same file twice: not ambiguous
+    assert MHSA.load(tmp_path / "a") == m
+    (tmp_path / "b.npz").mkdir()  # a folder is never what save wrote
+    with open(tmp_path / "b", "wb") as f:
+        m.save(f)
+    assert MHSA.load(tmp_path / "b") == m
+
+
 def test_load_accepts_bytes_paths(tmp_path):
     m = MHSA(8, 2, seed=2)
     m.save(tmp_path / "m.npz")
@@ -81,10 +100,13 @@ def test_scaling_without_memory_for_dk_names_the_option():
 @pytest.mark.parametrize("option", ["--json", "--plot"])
 def test_bench_and_scaling_check_output_paths_before_running(tmp_path, option):
     missing = str(tmp_path / "no-such-dir" / "out")
+    # /proc takes no new files, even from root (for whom os.access says yes)
     runs = [("bench", "--shapes", "small", "--parts", "core", "--rounds", "1",
              "--threads", "1", option, missing),
             ("scaling", "--dk", "4", "--trials", "2", "--length", "2", option, missing),
-            ("scaling", "--dk", "4", "--trials", "2", "--length", "2", option, str(tmp_path))]
+            ("scaling", "--dk", "4", "--trials", "2", "--length", "2", option, str(tmp_path)),
+            ("scaling", "--dk", "4", "--trials", "2", "--length", "2", option,
+             "/proc/fastattn-out")]
     for args in runs:
         r = _cli(*args)
         assert r.returncode == 2, r.stdout + r.stderr

@@ -47,6 +47,12 @@ int team(int n) {
     }
     return got;
 }
+typedef void (*callback)(int);
+int team_calling_back(int n, callback cb) {
+    #pragma omp parallel num_threads(n)
+    cb(omp_get_thread_num());
+    return n;
+}
 """
 
 FORK_AFTER_OTHER_TEAM = r"""
@@ -60,7 +66,15 @@ fastattn.set_num_threads(2)
 rng = np.random.default_rng(0)
 q, k, v = (rng.standard_normal((2, 4, 64, 32)) for _ in range(3))
 want = ref_sdpa(q, k, v)[0]
-assert lib.team(2) == 2  # libgomp now keeps a pool for this thread
+if sys.argv[2] == "plain":
+    assert lib.team(2) == 2  # libgomp now keeps a pool for this thread
+else:
+    # the pool's worker calls into Python, which then lists it as a (dummy)
+    # thread of its own for good, as logging from a callback would
+    import threading
+    CB = ctypes.CFUNCTYPE(None, ctypes.c_int)
+    cb = CB(lambda i: threading.current_thread())
+    assert lib.team_calling_back(2, cb) == 2
 pid = os.fork()
 if pid == 0:
     y = fastattn.scaled_dot_product_attention(q, k, v)
@@ -80,7 +94,8 @@ while os.waitpid(pid, os.WNOHANG) == (0, 0):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
-def test_child_forked_after_another_librarys_openmp_team_does_not_hang(tmp_path):
+@pytest.mark.parametrize("team", ["plain", "calling_back_into_python"])
+def test_child_forked_after_another_librarys_openmp_team_does_not_hang(tmp_path, team):
     if shutil.which("gcc") is None:
         pytest.skip("gcc is needed to build the OpenMP library")
     if not fastattn.info()["openmp"]:
@@ -95,7 +110,7 @@ def test_child_forked_after_another_librarys_openmp_team_does_not_hang(tmp_path)
     env.pop("OMP_NUM_THREADS", None)
     log = tmp_path / "log.txt"
     with open(log, "w") as out:  # a file, not a pipe a stuck grandchild could hold open
-        r = subprocess.run([sys.executable, str(script), str(lib)], stdout=out,
+        r = subprocess.run([sys.executable, str(script), str(lib), team], stdout=out,
                            stderr=subprocess.STDOUT, env=env, timeout=120)
     text = log.read_text()
     assert r.returncode == 0, text
@@ -178,6 +193,20 @@ def test_apply_refuses_a_bad_attn_mask_when_the_graph_is_built():
     fdask.apply(m, x, attn_mask=np.ones((2, 8, 8), bool))  # (H, N, N) is fine
 
 
+def test_apply_refuses_a_bad_key_padding_mask_when_the_graph_is_built():
+    fdask = _dask()
+    import dask.array as da
+
+    m = fastattn.MultiHeadSelfAttention(16, 2, seed=2)
+    x = np.zeros((10, 7, 16), np.float32)
+    # numpy, wrong count of sequences: named as such, not a dask chunking error
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(10, 7\)"):
+        fdask.apply(m, x, key_padding_mask=np.ones((9, 7), bool))
+    # dask, wrong dtype: its dtype is known before the compute
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool array.*int8"):
+        fdask.apply(m, x, key_padding_mask=da.ones((10, 7), dtype=np.int8, chunks=5))
+
+
 # ---- item 11: container limits --------------------------------------------------------
 
 @pytest.fixture
@@ -249,6 +278,20 @@ def test_cgroup_v1_limits_in_a_container_that_sees_its_own_cgroup_as_the_top(res
     assert resources.available_memory(root) == 33554432 * 1024
 
 
+def test_garbage_cgroup_files_mean_no_limits(resources, tmp_path):
+    # a NUL in the cgroup path, a negative limit and a negative period are not
+    # limits; none of them may raise (this runs at import)
+    _cgroup_v2(tmp_path)
+    box = "/sys/fs/cgroup/box"
+    _write(tmp_path, box + "/memory.max", "-1\n")
+    _write(tmp_path, box + "/cpu.max", "50000 -100000\n")
+    limits = resources.limits(str(tmp_path))
+    assert limits["memory_limit"] is None and limits["cpu_quota"] is None
+    _write(tmp_path, "/proc/self/cgroup", "0::/box/a\x00b\n")
+    limits = resources.limits(str(tmp_path))
+    assert limits["memory_limit"] is None and limits["cpu_quota"] is None
+
+
 def test_no_cgroup_files_means_no_limits(resources, tmp_path):
     limits = resources.limits(str(tmp_path))
     assert limits["cpu_quota"] is None and limits["memory_limit"] is None
@@ -270,6 +313,15 @@ def test_default_threads_memory_check_and_info_follow_the_cgroup(resources, tmp_
     limits = fastattn.info()["limits"]
     assert limits["cpu_quota"] == 1.5 and limits["usable_cpus"] == 2
     assert limits["memory_limit"] == 1024 * MIB and limits["available_memory"] == 124 * MIB
+
+
+def test_cross_attention_key_projections_are_in_the_memory_check(resources, monkeypatch):
+    # one query over many keys: the K and V projections are the big buffers
+    monkeypatch.setattr(resources, "available_memory", lambda root=None: 100 * MIB)
+    m = fastattn.MultiHeadAttention(512, 8, kdim=1, vdim=1)
+    key = np.ones((1, 80000, 1), np.float32)
+    with pytest.raises(MemoryError):
+        m(np.ones((1, 1, 512), np.float32), key, key)
 
 
 def test_the_kernels_offset_tables_are_in_the_memory_check(monkeypatch):

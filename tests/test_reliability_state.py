@@ -10,12 +10,14 @@
   raises RuntimeError; no append is ever lost.
 * MultiHeadAttention(kdim != embed_dim)(x, x, x) names key and its shapes.
 """
+import copy
 import gc
 import os
 import pathlib
 import subprocess
 import sys
 import threading
+import warnings
 import weakref
 
 import numpy as np
@@ -418,3 +420,53 @@ def test_cross_attention_names_query_when_given_one_array_three_times(rng):
     with pytest.raises(ValueError) as exc:
         m(x, x, x)
     assert_msg(exc, names=["query"], shapes=[(2, 5, 8)])
+
+
+def test_kvcache_append_checks_its_arguments():
+    # the public append took anything numpy could broadcast or cast
+    m = MultiHeadSelfAttention(16, 2)
+    c = m.new_cache(2, 8)
+    for bad, error, needle in [
+        (np.ones((1, 1, 16)), ValueError, r"k_new must have shape \(2, T, 16\), got \(1, 1, 16\)"),
+        (np.ones((2, 1, 15)), ValueError, r"k_new must have shape \(2, T, 16\), got \(2, 1, 15\)"),
+        (np.ones((2, 1, 16), np.int64), TypeError, "k_new must be a float32 or float64"),
+        (np.full((2, 1, 16), "a"), TypeError, "k_new must be a float32 or float64"),
+    ]:
+        with pytest.raises(error, match=needle):
+            c.append(bad, bad)
+        assert len(c) == 0
+    with pytest.raises(ValueError, match="as many positions"):
+        c.append(np.ones((2, 2, 16)), np.ones((2, 1, 16)))
+    c.append(np.ones((2, 3, 16)), np.zeros((2, 3, 16)))
+    assert len(c) == 3 and c.keys().dtype == np.float32
+
+
+def test_a_shallow_copy_of_a_cache_has_storage_of_its_own(rng):
+    # beam search forks a sequence: the branches must not write each other's keys
+    m = MultiHeadSelfAttention(16, 2, seed=1)
+    x = rng.standard_normal((1, 3, 16)).astype(np.float32)
+    c = m.new_cache(1, 8)
+    m(x[:, :2], cache=c)
+    c2 = copy.copy(c)
+    m(x[:, 2:], cache=c2)
+    kept = c2.keys().copy()
+    m(-x[:, 2:], cache=c)
+    np.testing.assert_array_equal(c2.keys(), kept)
+
+
+def test_a_write_that_ignores_the_read_only_flag_cannot_split_the_module(rng):
+    # torch.from_numpy(m.w_o).mul_(2) writes through numpy's flag (torch warns
+    # that it is undefined behaviour): it may change what it was handed, never
+    # what state_dict, save and the forward use
+    torch = pytest.importorskip("torch")
+    m = MultiHeadSelfAttention(16, 2, seed=3)
+    x = rng.standard_normal((1, 5, 16)).astype(np.float32)
+    before, y0 = m.state_dict(), m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.from_numpy(m.w_o).mul_(2)
+    after = m.state_dict()
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    np.testing.assert_array_equal(m(x), y0)
+    np.testing.assert_allclose(y0, ref_mhsa(x, params_of(m), 2)[0], rtol=2e-5, atol=2e-5)
