@@ -1,7 +1,17 @@
 /*
- * Inner loops of the attention kernel for float and double, from one source
- * (fa_kernels_impl.h, included once per type).  The parallel skeleton and the
- * walk over blocks live in fastattn/_attention.pxi.
+ * Inner loops of the attention kernel for float and double, from one source:
+ * each element type below defines its names (the element type, the exported
+ * suffix, the exponential's constants) and includes fa_kernels_impl.h, which
+ * instantiates the kernels by concern:
+ *
+ *   fa_vec.h      vector types and primitives, the exponential, transposes
+ *   fa_gemm.h     the GEMM micro-kernel, packing, the projections
+ *   fa_mask.h     masks, bands, position biases
+ *   fa_softmax.h  the one online-softmax rule: tiles, rows, weights, merges
+ *
+ * fa_simd.h holds what depends on the instruction set (vector width, tile
+ * shape, the instructions used by name).  The parallel skeleton and the walk
+ * over blocks live in the Cython layer, which includes this header only.
  */
 #ifndef FA_KERNELS_H
 #define FA_KERNELS_H
@@ -54,19 +64,6 @@ static const float fa_exp2_c_f32[7] = {1.0f, 0.6931471824645996f, 0.240226462483
                                        0.0013399930903688073f, 0.00015345810970757157f};
 #define FA_EXP2_C fa_exp2_c_f32
 #include "fa_kernels_impl.h"
-#undef REAL
-#undef IREAL
-#undef FA
-#undef FA_LOG2E
-#undef FA_EXP_MAGIC
-#undef FA_VMAX
-#undef FA_VREDUCE
-#undef FA_VSCALEF
-#undef FA_EXP_BIAS
-#undef FA_MANT_BITS
-#undef FA_EXP2_LO
-#undef FA_EXP2_DEG
-#undef FA_EXP2_C
 
 /* ---- double ---- */
 #define REAL double
@@ -91,19 +88,6 @@ static const double fa_exp2_c_f64[14] = {
     2.5678435993488196e-11, 1.3691488853904124e-12};
 #define FA_EXP2_C fa_exp2_c_f64
 #include "fa_kernels_impl.h"
-#undef REAL
-#undef IREAL
-#undef FA
-#undef FA_LOG2E
-#undef FA_EXP_MAGIC
-#undef FA_VMAX
-#undef FA_VREDUCE
-#undef FA_VSCALEF
-#undef FA_EXP_BIAS
-#undef FA_MANT_BITS
-#undef FA_EXP2_LO
-#undef FA_EXP2_DEG
-#undef FA_EXP2_C
 
 static const char *fa_isa_name(void) { return FA_ISA_NAME; }
 

@@ -19,7 +19,7 @@
 #define FA_ISA_NAME "avx512"
 #elif defined(__AVX2__) && defined(__FMA__)
 #define FA_VBYTES 32
-#define FA_MR 6 /* 6 x 2 = 12 of the 16 ymm registers, as BLIS does on Haswell */
+#define FA_MR 6 /* 6 x 2 = 12 of the 16 ymm registers, BLIS's AVX2 micro-tile */
 #define FA_ISA_NAME "avx2"
 #else
 #define FA_VBYTES 16
@@ -51,6 +51,16 @@
 #define FA_MAX_PS(a, b) ((__typeof__(a))_mm_max_ps((__m128)(a), (__m128)(b)))
 #define FA_MAX_PD(a, b) ((__typeof__(a))_mm_max_pd((__m128d)(a), (__m128d)(b)))
 #endif
+#endif
+
+/* GCC's two-source __builtin_shuffle makes the in-register block transposes
+ * (FA(transpose_block)); clang has no such builtin (and its shufflevector
+ * wants literal indices), so a clang build transposes element by element, as
+ * the edges of a block do. */
+#if defined(__clang__)
+#define FA_BLOCK_TRANSPOSE 0
+#else
+#define FA_BLOCK_TRANSPOSE 1
 #endif
 
 /* Vectors per micro-tile row: two, so loads of B overlap with the FMAs. */

@@ -1,0 +1,229 @@
+/*
+ * Products for one element type: the register-tiled GEMM micro-kernel that
+ * makes the attention tile's scores and output, the packing of Q for it, the
+ * few-query row path's matrix-vector products, and the projections
+ * (Y = X W^T + b over weights packed once per weight change).
+ * No include guard: included once per element type (fa_kernels_impl.h).
+ */
+
+/* dst[e][i] = scale * src[i * srs + e]: the query block, transposed and
+ * scaled once per tile; columns i >= rows (up to ldd) are zero. */
+static void FA(pack_qt)(REAL *restrict dst, int64_t ldd, const REAL *restrict src, int64_t srs,
+                        int64_t rows, int64_t cols, REAL scale) {
+    for (int64_t e = 0; e < cols; e++)
+        for (int64_t i = rows; i < ldd; i++) dst[e * ldd + i] = 0;
+    int64_t rv = FA_BLOCK_TRANSPOSE ? rows - rows % VLEN : 0, cv = cols - cols % VLEN;
+#if FA_BLOCK_TRANSPOSE
+    typedef FA(uvec) UVEC;
+    VEC blk[VLEN];
+    for (int64_t i0 = 0; i0 < rv; i0 += VLEN)
+        for (int64_t e0 = 0; e0 < cv; e0 += VLEN) {
+#pragma GCC unroll 16
+            for (int64_t r = 0; r < VLEN; r++) blk[r] = *(const UVEC *)(src + (i0 + r) * srs + e0);
+            FA(transpose_block)(blk);
+#pragma GCC unroll 16
+            for (int64_t c = 0; c < VLEN; c++) *(VEC *)(dst + (e0 + c) * ldd + i0) = scale * blk[c];
+        }
+#endif
+    /* the ragged edges, element by element */
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t e = i < rv ? cv : 0; e < cols; e++) dst[e * ldd + i] = scale * src[i * srs + e];
+}
+
+/*
+ * One FA_MR-row panel: C[r][0:N] = init + sum_p A(r, p) * B[p][0:N] for r < mr,
+ * A(r, p) = A[r * rs + p * ps], where init is C itself (accumulate), the row
+ * vector `bias`, or zero.  N is a multiple of NR; B rows are aligned, C rows
+ * need not be.  The FA_MR x FA_NV accumulator tile stays in registers for the
+ * whole K loop.  Rows >= mr of A must be readable (callers pack tails).
+ * With `colmax`, colmax[0:N] also takes the max of each column's results
+ * (rows < mr), while they are still in registers.
+ */
+static inline void FA(panel)(int64_t N, int64_t K, const REAL *restrict A, int64_t rs,
+                             int64_t ps, const REAL *restrict B, int64_t ldb,
+                             REAL *restrict C, int64_t ldc, int accumulate,
+                             const REAL *restrict bias, int64_t mr, REAL *restrict colmax) {
+    typedef FA(uvec) UVEC;
+    for (int64_t j = 0; j < N; j += NR) {
+        VEC acc[FA_MR][FA_NV];
+        for (int r = 0; r < FA_MR; r++)
+            for (int v = 0; v < FA_NV; v++)
+                acc[r][v] = (accumulate && r < mr) ? *(const UVEC *)(C + r * ldc + j + v * VLEN)
+                            : bias ? *(const UVEC *)(bias + j + v * VLEN)
+                                   : FA(vsplat)(0);
+        for (int64_t p = 0; p < K; p++) {
+            VEC b[FA_NV];
+            for (int v = 0; v < FA_NV; v++) b[v] = *(const VEC *)(B + p * ldb + j + v * VLEN);
+            const REAL *a = A + p * ps;
+            for (int r = 0; r < FA_MR; r++) {
+                REAL ar = a[r * rs];
+                for (int v = 0; v < FA_NV; v++) acc[r][v] += ar * b[v];
+            }
+        }
+        for (int r = 0; r < FA_MR; r++) {
+            if (r >= mr) break;
+            for (int v = 0; v < FA_NV; v++) *(UVEC *)(C + r * ldc + j + v * VLEN) = acc[r][v];
+        }
+        if (colmax)
+            for (int v = 0; v < FA_NV; v++) {
+                VEC mx = acc[0][v];
+                for (int r = 1; r < FA_MR; r++)
+                    if (r < mr) mx = FA(vmax)(mx, acc[r][v]);
+                VEC *cm = (VEC *)(colmax + j + v * VLEN);
+                *cm = FA(vmax)(*cm, mx);
+            }
+    }
+}
+
+/*
+ * C[M x N] (+)= A[M x K] * B[K x N] with A read through strides (rs between
+ * rows, ps between inner-dimension steps), so K and V are used in place.
+ * A last panel of fewer than FA_MR rows is first copied into `tail`
+ * (FA_MR * K elements), zero-padded, so no read runs past A.  colmax
+ * (aligned, or NULL): see FA(panel).
+ */
+static void FA(gemm)(int64_t M, int64_t N, int64_t K, const REAL *restrict A, int64_t rs,
+                     int64_t ps, const REAL *restrict B, int64_t ldb, REAL *restrict C,
+                     int64_t ldc, int accumulate, REAL *restrict tail, REAL *restrict colmax) {
+    int64_t i = 0;
+    if (rs == 1) {
+        for (; i + FA_MR <= M; i += FA_MR)
+            FA(panel)(N, K, A + i, 1, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR,
+                      colmax);
+    } else if (ps == 1) {
+        for (; i + FA_MR <= M; i += FA_MR)
+            FA(panel)(N, K, A + i * rs, rs, 1, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR,
+                      colmax);
+    } else {
+        for (; i + FA_MR <= M; i += FA_MR)
+            FA(panel)(N, K, A + i * rs, rs, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR,
+                      colmax);
+    }
+    if (i < M) {
+        int64_t mr = M - i;
+        for (int64_t p = 0; p < K; p++)
+            for (int64_t r = 0; r < FA_MR; r++)
+                tail[p * FA_MR + r] = r < mr ? A[(i + r) * rs + p * ps] : 0;
+        FA(panel)(N, K, tail, 1, FA_MR, B, ldb, C + i * ldc, ldc, accumulate, NULL, mr, colmax);
+    }
+}
+
+/* ---- few queries (decoding): one query row at a time, vectorised along E ---- */
+
+/* s[j] = sum_e q[e] * k[j * ks + e] for j < n. */
+static void FA(dots)(REAL *restrict s, const REAL *restrict q, int64_t E,
+                     const REAL *restrict k, int64_t ks, int64_t n) {
+    typedef FA(uvec) UVEC;
+    int64_t ev = E - E % VLEN;
+    for (int64_t j = 0; j < n; j++) {
+        const REAL *kj = k + j * ks;
+        VEC acc = FA(vsplat)(0);
+        for (int64_t e = 0; e < ev; e += VLEN) acc += *(const UVEC *)(q + e) * *(const UVEC *)(kj + e);
+        REAL t = FA(hsum)(acc);
+        for (int64_t e = ev; e < E; e++) t += q[e] * kj[e];
+        s[j] = t;
+    }
+}
+
+/* o[0:ev] += sum_j p[j] * v[j * vs + 0:ev]; o is padded to whole vectors. */
+static void FA(accum_rows)(REAL *restrict o, int64_t ev, const REAL *restrict p, int64_t n,
+                           const REAL *restrict v, int64_t vs) {
+    typedef FA(uvec) UVEC;
+    int64_t evv = ev - ev % VLEN;
+    for (int64_t j = 0; j < n; j++) {
+        REAL pj = p[j];
+        if (pj == 0) continue; /* masked keys, and most keys far below the max */
+        const REAL *vj = v + j * vs;
+        for (int64_t c = 0; c < evv; c += VLEN) *(VEC *)(o + c) += pj * *(const UVEC *)(vj + c);
+        for (int64_t c = evv; c < ev; c++) o[c] += pj * vj[c];
+    }
+}
+
+/* ---- projections: Y = X W^T + b with W packed once per weight change ---- */
+
+/* Elements of W (n_out x k, row-major as in nn.Linear) once packed: panels of
+ * NR output features, each k rows of NR (zero-padded past n_out). */
+static inline int64_t FA(packed_len)(int64_t n_out, int64_t k) {
+    return ((n_out + NR - 1) / NR) * NR * k;
+}
+
+static void FA(pack_weight)(REAL *restrict dst, const REAL *restrict W, int64_t n_out,
+                            int64_t k) {
+    int64_t panels = (n_out + NR - 1) / NR;
+    for (int64_t q = 0; q < panels; q++) {
+        REAL *d = dst + q * k * NR;
+        for (int64_t p = 0; p < k; p++)
+            for (int64_t c = 0; c < NR; c++) {
+                int64_t n = q * NR + c;
+                d[p * NR + c] = n < n_out ? W[n * k + p] : 0;
+            }
+    }
+}
+
+/* Bias padded to whole panels (so the last panel's vector loads stay inside). */
+static inline int64_t FA(padded_bias_len)(int64_t n_out) { return ((n_out + NR - 1) / NR) * NR; }
+
+/*
+ * Rows [m0, m1) x output panels [q0, q1) of Y = X Wp^T (+ bias): the unit of
+ * work one thread takes.  With `qlist`, the panels are qlist[q0 .. q1)
+ * instead (a head's Q, K and V columns, which are not adjacent).  K is walked
+ * in chunks of kc so that a panel of Wp (kc x NR) and the FA_MR rows of X it
+ * meets stay in L1.  `scratch` holds
+ * FA_MR * kc elements (a tail of rows, zero-padded) plus one FA_MR x NR tile
+ * (a tail of output features); it must be FA_ALIGN-aligned.
+ */
+static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, int64_t m1,
+                             int64_t K, const REAL *restrict Wp, const REAL *restrict bias,
+                             int64_t n_out, int64_t q0, int64_t q1, REAL *restrict Y,
+                             const fa_out_layout *lay, int64_t kc, REAL *restrict scratch,
+                             const int64_t *restrict qlist) {
+    REAL *tile = scratch;               /* FA_MR x NR, aligned */
+    REAL *rows_tail = scratch + FA_MR * NR;
+    /* a panel of rows is written with one row stride: in the head-major
+     * layout that holds within one batch entry, so panels stop at its end */
+    int64_t seg = lay->head_dim ? lay->seq_len : INT64_MAX;
+    int64_t ldc = lay->head_dim ? lay->head_dim : lay->ldy;
+    int64_t roff[FA_MR], coff[NR];
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        int64_t kl = K - k0 < kc ? K - k0 : kc;
+        int first = k0 == 0;
+        for (int64_t i = m0; i < m1; ) {
+            int64_t mr = m1 - i < FA_MR ? m1 - i : FA_MR;
+            if (seg - i % seg < mr) mr = seg - i % seg;
+            const REAL *a = X + i * ldx + k0;
+            int64_t rs = ldx, ps = 1;
+            if (mr < FA_MR) {
+                for (int64_t p = 0; p < kl; p++)
+                    for (int64_t r = 0; r < FA_MR; r++)
+                        rows_tail[p * FA_MR + r] = r < mr ? a[r * ldx + p] : 0;
+                a = rows_tail;
+                rs = 1;
+                ps = FA_MR;
+            }
+            for (int64_t r = 0; r < mr; r++) roff[r] = fa_row_off(lay, i + r);
+            for (int64_t qi = q0; qi < q1; qi++) {
+                int64_t q = qlist ? qlist[qi] : qi;
+                const REAL *b = Wp + q * K * NR + k0 * NR;
+                const REAL *bb = (first && bias) ? bias + q * NR : NULL;
+                int64_t col = q * NR;
+                int64_t nr = n_out - col < NR ? n_out - col : NR;
+                int within = !lay->head_dim || col % lay->head_dim + NR <= lay->head_dim;
+                if (nr == NR && within) {
+                    FA(panel)(NR, kl, a, rs, ps, b, NR, Y + roff[0] + fa_col_off(lay, col), ldc,
+                              !first, bb, mr, NULL);
+                } else {
+                    for (int64_t c = 0; c < nr; c++) coff[c] = fa_col_off(lay, col + c);
+                    /* a partial panel, or one that straddles two heads: through
+                     * the tile, then element by element to the real columns */
+                    if (!first)
+                        for (int64_t r = 0; r < mr; r++)
+                            for (int64_t c = 0; c < nr; c++) tile[r * NR + c] = Y[roff[r] + coff[c]];
+                    FA(panel)(NR, kl, a, rs, ps, b, NR, tile, NR, !first, bb, mr, NULL);
+                    for (int64_t r = 0; r < mr; r++)
+                        for (int64_t c = 0; c < nr; c++) Y[roff[r] + coff[c]] = tile[r * NR + c];
+                }
+            }
+            i += mr;
+        }
+    }
+}
