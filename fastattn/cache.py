@@ -8,7 +8,8 @@ from typing import Iterator
 import numpy as np
 
 from ._locks import ForkSafeLock
-from .functional import check_flag, ensure_memory, float_dtype, positive_int
+from ._validate import (check_flag, ensure_memory, float_array, float_dtype, positive_int,
+                        shape_str)
 
 __all__ = ["KVCache"]
 
@@ -20,8 +21,8 @@ class KVCache:
     ``cache=`` appends the keys and values of its new positions and attends
     causally over every cached one.  Storage is (B, Hkv, capacity, E) per
     tensor: a decoding step streams each head's keys from one contiguous run
-    of memory (a (B, capacity, Hkv * E) layout read head by head was 4x slower
-    at 16k positions).
+    of memory, where a (B, capacity, Hkv * E) layout would make it gather one
+    short row per position (docs/performance.md, "Layouts and buffers").
 
     Parameters
     ----------
@@ -109,9 +110,21 @@ class KVCache:
             self._busy.release()
 
     def append(self, k_new: np.ndarray, v_new: np.ndarray) -> None:
-        """Store T new positions; k_new and v_new are (B, T, Hkv * E)."""
+        """Store T new positions; k_new and v_new are (B, T, Hkv * E) float
+        arrays (cast to the cache's dtype)."""
+        width = self.num_kv_heads * self.head_dim
+        arrays = []
+        for name, a in (("k_new", k_new), ("v_new", v_new)):
+            a = float_array(a, name, self.dtype)
+            if a.ndim != 3 or a.shape[0] != self.batch_size or a.shape[2] != width:
+                raise ValueError(f"{name} must have shape ({self.batch_size}, T, {width}), "
+                                 f"got {shape_str(a.shape)}")
+            arrays.append(a)
+        if arrays[0].shape != arrays[1].shape:
+            raise ValueError(f"k_new and v_new must have the same shape, got "
+                             f"{shape_str(arrays[0].shape)} and {shape_str(arrays[1].shape)}")
         with self._claim():
-            self._append(k_new, v_new)
+            self._append(*arrays)
 
     def _append(self, k_new: np.ndarray, v_new: np.ndarray) -> None:
         """append, for a caller that holds the cache (see _claim)."""
