@@ -5,7 +5,7 @@ thread count, as the bench command holds it."""
 import pytest
 
 import fastattn
-from fastattn.benchmark import DEFAULT_SHAPES, PRESETS
+from fastattn.tools.benchmark import DEFAULT_SHAPES, PRESETS
 
 
 @pytest.fixture(scope="session", autouse=True)

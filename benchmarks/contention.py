@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 import fastattn
-from fastattn.peers import PeerUnavailable, full_peer
+from fastattn.tools.peers import PeerUnavailable, full_peer
 
 
 def _spin(stop):

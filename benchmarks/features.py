@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 
 import fastattn
-from fastattn.benchmark import time_interleaved
+from fastattn.tools.benchmark import time_interleaved
 
 
 def decode_steps(lengths, rounds, threads):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import peers
-from fastattn.benchmark import PRESETS, build_cases
+from fastattn.tools import peers
+from fastattn.tools.benchmark import PRESETS, build_cases
 
 FULL_IMPLS = ("fastattn",) + peers.FULL_PEERS
 CORE_IMPLS = ("fastattn",) + peers.CORE_PEERS

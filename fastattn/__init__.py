@@ -2,8 +2,29 @@
 
 Cython kernels parallelised with OpenMP compute per-head scaled scores, a
 streaming (online) softmax and the weighted sum of values without holding an
-``Lq x Lk`` score matrix; a thin Python layer handles validation, weights and
-head splitting.  See ``fastattn.functional`` for the mask conventions.
+``Lq x Lk`` score matrix; a thin Python layer validates, decides and keeps the
+weights.  See ``fastattn.functional`` for the mask conventions and
+docs/architecture.md for one call's path through the layers::
+
+    public API      MultiHeadSelfAttention, MultiHeadAttention, KVCache,
+                    scaled_dot_product_attention, alibi_slopes, threads, info
+        |
+    modules.py (config, call, forward)      functional.py (sdpa, attention_into)
+        |
+    _validate.py (every input check)  _params.py (weights, packing)
+    _fastpath.py (m(x), one gate)     _policy.py (block sizes, schedules)
+    io.py  interop.py  cache.py  threads.py
+        |
+    _dispatch.py: the widest build this CPU runs
+        |
+    _kernels/: one Cython source per ISA build; drivers (problem, attention,
+               linear, plan) over one parallel skeleton, typed from a template
+        |
+    _src/: C headers by concern: fa_vec.h (vector primitives), fa_gemm.h
+           (GEMM, packing), fa_softmax.h (online softmax), fa_mask.h (masks)
+
+``fastattn.tools`` holds the bench, peers and scaling study the command line
+(``python -m fastattn``) runs.
 """
 
 from .cache import KVCache

@@ -31,7 +31,7 @@ def _at_least(lo: int, hi: Optional[int] = None) -> Callable[[str], int]:
 
 
 def _median_ms(fn: Callable[[], object], rounds: int) -> float:
-    fn()  # warm-up: first touches of fresh memory are slow on this kind of VM
+    fn()  # warm-up: the first touches of fresh memory fault its pages in
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -75,7 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from . import MultiHeadSelfAttention, set_num_threads
-    from .reference import mhsa_numpy
+    from .tools.numpy_seed import mhsa_numpy
 
     dtype = np.dtype(args.dtype)
     B, N, D, H = args.batch, args.seq, args.d_model, args.heads
@@ -144,7 +144,8 @@ def _output_error(args: argparse.Namespace) -> Optional[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import benchmark, get_num_threads, info, set_num_threads
+    from . import get_num_threads, info, set_num_threads
+    from .tools import benchmark
 
     error = _bench_args_error(args, benchmark.PRESETS) or _output_error(args)
     if error:
@@ -164,7 +165,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace, shapes: List[str], parts: List[str], threads: int,
            config: dict) -> int:
-    from . import benchmark
+    from .tools import benchmark
 
     rows, notes = benchmark.run(shapes, threads=threads, rounds=args.rounds, parts=parts,
                                 progress=not args.no_progress)
@@ -204,7 +205,7 @@ def _bench(args: argparse.Namespace, shapes: List[str], parts: List[str], thread
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
-    from . import scaling
+    from .tools import scaling
 
     try:
         dks = [int(d) for d in args.dk.split(",") if d]

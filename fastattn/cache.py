@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ._locks import ForkSafeLock
-from .functional import (_shape_str, as_float_array, check_flag, ensure_memory, float_dtype,
-                         positive_int)
+from ._validate import (check_flag, ensure_memory, float_array, float_dtype, positive_int,
+                        shape_str)
 
 __all__ = ["KVCache"]
 
@@ -18,8 +18,8 @@ class KVCache:
     ``cache=`` appends the keys and values of its new positions and attends
     causally over every cached one.  Storage is (B, Hkv, capacity, E) per
     tensor: a decoding step streams each head's keys from one contiguous run
-    of memory (a (B, capacity, Hkv * E) layout read head by head was 4x slower
-    at 16k positions).
+    of memory, where a (B, capacity, Hkv * E) layout would make it gather one
+    short row per position (docs/performance.md, "Layouts and buffers").
 
     Parameters
     ----------
@@ -106,14 +106,14 @@ class KVCache:
         width = self.num_kv_heads * self.head_dim
         arrays = []
         for name, a in (("k_new", k_new), ("v_new", v_new)):
-            a = as_float_array(a, name, self.dtype)
+            a = float_array(a, name, self.dtype)
             if a.ndim != 3 or a.shape[0] != self.batch_size or a.shape[2] != width:
                 raise ValueError(f"{name} must have shape ({self.batch_size}, T, {width}), "
-                                 f"got {_shape_str(a.shape)}")
+                                 f"got {shape_str(a.shape)}")
             arrays.append(a)
         if arrays[0].shape[1] != arrays[1].shape[1]:
             raise ValueError(f"k_new and v_new must hold as many positions, got "
-                             f"{_shape_str(arrays[0].shape)} and {_shape_str(arrays[1].shape)}")
+                             f"{shape_str(arrays[0].shape)} and {shape_str(arrays[1].shape)}")
         with self._claim():
             self._append(*arrays)
 

@@ -20,12 +20,10 @@ import dask
 import dask.array as da
 
 from . import _resources, threads
-from .functional import array_from, prepare_mask
+from ._validate import prepare_mask, to_array
 from .modules import MultiHeadSelfAttention
 
 __all__ = ["apply", "thread_plan"]
-
-
 
 
 def _forward_block(module: MultiHeadSelfAttention, x: np.ndarray, key_padding_mask,
@@ -118,7 +116,7 @@ def apply(
     if not isinstance(module, MultiHeadSelfAttention):
         raise TypeError(f"module must be a fastattn.MultiHeadSelfAttention, got {type(module).__name__}")
     if not isinstance(x, da.Array):
-        x = da.from_array(array_from(x, "x"), chunks=(64, -1, -1))
+        x = da.from_array(to_array(x, "x"), chunks=(64, -1, -1))
     if x.ndim != 3 or x.shape[2] != module.d_model:
         raise ValueError(
             f"x must have shape (num_sequences, N, {module.d_model}), got {tuple(x.shape)}"
@@ -129,11 +127,12 @@ def apply(
     if key_padding_mask is not None:
         kpm = key_padding_mask
         if not isinstance(kpm, da.Array):
-            kpm = array_from(kpm, "key_padding_mask")
+            kpm = to_array(kpm, "key_padding_mask")
         # a dask array's dtype and shape are known now too: both checked
         # before the graph is built, not in the middle of the compute
         if kpm.dtype != np.bool_:
-            raise TypeError(f"key_padding_mask must be a bool array, got dtype {kpm.dtype}")
+            raise TypeError(f"key_padding_mask must be a bool array (True = padding), "
+                            f"got dtype {kpm.dtype}")
         if tuple(kpm.shape) != (S, N):
             raise ValueError(f"key_padding_mask must have shape {(S, N)}, got {tuple(kpm.shape)}")
         if not isinstance(kpm, da.Array):
@@ -142,7 +141,7 @@ def apply(
     if attn_mask is not None:
         # checked here, as the module would check it, so a bad mask fails now
         # rather than in the middle of the compute
-        attn_mask = array_from(attn_mask, "attn_mask")
+        attn_mask = to_array(attn_mask, "attn_mask")
         prepare_mask(attn_mask, "attn_mask", (1, module.num_heads, N, N), module.dtype)
     plan = thread_plan(client, threads_per_task)
     module_d = dask.delayed(module, pure=True, traverse=False)

@@ -1,4 +1,5 @@
-"""scaled_dot_product_attention: argument checks, masks, and the call into the kernel.
+"""scaled_dot_product_attention and alibi_slopes, and attention_into, the one call into
+the attention kernel (the modules use it too); the checks are fastattn._validate's.
 
 Mask convention (the one convention of the whole library):
 
@@ -21,50 +22,28 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _resources, threads
+from . import threads
 from ._dispatch import kernels
+from ._validate import (
+    check_alibi_range,
+    check_alibi_slopes,
+    check_flag,
+    check_qkv,
+    check_scale,
+    check_window,
+    ensure_memory,
+    kernel_ready,
+    prepare_mask,
+)
 
 __all__ = ["scaled_dot_product_attention", "alibi_slopes"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-# Query rows x keys per tile; multiples of every build's register tile.
-# 256 keys per step rather than 64: fewer online-softmax passes and output
-# rescales per tile; measured here 2-5 % faster at long, bert and wide and
-# 20 % at one query over 16k keys (the score block, 64 KB, outgrows L1 but
-# streams from L2 without loss).
+# Query rows x keys per tile; multiples of every build's register tile.  256
+# keys per step rather than 64: fewer online-softmax passes and output
+# rescales per tile, while the score block (64 KB) streams from L2 (see
+# docs/performance.md, "Layouts and buffers").
 BLOCK_Q = 64
 BLOCK_K = 256
-
-
-def available_memory() -> Optional[int]:
-    """Bytes the OS could still give this process (Linux: MemAvailable, and
-    what its cgroup's memory limit leaves), or None."""
-    return _resources.available_memory()
-
-
-# Allocations below this size are not checked against the available memory.
-_CHECK_MEMORY_ABOVE = 256 << 20
-
-
-def ensure_memory(shapes: Sequence[Tuple[int, ...]], itemsize: int, what: str,
-                  extra_bytes: int = 0) -> None:
-    """Raise MemoryError before allocating arrays of ``shapes`` (and
-    ``extra_bytes`` more) that cannot fit.
-
-    Sizes are computed with Python integers (no overflow); with overcommit an
-    oversized allocation could otherwise succeed and be killed later, when its
-    pages are touched (in a container, by its cgroup's OOM killer).
-    """
-    nbytes = sum(math.prod(int(d) for d in shape) for shape in shapes) * itemsize + extra_bytes
-    if nbytes < _CHECK_MEMORY_ABOVE:
-        return  # reading /proc/meminfo and the cgroup files costs more than a small call
-    avail = available_memory()
-    if nbytes > 2 ** 62 or (avail is not None and nbytes > avail):
-        raise MemoryError(
-            f"{what} needs {nbytes / 2 ** 30:.3g} GiB, more than the "
-            + (f"{avail / 2 ** 30:.3g} GiB available" if avail is not None else "addressable size")
-        )
 
 
 def _offset_table_bytes(lead: Tuple[int, ...], operands: int) -> int:
@@ -72,189 +51,6 @@ def _offset_table_bytes(lead: Tuple[int, ...], operands: int) -> int:
     leading axes, each operand gets a table of one int64 offset per leading
     index."""
     return 8 * math.prod(lead) * operands if len(lead) > 1 else 0
-
-
-def _shape_str(shape: Sequence[int]) -> str:
-    """A shape as Python writes a tuple: (8,) for one dimension, () for none."""
-    return str(tuple(int(s) for s in shape))
-
-
-def refuse_masked(x, name: str, hint: str = "") -> None:
-    """numpy masked arrays are refused: their mask would be silently ignored."""
-    if isinstance(x, np.ma.MaskedArray):
-        raise TypeError(
-            f"{name} is a numpy masked array, whose mask fastattn would ignore; pass a "
-            f"plain ndarray such as {name}.filled(value){hint}"
-        )
-
-
-# for the modules' inputs, where padding has an argument of its own
-KEYS_HINT = " (keys to leave out go in attn_mask or key_padding_mask)"
-
-
-def tensor_to_numpy(value, name: str):
-    """A torch tensor (any device, bfloat16, requiring grad) as a numpy array;
-    anything else is returned as it came."""
-    if not (hasattr(value, "detach") and hasattr(value, "cpu") and hasattr(value, "numpy")):
-        return value
-    try:
-        t = value.detach().cpu()
-        if str(getattr(t, "dtype", "")) == "torch.bfloat16":
-            t = t.float()  # numpy has no bfloat16; float32 holds it exactly
-        return t.numpy()
-    except Exception as exc:  # meta, sparse, float8 ... tensors
-        raise TypeError(f"{name}: cannot read this tensor as a numpy array ({exc})") from None
-
-
-def array_from(value, name: str, hint: str = "") -> np.ndarray:
-    """``value`` as a numpy array: torch tensors read as ``tensor_to_numpy``
-    does, masked arrays refused (their mask would be lost)."""
-    if isinstance(value, np.ndarray) and not isinstance(value, np.ma.MaskedArray):
-        return value
-    refuse_masked(value, name, hint)
-    return np.asarray(tensor_to_numpy(value, name))
-
-
-def cast_checked(arr: np.ndarray, dtype: np.dtype, name: str, *,
-                 below_blocks: bool = False) -> np.ndarray:
-    """``arr`` cast to ``dtype``, refusing finite values the cast would turn
-    into infinities.  With ``below_blocks`` (float masks) values below the range
-    may become -inf, which blocks a key as the caller meant; only values above
-    it, which would give NaN outputs, are refused."""
-    with np.errstate(over="ignore"):
-        cast = arr.astype(dtype, copy=False)
-    if cast is arr or cast.dtype.itemsize >= arr.dtype.itemsize:
-        return cast
-    grown = np.isposinf(cast) if below_blocks else np.isinf(cast)
-    if grown.any():
-        lost = grown & np.isfinite(arr)
-        if lost.any():
-            worst = np.max(arr[lost]) if below_blocks else np.max(np.abs(arr[lost]))
-            what = ("above", "largest", "give NaN outputs") if below_blocks else \
-                ("beyond", "largest magnitude", "become infinite")
-            raise ValueError(
-                f"{name}: finite values {what[0]} {cast.dtype}'s range ({what[1]} {worst!s}), "
-                f"which would {what[2]}; keep them within "
-                f"{float(np.finfo(cast.dtype).max):.3g}"
-            )
-    return cast
-
-
-def as_float_array(x, name: str, dtype: Optional[np.dtype] = None,
-                   hint: str = "") -> np.ndarray:
-    """``x`` as a float32/float64 ndarray (cast to ``dtype`` when given).
-
-    Raises TypeError naming ``name`` for anything that is not a real float
-    array (ints, bools, complex, objects, strings).
-    """
-    if x is None:
-        raise TypeError(f"{name} must be a float32 or float64 array, got None")
-    arr = array_from(x, name, hint)
-    # a byte-swapped float32/float64 (">f4" from a file) is that dtype in
-    # another byte order: converted to the native one the kernels read
-    native = arr.dtype.newbyteorder("=") if arr.dtype.kind == "f" else arr.dtype
-    if arr.dtype.kind != "f" or (dtype is None and native not in _FLOAT_DTYPES):
-        raise TypeError(
-            f"{name} must be a float32 or float64 array, got dtype {arr.dtype}"
-            + (" (cast it with .astype(np.float32))" if arr.dtype.kind in "fiub" else "")
-        )
-    target = native if dtype is None else dtype
-    if arr.dtype != target:
-        arr = arr.astype(target)
-    return arr
-
-
-def kernel_ready(a: np.ndarray) -> np.ndarray:
-    """``a`` itself when the kernel can read it through its strides, else a copy.
-
-    The kernel needs aligned elements and a unit stride on the last axis; any
-    other axis may have any stride (negative, zero, or a fused projection's).
-    """
-    if a.flags.aligned and (a.size == 0 or a.shape[-1] <= 1 or a.strides[-1] == a.itemsize):
-        return a
-    # np.require copies a misaligned array too (ascontiguousarray would keep
-    # one that is contiguous but misaligned)
-    return np.require(a, requirements=["C", "A"])
-
-
-def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
-    """(bool view, float view) of ``mask`` broadcast to ``full_shape``; one is None.
-
-    Broadcasting is a view with zero strides: no (Lq, Lk) copy per head/batch.
-    """
-    if mask is None:
-        return None, None
-    m = array_from(mask, name)
-    if m.dtype != np.bool_ and m.dtype.kind != "f":
-        raise TypeError(
-            f"{name} must be a bool array (True = may attend) or a float array "
-            f"(added to the scores), got dtype {m.dtype}"
-        )
-    # plain shape arithmetic: numpy's helpers fail on shapes of > 2**63 elements
-    fits = m.ndim <= len(full_shape) and all(
-        a in (1, b) for a, b in zip(m.shape[::-1], tuple(full_shape)[::-1]))
-    if not fits:
-        raise ValueError(
-            f"{name} has shape {_shape_str(m.shape)}, which does not broadcast to "
-            f"(..., H, Lq, Lk) = {_shape_str(full_shape)}"
-        )
-    if math.prod(full_shape) >= 2 ** 63:
-        raise ValueError(f"{name}: (..., H, Lq, Lk) = {_shape_str(full_shape)} has more than "
-                         f"2**63 elements")
-    # Axes the caller already broadcast (stride 0) are collapsed first, so a
-    # cast or an aligned copy touches only the distinct values.
-    m = m[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
-                for st, n in zip(m.strides, m.shape))]
-    if m.dtype == np.bool_:
-        return np.broadcast_to(m, full_shape), None
-    # a float64 mask on float32 inputs: values below float32's range block
-    # their key (np.finfo(np.float64).min masks mean that), values above refused
-    m = np.require(cast_checked(m, dtype, name, below_blocks=True), requirements=["A"])
-    return None, np.broadcast_to(m, full_shape)
-
-
-def check_qkv(q, k, v) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validated q, k, v (see :func:`scaled_dot_product_attention` for shapes)."""
-    q = as_float_array(q, "q")
-    k = as_float_array(k, "k")
-    v = as_float_array(v, "v")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(
-            f"q, k and v must share one float dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
-        )
-    for name, a, layout in (("q", q, "H, Lq, E"), ("k", k, "Hkv, Lk, E"), ("v", v, "Hkv, Lk, Ev")):
-        if a.ndim < 3:
-            raise ValueError(
-                f"{name} must have shape (..., {layout}) with at least 3 axes, "
-                f"got shape {_shape_str(a.shape)}"
-            )
-    lead = q.shape[:-3]
-    for name, a in (("k", k), ("v", v)):
-        if a.shape[:-3] != lead:
-            raise ValueError(
-                f"{name} must have the leading axes of q {_shape_str(lead)}, "
-                f"got {name} shape {_shape_str(a.shape)} (leading axes are not broadcast)"
-            )
-    H, _, E = q.shape[-3:]
-    Hkv, Lk, Ek = k.shape[-3:]
-    Hv, Lv, _ = v.shape[-3:]
-    if Ek != E:
-        raise ValueError(
-            f"k must have the head dim of q (E = {E}), got k shape {_shape_str(k.shape)}"
-        )
-    if Hv != Hkv or Lv != Lk:
-        raise ValueError(
-            f"v must have the heads and length of k (Hkv = {Hkv}, Lk = {Lk}), "
-            f"got v shape {_shape_str(v.shape)}"
-        )
-    if Hkv == 0 and H == 0:
-        return q, k, v
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(
-            f"k has {Hkv} heads, which must divide the {H} heads of q "
-            f"(grouped-query attention), got k shape {_shape_str(k.shape)}"
-        )
-    return q, k, v
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -274,114 +70,13 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     return np.array(slopes, dtype=np.float64)
 
 
-def check_window(window):
-    """``window`` as (left, right) with None for an unbounded side, or None."""
-    if window is None:
-        return None
-    try:
-        left, right = window
-    except (TypeError, ValueError):
-        raise ValueError(f"window must be a (left, right) pair, got {window!r}") from None
-    for side, value in (("left", left), ("right", right)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"window {side} side must be an int >= 0 or None, got {value!r}")
-        if value < 0:
-            raise ValueError(f"window {side} side must be >= 0 (or None), got {value}")
-    # any side longer than 2**40 keys is as good as unbounded (and fits int64)
-    return tuple(None if v is None else min(int(v), 2 ** 40) for v in (left, right))
-
-
-def check_alibi(alibi: bool, slopes, num_heads: int,
-                dtype: np.dtype = np.dtype(np.float64)) -> Optional[np.ndarray]:
-    """float64 slopes per query head, or None when ALiBi is off."""
+def resolve_alibi(alibi, slopes, num_heads: int, dtype: np.dtype) -> Optional[np.ndarray]:
+    """float64 slopes per query head: ``slopes`` checked, else the paper's for
+    ``alibi=True``; None when ALiBi is off."""
+    alibi = check_flag(alibi, "alibi")
     if slopes is None:
         return alibi_slopes(num_heads) if alibi else None
-    arr = array_from(slopes, "alibi_slopes")
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"alibi_slopes must be a real array, got dtype {arr.dtype}")
-    if arr.shape != (num_heads,):
-        raise ValueError(
-            f"alibi_slopes must have shape ({num_heads},) (one slope per query head), "
-            f"got {_shape_str(arr.shape)}"
-        )
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)) or np.any(np.abs(arr) > float(np.finfo(dtype).max)):
-        raise ValueError(f"alibi_slopes must be finite in {np.dtype(dtype).name}")
-    return arr
-
-
-# ALiBi's bias may take at most this fraction of the dtype's range; the rest
-# is left to the scores (and a float mask) it is added to, so a score plus
-# its bias overflows only when the score is already beyond three quarters of
-# the range.
-_ALIBI_RANGE_SHARE = 0.25
-
-
-def check_alibi_range(slopes: np.ndarray, len_q: int, len_k: int, dtype: np.dtype) -> None:
-    """Refuse slopes whose bias ``-slope * |j - i'|`` would leave ``dtype``'s range.
-
-    The largest distance of a call is ``max(Lq, Lk) - 1`` (``Lk`` counts every
-    cached key); an infinite bias would give NaN rows (``inf - inf`` in the
-    softmax) or block keys the slope only meant to penalise.
-    """
-    distance = max(int(len_q), int(len_k)) - 1
-    if distance < 1:
-        return
-    name = np.dtype(dtype).name
-    limit = _ALIBI_RANGE_SHARE * float(np.finfo(dtype).max)
-    too_far = np.abs(slopes) * distance > limit
-    if too_far.any():
-        h = int(np.argmax(too_far))
-        raise ValueError(
-            f"alibi_slopes[{h}] = {slopes[h]:.6g}: times the largest query-key distance of "
-            f"this call ({distance}) it leaves {name}'s range (largest value "
-            f"{float(np.finfo(dtype).max):.3g}) once added to the scores; |slope| * distance "
-            f"must stay within a quarter of it, {limit:.3g} (|slope| <= "
-            f"{limit / distance:.3g} here)"
-        )
-
-
-def positive_int(value, name: str) -> int:
-    """A size argument: a Python or NumPy int >= 1 (bools and floats are refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
-def float_dtype(dtype) -> np.dtype:
-    """float32 or float64, from anything numpy.dtype reads."""
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    return dt
-
-
-def check_flag(value, name: str) -> bool:
-    """A bool argument; strings and other objects are refused, not read as truthy."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-def resolve_scale(scale, head_dim: int, dtype: np.dtype = np.dtype(np.float64)) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise TypeError(f"scale must be a real number or None, got {scale!r}")
-    try:
-        value = float(scale)
-    except OverflowError:
-        value = math.inf
-    if not math.isfinite(value) or abs(value) > float(np.finfo(dtype).max):
-        raise ValueError(f"scale must be finite in {np.dtype(dtype).name}, got {scale!r}")
-    return value
+    return check_alibi_slopes(slopes, num_heads, dtype)
 
 
 def attention_into(
@@ -506,9 +201,9 @@ def scaled_dot_product_attention(
     Lk, Ev = k.shape[-2], v.shape[-1]
     full = lead + (H, Lq, Lk)
     bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, q.dtype)
-    scale = resolve_scale(scale, E, q.dtype)
+    scale = check_scale(scale, E, q.dtype)
     window = check_window(window)
-    slopes = check_alibi(alibi, alibi_slopes, H, q.dtype)
+    slopes = resolve_alibi(alibi, alibi_slopes, H, q.dtype)
     tables = _offset_table_bytes(lead, 4 + need_weights + (attn_mask is not None))
     ensure_memory([lead + (H, Lq, Ev)] + ([full] if need_weights else []), q.dtype.itemsize,
                   "the output" + (" and attention weights" if need_weights else "")

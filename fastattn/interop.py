@@ -1,4 +1,4 @@
-"""State dicts in other libraries' names, torch modules, and saved-file configs.
+"""Torch interop: state dicts in other libraries' names, torch modules both ways.
 
 Three naming schemes map onto a module's parameters:
 
@@ -15,18 +15,13 @@ torch is never imported here: tensors are recognised by their methods.
 
 from __future__ import annotations
 
-import errno
-import json
-import os
-import zipfile
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping
 
 import numpy as np
 
-from .functional import _shape_str, array_from
+from ._validate import float_param
 
-__all__ = ["to_numpy", "to_own_names", "torch_module_config", "read_module_file",
-           "saved_name"]
+__all__ = ["to_own_names", "source_key", "torch_module_config", "TorchExport"]
 
 _OWN = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
 _SEED = {
@@ -38,19 +33,6 @@ _TORCH_SPLIT = {
     "out_proj.weight": "w_o", "out_proj.bias": "b_o",
 }
 _TORCH_STACKED = {"in_proj_weight": "w", "in_proj_bias": "b"}
-
-
-def to_numpy(value: Any, name: str) -> np.ndarray:
-    """A numpy array from an array-like or a (CPU or not) torch tensor."""
-    if value is None:
-        raise TypeError(f"{name}: expected a float array, got None")
-    try:
-        arr = array_from(value, name)
-    except (ValueError, OverflowError) as exc:  # ragged lists and the like
-        raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
-    if arr.dtype.kind != "f":
-        raise TypeError(f"{name}: expected a float array, got dtype {arr.dtype}")
-    return arr
 
 
 def _shape(value: Any) -> tuple:
@@ -94,7 +76,7 @@ def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool,
                 raise ValueError(
                     f"{key}: expected shape {expected} (q, k, v stacked), got {shape}"
                 )
-            arr = to_numpy(value, key)
+            arr = float_param(value, key)
             for part in ("q", "k", "v"):
                 put(f"{kind}_{part}", arr[slices[part]], key)
         else:
@@ -138,10 +120,10 @@ def torch_module_config(module) -> tuple:
                 "from_torch: add_bias_kv and add_zero_attn of torch.nn.MultiheadAttention "
                 "are not supported"
             )
-        d_model = int(module.embed_dim)
+        embed_dim = int(module.embed_dim)
         num_heads = int(module.num_heads)
-        kdim = int(getattr(module, "kdim", d_model))
-        vdim = int(getattr(module, "vdim", d_model))
+        kdim = int(getattr(module, "kdim", embed_dim))
+        vdim = int(getattr(module, "vdim", embed_dim))
         bias = "in_proj_bias" in params and params["in_proj_bias"] is not None
         weight = params.get("in_proj_weight", params.get("q_proj_weight"))
         if not bias:
@@ -151,7 +133,7 @@ def torch_module_config(module) -> tuple:
             raise ValueError("from_torch: the module has query/key/value/fc but no num_heads")
         num_heads = int(module.num_heads)
         weight = params["query.weight"]
-        d_model = int(weight.shape[1])
+        embed_dim = int(weight.shape[1])
         kdim, vdim = int(params["key.weight"].shape[1]), int(params["value.weight"].shape[1])
         bias = "query.bias" in params
     else:
@@ -160,164 +142,45 @@ def torch_module_config(module) -> tuple:
             f"value and fc linear layers, got {type(module).__name__}"
         )
     dtype = np.float64 if str(weight.dtype) == "torch.float64" else np.float32
-    cfg = {"d_model": d_model, "num_heads": num_heads, "kdim": kdim, "vdim": vdim, "bias": bias,
+    cfg = {"embed_dim": embed_dim, "num_heads": num_heads, "kdim": kdim, "vdim": vdim, "bias": bias,
            "dtype": dtype}
     return cfg, params
 
 
-def parse_config(raw: Optional[np.ndarray], fmt: str, path) -> Dict[str, Any]:
-    """The config stored by ``save``, checked field by field."""
-    where = _source_name(path)
-    if raw is None:
-        raise ValueError(f"{where}: no __config__ entry; not written by fastattn's save()")
-    try:
-        cfg = json.loads(str(raw[()]))
-    except (ValueError, TypeError, IndexError) as exc:
-        raise ValueError(f"{where}: __config__ is not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != fmt:
-        found = cfg.get("format") if isinstance(cfg, dict) else None
-        hint = ""
-        if isinstance(found, str) and found.startswith("fastattn.") and "/" in found:
-            hint = f" (it holds a {found.split('/')[0]}: load it with that class)"
-        raise ValueError(f"{where}: __config__ format is {found!r}, not {fmt!r}{hint}")
-    # bounded, so that no later size computation can overflow
-    positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2 ** 31  # noqa: E731
-    checks = {
-        "num_heads": positive,
-        "num_kv_heads": positive,
-        "bias": lambda v: isinstance(v, bool),
-        "dtype": lambda v: v in ("float32", "float64"),
-    }
-    dims = ("d_model",) if "d_model" in cfg else ("embed_dim", "kdim", "vdim")
-    checks.update({d: positive for d in dims})
-    for key, ok in checks.items():
-        if key not in cfg or not ok(cfg[key]):
-            raise ValueError(f"{where}: __config__ field {key!r} is missing or invalid")
-    return cfg
+class TorchExport:
+    """A module's way to torch: :meth:`to_torch`."""
 
+    def to_torch(self):
+        """A ``torch.nn.MultiheadAttention`` (batch_first=True, eval mode) with these
+        weights, which gives the same outputs (with torch's mask conventions).
 
-_CONFIG_MAX_BYTES = 1 << 16
-
-
-def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo):
-    """(shape, dtype) from an .npy member's header, reading no data."""
-    with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        Raises ImportError without torch, and ValueError for grouped-query
+        modules, which torch's class cannot express.
+        """
+        try:
+            import torch
+        except ImportError:
+            raise ImportError("to_torch needs PyTorch (on a CPU-only machine, its CPU wheel: "
+                              "see the README)") from None
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(
+                f"to_torch: torch.nn.MultiheadAttention has no grouped-query attention "
+                f"(num_kv_heads {self.num_kv_heads} != num_heads {self.num_heads})"
+            )
+        tdtype = torch.float64 if self.dtype == np.float64 else torch.float32
+        t = torch.nn.MultiheadAttention(self.embed_dim, self.num_heads, bias=self.bias,
+                                        kdim=self.kdim, vdim=self.vdim, batch_first=True,
+                                        dtype=tdtype)
+        # copies: torch tensors over read-only arrays are not to be written
+        arrays = self._state.arrays
+        state = {"out_proj.weight": torch.from_numpy(arrays["w_o"].copy())}
+        if self.fused:
+            state["in_proj_weight"] = torch.from_numpy(arrays["w_qkv"].copy())
         else:
-            raise ValueError(f"unsupported .npy version {version}")
-    return tuple(shape), np.dtype(dtype)
-
-
-def _member_array(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
-    with zf.open(info) as f:
-        return np.lib.format.read_array(f, allow_pickle=False)
-
-
-def _source_name(path) -> str:
-    """How messages name a file: its path, or a file object's name or type."""
-    if isinstance(path, (str, bytes, os.PathLike)):
-        return os.fsdecode(path)
-    return str(getattr(path, "name", None) or f"<{type(path).__name__}>")
-
-
-def saved_name(path):
-    """The file ``save(path)`` writes: numpy's savez adds ".npz" to a name
-    without it.  Paths may be str, bytes or os.PathLike (bytes are decoded as
-    the OS does, so b"m" and "m" name one file); file objects are returned
-    as they came."""
-    if not isinstance(path, (str, bytes, os.PathLike)):
-        if hasattr(path, "read") or hasattr(path, "write"):
-            return path
-        raise TypeError(f"path must be a file name (str, bytes or os.PathLike) or a binary "
-                        f"file object, got {type(path).__name__}")
-    name = os.fsdecode(path)
-    return name if name.endswith(".npz") else name + ".npz"
-
-
-def resolve_module_path(path):
-    """The file ``load(path)`` reads: the one ``save(path)`` wrote.
-
-    A name without ".npz" reads ``name.npz``; the name itself only when no
-    ``name.npz`` exists (a file written through a file object, say).  When
-    both exist, which one is meant is unknowable and ValueError names both.
-    """
-    saved = saved_name(path)
-    if not isinstance(saved, str):
-        return saved
-    name = os.fsdecode(path)
-    if saved == name:
-        return name
-    saved_exists, name_exists = os.path.exists(saved), os.path.exists(name)
-    # a folder is never what save wrote, and one file under two names (a
-    # symlink) is not two candidates
-    if saved_exists and name_exists and os.path.isdir(saved) != os.path.isdir(name):
-        return name if os.path.isdir(saved) else saved
-    if saved_exists and name_exists and not os.path.samefile(saved, name):
-        raise ValueError(
-            f"path {name!r} is ambiguous: save({name!r}) writes {saved!r}, and a file "
-            f"{name!r} exists too; pass the full name of the one to load"
-        )
-    if not saved_exists and not name_exists:
-        raise FileNotFoundError(errno.ENOENT, f"no such file: {saved!r} (what save({name!r}) "
-                                f"writes) nor {name!r}")
-    return saved if saved_exists else name
-
-
-def read_module_file(path, fmt: str,
-                     expected_shapes: Callable[[Dict[str, Any]], Dict[str, Tuple[int, ...]]]):
-    """(config, arrays) of a module file, checking everything before reading data.
-
-    The archive's member names and each .npy header (shape and dtype) are
-    checked against the config before any array is read, so a truncated,
-    corrupted, pickled, oversized or mislabelled file is refused with a
-    ValueError and nothing in it is executed or allocated.
-    """
-    path = resolve_module_path(path)
-    where = _source_name(path)
-    try:
-        zf = zipfile.ZipFile(path)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # not a zip archive at all (an .npy, random bytes, ...)
-        raise ValueError(f"{where}: not a fastattn .npz archive ({exc})") from None
-    try:
-        with zf:
-            members: Dict[str, zipfile.ZipInfo] = {}
-            for info in zf.infolist():
-                if not info.filename.endswith(".npy"):
-                    raise ValueError(f"unexpected archive member {info.filename!r}")
-                members[info.filename[:-4]] = info
-            if "__config__" not in members:
-                raise ValueError("no __config__ entry; not written by fastattn's save()")
-            shape, dtype = _member_header(zf, members["__config__"])
-            if shape != () or dtype.kind != "U" or dtype.itemsize > _CONFIG_MAX_BYTES:
-                raise ValueError("__config__ is not a JSON string")
-            cfg = parse_config(_member_array(zf, members["__config__"]), fmt, path)
-            expected = expected_shapes(cfg)
-            names = set(members) - {"__config__"}
-            unexpected, missing = sorted(names - set(expected)), sorted(set(expected) - names)
-            if unexpected or missing:
-                raise ValueError(f"parameters do not match the config: unexpected {unexpected}, "
-                                 f"missing {missing}")
-            for name, want in expected.items():
-                shape, dtype = _member_header(zf, members[name])
-                if dtype.hasobject or dtype.kind != "f":
-                    raise ValueError(f"{name}: expected a float array, got dtype {dtype}")
-                if shape != tuple(want):
-                    raise ValueError(f"{name}: expected shape {_shape_str(want)} from the config, "
-                                     f"got {_shape_str(shape)}")
-            arrays = {name: _member_array(zf, members[name]) for name in expected}
-    except ValueError as exc:
-        if str(exc).startswith(where):
-            raise
-        raise ValueError(f"{where}: {exc}") from None
-    except MemoryError:
-        raise
-    except Exception as exc:  # zipfile, zlib and header parsing fail in many ways
-        raise ValueError(f"{where}: corrupted fastattn .npz archive "
-                         f"({type(exc).__name__}: {exc})") from None
-    return cfg, arrays
+            for part in "qkv":
+                state[f"{part}_proj_weight"] = torch.from_numpy(arrays["w_" + part].copy())
+        if self.bias:
+            state["in_proj_bias"] = torch.from_numpy(arrays["b_qkv"].copy())
+            state["out_proj.bias"] = torch.from_numpy(arrays["b_o"].copy())
+        t.load_state_dict(state)
+        return t.eval()

@@ -5,7 +5,7 @@ projections run on fastattn's own GEMM (fastattn/_src, the same micro-kernel
 as the attention tiles), inside the same OpenMP thread team as the attention
 kernel, so no BLAS thread pool is involved: nothing spins beside the kernel's
 threads (on two cores, BLAS workers still spinning after a NumPy matmul would
-make four busy threads; see shared/MEASURED.md, "Traps").
+make four busy threads, each kernel thread sharing its core with a spinner).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import benchmark
+from fastattn.tools import benchmark
 
 
 def test_python_overhead_is_the_call_minus_its_kernels():
@@ -119,7 +119,7 @@ def test_onnx_peer_models_carry_the_ir_version_of_their_opset():
     pytest.importorskip("onnxruntime")  # the peers need both
     from onnx import TensorProto, helper
 
-    from fastattn import peers
+    from fastattn.tools import peers
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])

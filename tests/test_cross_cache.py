@@ -340,3 +340,18 @@ def test_cache_growth_that_fails_leaves_the_cache_usable(rng, monkeypatch):
     assert cache.keys().shape == cache.values().shape
     np.testing.assert_allclose(m(x[:, 3:], cache=cache), full[:, 3:], **TOL64)
     assert len(cache) == 5 and cache.capacity == 6
+
+
+def test_cache_append_checks_and_converts_its_inputs():
+    from fastattn.cache import KVCache
+    c = KVCache(2, 8, 2, 4, np.float32)
+    k = np.ones((2, 3, 8))  # float64: cast to the cache's dtype
+    c.append(k.tolist(), k)
+    assert len(c) == 3 and c.keys().dtype == np.float32
+    with pytest.raises(ValueError, match=r"k_new must have shape \(2, T, 8\), got \(2, 3, 7\)"):
+        c.append(np.ones((2, 3, 7)), np.ones((2, 3, 7)))
+    with pytest.raises(ValueError, match="k_new and v_new"):
+        c.append(np.ones((2, 3, 8)), np.ones((2, 2, 8)))
+    with pytest.raises(TypeError, match="k_new is a numpy masked array"):
+        c.append(np.ma.masked_array(k), k)
+    assert len(c) == 3

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import functional
+from fastattn import _validate, functional
 from fastattn.functional import alibi_slopes
 
 from reference import positional_bias, ref_sdpa
@@ -41,7 +41,7 @@ def test_window_matches_reference(rng, dtype, window, causal):
     np.testing.assert_allclose(w, ref_w, **TOL[dtype])
     for bq, bk in ((7, 5), (64, 64)):  # blocks that start inside and outside the band
         o = np.empty_like(out)
-        bm, _ = functional.prepare_mask(mask, "m", out.shape[:-1] + (90,), q.dtype)
+        bm, _ = _validate.prepare_mask(mask, "m", out.shape[:-1] + (90,), q.dtype)
         functional.attention_into(q, k, v, o, bool_masks=(bm,), is_causal=causal,
                                   scale=1 / 4, window=window, block_q=bq, block_k=bk)
         np.testing.assert_allclose(o, ref, **TOL[dtype])
@@ -78,7 +78,7 @@ def test_split_k_decoding_matches_reference(rng, dtype, threads):
     mask[0, 1024:2048] = False  # a split with nothing to attend
     ref, _ = ref_sdpa(q, k, v, attn_mask=mask)
     o = np.empty((1, 1, 1, 24), dtype)
-    bm, _ = functional.prepare_mask(mask, "m", (1, 1, 1, 5000), q.dtype)
+    bm, _ = _validate.prepare_mask(mask, "m", (1, 1, 1, 5000), q.dtype)
     functional.attention_into(q, k, v, o, bool_masks=(bm,), scale=1 / np.sqrt(32),
                               num_threads=threads)
     np.testing.assert_allclose(o, ref, **TOL[dtype])

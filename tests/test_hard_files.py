@@ -35,7 +35,10 @@ def good(tmp_path, module):
 
 
 def config(module, **changes):
-    return np.array(json.dumps({"format": FORMAT, **module.config(), **changes}))
+    cfg = {"format": FORMAT, **module.config()}
+    if "d_model" in changes:  # a file of the old spelling: "d_model" where config() has embed_dim
+        del cfg["embed_dim"]
+    return np.array(json.dumps({**cfg, **changes}))
 
 
 def write_npz(path, **arrays):
@@ -266,7 +269,8 @@ def test_broken_config(tmp_path, module, raw):
 
 @pytest.mark.parametrize("field,value", [
     ("d_model", True), ("d_model", 8.0), ("d_model", "8"), ("d_model", -8), ("d_model", 0),
-    ("d_model", None), ("num_heads", 3), ("num_heads", 0), ("num_kv_heads", 3),
+    ("d_model", None), ("embed_dim", True), ("embed_dim", 8.0), ("embed_dim", "8"),
+    ("embed_dim", -8), ("embed_dim", 0), ("embed_dim", None), ("num_heads", 3), ("num_heads", 0), ("num_kv_heads", 3),
     ("bias", 1), ("bias", "yes"), ("dtype", "float16"), ("dtype", "int8"), ("dtype", None),
 ])
 def test_invalid_config_field(tmp_path, module, field, value):
@@ -276,8 +280,11 @@ def test_invalid_config_field(tmp_path, module, field, value):
 
 
 def test_config_field_missing(tmp_path, module):
-    for field in ("d_model", "num_heads", "num_kv_heads", "bias", "dtype", "format"):
-        cfg = {"format": FORMAT, **module.config()}
+    old = {"format": FORMAT, **module.config()}
+    old["d_model"] = old.pop("embed_dim")  # the spelling of files from before the rename
+    for field in ("embed_dim", "num_heads", "num_kv_heads", "bias", "dtype", "format",
+                  "d_model"):
+        cfg = dict(old) if field == "d_model" else {"format": FORMAT, **module.config()}
         del cfg[field]
         path = write_npz(tmp_path / f"no-{field}.npz", __config__=np.array(json.dumps(cfg)),
                          **module.state_dict())
@@ -376,3 +383,33 @@ def test_failed_load_leaves_no_partial_module(tmp_path, module):
     expect_value_error(path, "w_o")
     for name, arr in before.items():
         np.testing.assert_array_equal(module.state_dict()[name], arr)
+
+
+# ---- the first argument's two names: files and pickles of either spelling ----------
+
+def test_files_of_the_old_spelling_load(tmp_path, module):
+    # files written before both classes named their first argument embed_dim
+    # store the self-attention class's width as "d_model"
+    path = write_npz(tmp_path / "old.npz", __config__=config(module, d_model=8),
+                     **module.state_dict())
+    loaded = MHSA.load(path)
+    assert loaded == module and loaded.config()["embed_dim"] == 8
+
+
+def test_a_config_with_both_spellings_is_refused(tmp_path, module):
+    path = write_npz(tmp_path / "both.npz",
+                     __config__=np.array(json.dumps({"format": FORMAT, **module.config(),
+                                                     "d_model": 8})),
+                     **module.state_dict())
+    msg = expect_value_error(path)
+    assert "embed_dim" in msg and "d_model" in msg, msg
+
+
+def test_pickles_of_the_old_spelling_load(module):
+    import pickle
+    data = module.__getstate__()
+    data["config"]["d_model"] = data["config"].pop("embed_dim")
+    m = MHSA.__new__(MHSA)
+    m.__setstate__(data)
+    assert m == module
+    assert pickle.loads(pickle.dumps(module)) == module

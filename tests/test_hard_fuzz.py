@@ -1065,13 +1065,18 @@ _UNALIGNED_BUG = (  # kept as documentation of what the test guards
 @pytest.mark.parametrize("what", ["q", "k", "v", "float-mask", "rows-q", "module-x",
                                   "float64-all", "bool-mask", "strided-unaligned", "weights"])
 def test_kernels_only_see_aligned_arrays(monkeypatch, what):
+    import fastattn._fastpath as fastpath
+    import fastattn._params as params
     import fastattn.functional as functional
     import fastattn.modules as modules
-    if not hasattr(functional, "kernels") or not hasattr(modules, "kernels"):
+    # every module that calls the kernels: the attention (functional), the
+    # projections (modules), the packing (_params) and the plans (_fastpath)
+    callers = (functional, modules, params, fastpath)
+    if not all(hasattr(c, "kernels") for c in callers):
         pytest.skip("fastattn no longer calls the kernels through module-level 'kernels'")
     spy = _AlignmentSpy(functional.kernels)
-    monkeypatch.setattr(functional, "kernels", spy)
-    monkeypatch.setattr(modules, "kernels", spy)
+    for c in callers:
+        monkeypatch.setattr(c, "kernels", spy)
     q, k, v = qkv(Lq=70, Lk=66, E=16, Ev=8)
     mask = np.random.default_rng(1).standard_normal((70, 66)).astype(F32)
     if what in ("q", "k", "v"):

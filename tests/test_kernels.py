@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import functional
+from fastattn import _validate
 from fastattn._dispatch import available_isas, kernels
 
 from reference import ref_sdpa
@@ -28,7 +28,7 @@ def _case(rng, dtype, lead=(2,), H=4, Hkv=2, Lq=37, Lk=71, E=24, Ev=40):
 def _run(mod, q, k, v, *, causal=False, mask=None, need_weights=False, block_q=64, block_k=64,
          num_threads=2):
     full = q.shape[:-1] + (k.shape[-2],)
-    bmask, fmask = functional.prepare_mask(mask, "attn_mask", full, q.dtype)
+    bmask, fmask = _validate.prepare_mask(mask, "attn_mask", full, q.dtype)
     out = np.empty(q.shape[:-1] + (v.shape[-1],), q.dtype)
     w = np.empty(full, q.dtype) if need_weights else None
     mod.attention(q, k, v, out, w, bmask, None, fmask, causal, 1 / np.sqrt(q.shape[-1]),

@@ -627,3 +627,29 @@ def test_torch_tensors_as_inputs():
     np.testing.assert_array_equal(fastattn.scaled_dot_product_attention(q.bfloat16(), q.bfloat16(),
                                                                        q.bfloat16()),
                                   fastattn.scaled_dot_product_attention(*[q.bfloat16().float().numpy()] * 3))
+
+
+# ---- embed_dim, and d_model as its alias, on both classes ------------------------------
+
+@pytest.mark.parametrize("cls", [fastattn.MultiHeadSelfAttention, fastattn.MultiHeadAttention])
+def test_first_argument_is_embed_dim_with_d_model_as_alias(cls):
+    import inspect
+    assert list(inspect.signature(cls).parameters)[:2] == ["embed_dim", "num_heads"]
+    a, b, c = cls(16, 4, seed=0), cls(embed_dim=16, num_heads=4, seed=0), cls(d_model=16,
+                                                                               num_heads=4,
+                                                                               seed=0)
+    assert a == b == c and a.d_model == a.embed_dim == 16
+    assert a.config()["embed_dim"] == 16 and cls(**a.config()).config() == a.config()
+    with pytest.raises(TypeError, match="embed_dim.*d_model"):
+        cls(16, 4, d_model=16)
+    with pytest.raises(TypeError, match="embed_dim.*d_model"):
+        cls(num_heads=4)
+    with pytest.raises(TypeError, match="num_heads"):
+        cls(16)
+    with pytest.raises(TypeError, match="num_heads"):
+        cls(d_model=16)
+    # messages name the argument as the caller spelled it
+    with pytest.raises(ValueError, match="d_model"):
+        cls(d_model=10, num_heads=3)
+    with pytest.raises(ValueError, match="embed_dim"):
+        cls(10, 3)

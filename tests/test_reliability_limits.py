@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import functional, threads
+from fastattn import _validate, threads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
@@ -309,7 +309,7 @@ def test_default_threads_memory_check_and_info_follow_the_cgroup(resources, tmp_
     assert threads.default_num_threads() == 2
     # 300 MiB fit in MemAvailable (32 GiB) but not in the 124 MiB the cgroup leaves
     with pytest.raises(MemoryError, match="more than the 0.121 GiB available"):
-        functional.ensure_memory([(300 * MIB,)], 1, "the output")
+        _validate.ensure_memory([(300 * MIB,)], 1, "the output")
     limits = fastattn.info()["limits"]
     assert limits["cpu_quota"] == 1.5 and limits["usable_cpus"] == 2
     assert limits["memory_limit"] == 1024 * MIB and limits["available_memory"] == 124 * MIB
@@ -331,10 +331,10 @@ def test_the_kernels_offset_tables_are_in_the_memory_check(monkeypatch):
     lead = (2 ** 16, 2)
     q = np.broadcast_to(np.ones((1, 1, 1, 1, 1), np.float32), lead + (1, 1, 1))
     mask = np.ones((1, 1, 1), bool)
-    monkeypatch.setattr(functional, "_CHECK_MEMORY_ABOVE", 0)
-    monkeypatch.setattr(functional, "available_memory", lambda: 1 * MIB)
+    monkeypatch.setattr(_validate, "CHECK_MEMORY_ABOVE", 0)
+    monkeypatch.setattr(_validate, "available_memory", lambda: 1 * MIB)
     with pytest.raises(MemoryError, match="offset tables"):
         fastattn.scaled_dot_product_attention(q, q, q, mask)
-    monkeypatch.setattr(functional, "available_memory", lambda: 6 * MIB)
+    monkeypatch.setattr(_validate, "available_memory", lambda: 6 * MIB)
     out = fastattn.scaled_dot_product_attention(q, q, q, mask)
     np.testing.assert_array_equal(out, np.ones(lead + (1, 1, 1), np.float32))

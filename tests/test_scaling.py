@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastattn import scaling
+from fastattn.tools import scaling
 
 DKS = (4, 16, 64, 256, 1024)
 

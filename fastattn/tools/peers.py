@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
-from .reference import mhsa_numpy, sdpa_numpy
+from .numpy_seed import mhsa_numpy, sdpa_numpy
 
 FULL_PEERS = ("numpy", "torch-mha", "ort-attention")
 CORE_PEERS = ("numpy", "torch-sdpa", "ort-mha")

@@ -33,8 +33,9 @@ from typing import List, Sequence
 import numpy as np
 
 from ._progress import Progress
-from .functional import ensure_memory, scaled_dot_product_attention
-from .modules import MultiHeadSelfAttention
+from .._validate import ensure_memory
+from ..functional import scaled_dot_product_attention
+from ..modules import MultiHeadSelfAttention
 
 __all__ = ["ScalingRow", "measure", "format_table", "plot", "DEFAULT_DKS"]
 

@@ -11,7 +11,6 @@ the speed ratio to the fastest peer (> 1: fastattn is faster).
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,9 +20,9 @@ import numpy as np
 
 from . import peers
 from ._progress import Progress as _Progress
-from .functional import scaled_dot_product_attention
-from .modules import MultiHeadSelfAttention
-from .threads import get_num_threads, set_num_threads
+from ..functional import scaled_dot_product_attention
+from ..modules import MultiHeadSelfAttention
+from ..threads import get_num_threads, set_num_threads
 
 # (B, N, D, H); "decode" is one query over 4096 keys (attention core only)
 PRESETS: Dict[str, Tuple[int, int, int, int]] = {
@@ -106,9 +105,9 @@ def time_interleaved(impls: Dict[str, Callable], rounds: int, pause_s: float,
 
     A round runs every implementation once, in a rotating order.  Each turn
     pauses (so the previous library's spinning threads go quiet), makes one
-    untimed call (idle cores on this kind of VM take milliseconds to wake: a
-    timed first call would measure the wake-up), then times a short burst of
-    calls and keeps its median.
+    untimed call (an idle core can take milliseconds to wake: a timed first
+    call would measure the wake-up), then times a short burst of calls and
+    keeps its median.
     """
     names = list(impls)
     burst: Dict[str, int] = {}

@@ -1,0 +1,214 @@
+"""A module's parameters: copy-on-write snapshots, their storage, and packing.
+
+One :class:`Params` object holds every weight and bias of one moment, as
+read-only arrays over immutable bytes (so neither they nor the views handed
+out, ``m.w_q`` ..., can be made writable, and the packed copies can never fall
+behind them), together with the packed copies and the plans made from them.
+A call reads ``self._state`` once and uses only that object, so it computes
+with one weight set, without taking a lock, while another thread changes the
+weights.  A change (assignment ``m.w_q = new``, ``load_state_dict``,
+``reset_parameters``) builds a new object and swaps it in with one
+assignment, under the module's writer lock: the packed weights and plans of
+the old state go with it, which is the whole of invalidation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ._dispatch import kernels
+from ._locks import ForkSafeLock
+from ._validate import cast_checked, ensure_memory, float_param, shape_str
+
+__all__ = ["Params", "Parameters", "param_shapes"]
+
+# which constructor argument is each projection's input width (its fan-in)
+_IN_DIM = {"q": "embed_dim", "k": "kdim", "v": "vdim", "o": "embed_dim"}
+
+
+class Params:
+    """A module's parameters at one moment; never changed, a weight change
+    makes a new one.
+
+    ``arrays`` maps storage names (``w_qkv`` or ``w_q``/``w_k``/``w_v``,
+    ``w_o``, ``b_qkv``, ``b_o``) to arrays made by :func:`frozen`.
+    ``packed`` holds the packed copies of its weights, made on first use,
+    ``plans`` the ForwardPlans made from them (one per calling thread) and
+    ``plan`` the last one made.  Calls fill these without a lock: an entry
+    two threads make at once is made twice, the same, and one is kept.
+    """
+
+    __slots__ = ("arrays", "packed", "plans", "plan")
+
+    def __init__(self, arrays: Dict[str, np.ndarray]) -> None:
+        self.arrays = arrays
+        self.packed: Dict[str, tuple] = {}
+        self.plans: Dict[int, Any] = {}
+        self.plan = None
+
+
+def frozen(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """``parts`` (arrays of one dtype and trailing shape) stacked along axis 0,
+    in a read-only array over an immutable bytes object, the one copy made:
+    numpy refuses to make it, or any view of it, writable."""
+    data = b"".join([memoryview(np.ascontiguousarray(p)) for p in parts])
+    return np.frombuffer(data, parts[0].dtype).reshape((-1,) + parts[0].shape[1:])
+
+
+def param_shapes(cfg: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """Parameter shapes (w_q ... b_o, as torch.nn.Linear lays them out) of a
+    checked config (``fastattn._validate.module_config``); allocates nothing."""
+    D, kv = cfg["embed_dim"], cfg["num_kv_heads"] * (cfg["embed_dim"] // cfg["num_heads"])
+    shapes = {"w_q": (D, D), "w_k": (kv, cfg["kdim"]), "w_v": (kv, cfg["vdim"]), "w_o": (D, D)}
+    if cfg["bias"]:
+        shapes.update({"b_q": (D,), "b_k": (kv,), "b_v": (kv,), "b_o": (D,)})
+    return shapes
+
+
+def _param_property(name: str) -> property:
+    return property(lambda self: self._public_view(name),
+                    lambda self, value: self._set_param(name, value),
+                    doc=f"The {name} parameter (a read-only copy; assign to replace it).")
+
+
+class Parameters:
+    """The parameter half of a module: config attributes, storage layout,
+    views, staged changes, packing on first use."""
+
+    def _init_params(self, embed_dim: int, num_heads: int, num_kv_heads: int, kdim: int,
+                     vdim: int, bias: bool, dtype: np.dtype) -> None:
+        """Config, and no parameters yet: every constructor loads a full set
+        (reset_parameters or load_state_dict) before the module is used."""
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim = kdim
+        self.vdim = vdim
+        self.bias = bool(bias)
+        self.dtype = np.dtype(dtype)
+        self._shapes = param_shapes(dict(embed_dim=embed_dim, num_heads=num_heads,
+                                         num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim,
+                                         bias=bias))
+        ensure_memory(list(self._shapes.values()), self.dtype.itemsize,
+                      "the module's parameters")
+        self._state: Optional[Params] = None
+        # serialises weight changes, each of which reads the current state
+        # and builds the next; calls never take it
+        self._lock = ForkSafeLock()
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the K and V projections: ``num_kv_heads * head_dim``."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def fused(self) -> bool:
+        """True when kdim == vdim == embed_dim: one stacked Q/K/V weight."""
+        return self.kdim == self.embed_dim and self.vdim == self.embed_dim
+
+    def _slices(self) -> Dict[str, slice]:
+        D, kv = self.embed_dim, self.kv_dim
+        return {"q": slice(0, D), "k": slice(D, D + kv), "v": slice(D + kv, D + 2 * kv)}
+
+    def _storage(self) -> Dict[str, Tuple[str, ...]]:
+        """Storage array name -> the parameters it stacks.  With kdim == vdim
+        == D the Q, K and V weights are one (D + 2*Dkv, D) array, so that a
+        self-attention projection is one GEMM; otherwise each has its own.
+        Biases are always stacked (as torch's in_proj_bias)."""
+        layout = ({"w_qkv": ("w_q", "w_k", "w_v")} if self.fused
+                  else {"w_q": ("w_q",), "w_k": ("w_k",), "w_v": ("w_v",)})
+        layout["w_o"] = ("w_o",)
+        if self.bias:
+            layout.update(b_qkv=("b_q", "b_k", "b_v"), b_o=("b_o",))
+        return layout
+
+    def _param_view(self, name: str, state: Params) -> Optional[np.ndarray]:
+        """Parameter (w_q ...) or storage array (w_qkv ...) ``name`` of
+        ``state``; None for a bias the module lacks."""
+        arrays = state.arrays
+        if name in arrays:
+            return arrays[name]
+        if name not in self._shapes:
+            return None
+        return arrays[name[0] + "_qkv"][self._slices()[name[2]]]
+
+    def _public_view(self, name: str) -> Optional[np.ndarray]:
+        # A read-only copy of its own: numpy refuses to make it writable, and
+        # a writer that ignores the flag (torch.from_numpy(m.w_o).mul_(2))
+        # changes only this copy, never the storage that state_dict, save and
+        # the packed weights share.
+        view = self._param_view(name, self._state)
+        return None if view is None else frozen([view])
+
+    def _staged_param(self, name: str, value, key: str) -> np.ndarray:
+        """``value`` checked against parameter ``name`` and cast to the module's
+        dtype, so that building the new state cannot fail half-way; ``key``
+        is what messages call it (a torch name, say)."""
+        shape = self._shapes[name]
+        arr = float_param(value, key)
+        if arr.shape != shape:
+            raise ValueError(
+                f"{key}: expected shape {shape_str(shape)}, got {shape_str(arr.shape)}"
+            )
+        return cast_checked(arr, self.dtype, key)
+
+    def _store_params(self, staged: Mapping[str, np.ndarray]) -> None:
+        """Swaps in a new state: the current parameters with ``staged`` ones
+        (checked and cast) in their place.  Storage none of them is in is
+        shared with the old state, which calls running meanwhile keep using."""
+        with self._lock:
+            old = self._state
+            arrays = {}
+            for key, names in self._storage().items():
+                if old is not None and not any(n in staged for n in names):
+                    arrays[key] = old.arrays[key]
+                else:
+                    arrays[key] = frozen([staged[n] if n in staged else self._param_view(n, old)
+                                          for n in names])
+            self._state = Params(arrays)
+
+    def _set_param(self, name: str, value) -> None:
+        if name not in self._shapes:
+            if value is None:
+                return
+            raise ValueError(f"{name}: this module was built with bias=False and has no {name}")
+        self._store_params({name: self._staged_param(name, value, name)})
+
+    w_q = _param_property("w_q")
+    w_k = _param_property("w_k")
+    w_v = _param_property("w_v")
+    w_o = _param_property("w_o")
+    b_q = _param_property("b_q")
+    b_k = _param_property("b_k")
+    b_v = _param_property("b_v")
+    b_o = _param_property("b_o")
+
+    def reset_parameters(self, seed: Union[None, int, np.random.Generator] = None) -> None:
+        """Draw fresh weights like ``torch.nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        if isinstance(seed, np.random.Generator):
+            rng = seed
+        else:
+            try:
+                rng = np.random.default_rng(seed)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"seed must be None, a non-negative int (or sequence of them) "
+                                f"or a numpy Generator, got {seed!r} ({exc})") from None
+        staged = {}
+        for name, shape in self._shapes.items():
+            bound = 1.0 / math.sqrt(getattr(self, _IN_DIM[name[2]]))
+            staged[name] = rng.uniform(-bound, bound, size=shape).astype(self.dtype, copy=False)
+        self._store_params(staged)
+
+    def _packed_weight(self, state: Params, part: str):
+        """(packed weight, padded bias) of projection ``part`` ("qkv", "q", "k",
+        "v" or "o") of ``state``, packed on first use."""
+        entry = state.packed.get(part)
+        if entry is None:
+            entry = kernels.pack_weight(self._param_view("w_" + part, state),
+                                        self._param_view("b_" + part, state))
+            entry = state.packed.setdefault(part, entry)
+        return entry
