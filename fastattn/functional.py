@@ -21,20 +21,13 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _resources, threads
+from . import _policy, _resources, threads
 from ._dispatch import kernels
+from ._policy import BLOCK_K, BLOCK_Q
 
 __all__ = ["scaled_dot_product_attention", "alibi_slopes"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-# Query rows x keys per tile; multiples of every build's register tile.
-# 256 keys per step rather than 64: fewer online-softmax passes and output
-# rescales per tile; measured here 2-5 % faster at long, bert and wide and
-# 20 % at one query over 16k keys (the score block, 64 KB, outgrows L1 but
-# streams from L2 without loss).
-BLOCK_Q = 64
-BLOCK_K = 256
 
 
 def available_memory() -> Optional[int]:
@@ -168,7 +161,7 @@ def kernel_ready(a: np.ndarray) -> np.ndarray:
     """``a`` itself when the kernel can read it through its strides, else a copy.
 
     The kernel needs aligned elements and a unit stride on the last axis; any
-    other axis may have any stride (negative, zero, or a fused projection's).
+    other axis may have any stride (negative, zero, or a stacked Q/K/V projection's).
     """
     if a.flags.aligned and (a.size == 0 or a.shape[-1] <= 1 or a.strides[-1] == a.itemsize):
         return a
@@ -416,6 +409,9 @@ def attention_into(
     if len(masks) > 2:
         raise ValueError("at most two bool masks reach the kernel")
     masks += [None] * (2 - len(masks))
+    num_threads = num_threads or threads.get_num_threads()
+    schedule = _policy.attention_schedule(math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2],
+                                          weights is not None, num_threads, block_q, block_k)
     kernels.attention(
         kernel_ready(q),
         kernel_ready(k),
@@ -427,9 +423,8 @@ def attention_into(
         float_mask,
         bool(is_causal),
         float(scale),
-        block_q,
-        block_k,
-        num_threads or threads.get_num_threads(),
+        schedule,
+        num_threads,
         window,
         slopes,
     )

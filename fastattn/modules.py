@@ -37,13 +37,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import interop, threads
+from . import _policy, interop, threads
 from ._dispatch import kernels
 from ._locks import ForkSafeLock
 from .cache import KVCache
 from .functional import (
-    BLOCK_K,
-    BLOCK_Q,
     KEYS_HINT,
     _shape_str,
     array_from,
@@ -253,7 +251,8 @@ class _MultiHeadBase:
         w, b = self._packed_weight(state, part)
         if out is None:
             out = np.empty((x2d.shape[0], n_out), dtype=self.dtype)
-        kernels.linear(kernel_ready(x2d), w, b, n_out, out, num_threads, head_major)
+        kernels.linear(kernel_ready(x2d), w, b, n_out, out, _policy.linear_blocking(x2d.shape[1]),
+                       num_threads, head_major)
         return out
 
     def _buffers(self, B: int, L: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -296,7 +295,7 @@ class _MultiHeadBase:
         plan = state.plans.get(tid)
         if plan is not None:
             # the plan itself says whether it fits (shape, weights, thread count)
-            y = plan.run_if(x, state.packed, nt)
+            y = plan.run_if(x, state.packed, tid, nt)
             if y is not None:
                 return y
         if (type(x) is not np.ndarray or x.dtype != self.dtype or x.ndim != 3
@@ -324,17 +323,14 @@ class _MultiHeadBase:
         wo, bo = self._packed_weight(state, "o")
         qkv, merged = self._buffers(B, N)
         out = merged.reshape(B, N, H, E).transpose(0, 2, 1, 3)
-        # One (batch entry, K/V head) per work item keeps each head's Q, K and V
-        # in its thread's L2 from projection to attention (bert, 1 thread: the
-        # forward 1 % faster).  The items are coarse: with fewer than two per
-        # thread, one slow item would leave the other threads idle.
-        fused = B * Hkv >= 2 * nt
-        # run_if compares state.packed by identity: the plan fits while
-        # state is the module's current one
+        # the plan runs for the token state.packed (compared by identity: it
+        # fits while state is the module's current one) and the calling thread
         return kernels.ForwardPlan(
             wq, bq, self.embed_dim + 2 * self.kv_dim, qkv, qkv[:, :H], qkv[:, H:H + Hkv],
-            qkv[:, H + Hkv:], out, merged, wo, bo, 1.0 / math.sqrt(E), BLOCK_Q, BLOCK_K, nt,
-            state.packed, fused)
+            qkv[:, H + Hkv:], out, merged, wo, bo, 1.0 / math.sqrt(E),
+            _policy.attention_schedule(B * H, N, N, False, nt),
+            _policy.linear_blocking(self.embed_dim), nt, state.packed, threading.get_ident(),
+            _policy.per_head(B, Hkv, nt))
 
     def reset_parameters(self, seed: Union[None, int, np.random.Generator] = None) -> None:
         """Draw fresh weights like ``torch.nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -812,7 +808,8 @@ class MultiHeadSelfAttention(_MultiHeadBase):
             state = self._state
             plan = state.plan
             if plan is not None:
-                y = plan.run_if(x, state.packed, threads.get_num_threads())
+                y = plan.run_if(x, state.packed, threading.get_ident(),
+                                threads.get_num_threads())
                 if y is not None:
                     return y
             y = self._plain_forward(x)

@@ -55,7 +55,7 @@ _forked_after_team = False
 def _team_started() -> bool:
     return any(getattr(mod, "team_started", lambda: False)()
                for name, mod in list(sys.modules.items())
-               if name.startswith("fastattn._kernels_") and mod is not None)
+               if name.startswith("fastattn._kernels._") and mod is not None)
 
 
 def _native_threads_python_does_not_know() -> set:
