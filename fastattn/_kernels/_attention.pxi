@@ -278,14 +278,23 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
         _finalize(o, 1, &l, 1, P.dim_v, out, P.out.s_row)
 
 
-cdef void _merge_row(const Problem* P, int64_t row, floating* tag) noexcept nogil:
-    """Final output of one query row from its key splits."""
+cdef void _merge_row(const Problem* P, int64_t row, floating* unused) noexcept nogil:
+    """Final output of one query row from its key splits (the scratch pointer
+    only names the element type)."""
     cdef int64_t isz = sizeof(floating)
     cdef int64_t bh = row // P.len_q
     cdef int64_t i = row % P.len_q
     cdef floating* out = <floating*>_at(&P.out, bh // P.heads, bh % P.heads, i, 0, isz)
     cdef const floating* parts = (<const floating*>P.parts) + row * P.n_splits * P.parts_stride
     _merge_splits(out, P.dim_v, parts, P.parts_stride, P.n_splits)
+
+
+cdef void _attention_item(const Problem* P, int64_t work, floating* scratch) noexcept nogil:
+    """One work item of attention: a key split of a few query rows, or a query tile."""
+    if P.row_mode:
+        _row_tile(P, work, scratch)
+    else:
+        _tile(P, work, scratch)
 
 
 cdef inline int64_t _scratch_elems(const Problem* P) noexcept nogil:
@@ -300,18 +309,19 @@ cdef inline int64_t _scratch_elems(const Problem* P) noexcept nogil:
 cdef int _attention_run(const Problem* P, int num_threads) noexcept nogil:
     """Runs a set-up problem; 0, or -1 when a thread's scratch could not be had."""
     cdef Team T
-    T.elem = P.elem
     T.job = P
-    T.scratch_elems = _scratch_elems(P)
+    T.scratch_bytes = _scratch_elems(P) * _elem_size(P.elem)
+    T.after = NULL
+    T.n_after = 0
+    T.item = _fn_attention_item(P.elem)
     if P.row_mode:
-        T.kind = ITEM_ROW
         T.n_items = P.lead_count * P.heads * P.n_splits
-        # with key splits, each row's are merged once all are written
-        T.n_after = P.lead_count * P.heads * P.len_q if P.n_splits > 1 else 0
+        if P.n_splits > 1:
+            # each row's splits are merged once all are written
+            T.after = _fn_merge_row(P.elem)
+            T.n_after = P.lead_count * P.heads * P.len_q
     else:
-        T.kind = ITEM_TILE
         T.n_items = P.lead_count * P.heads * P.n_qblocks
-        T.n_after = 0
     return run_team(&T, num_threads)
 
 

@@ -94,12 +94,12 @@ cdef inline int64_t _linear_scratch_elems(const LinearJob* J) noexcept nogil:
 
 cdef int _linear_run(const LinearJob* J, int num_threads) noexcept nogil:
     cdef Team T
-    T.elem = J.elem
-    T.kind = ITEM_LINEAR
     T.job = J
+    T.item = _fn_linear_item(J.elem)
+    T.after = NULL
     T.n_items = J.row_blocks * J.panel_blocks
     T.n_after = 0
-    T.scratch_elems = _linear_scratch_elems(J)
+    T.scratch_bytes = _linear_scratch_elems(J) * _elem_size(J.elem)
     return run_team(&T, num_threads)
 
 

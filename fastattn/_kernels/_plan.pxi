@@ -31,12 +31,13 @@ cdef void _per_head_item(const PerHeadJob* J, int64_t u, floating* scratch) noex
 
 cdef int _per_head_run(const PerHeadJob* J, int num_threads) noexcept nogil:
     cdef Team T
-    T.elem = J.attn.elem
-    T.kind = ITEM_PER_HEAD
     T.job = J
+    T.item = _fn_per_head_item(J.attn.elem)
+    T.after = NULL
     T.n_items = J.attn.lead_count * (J.attn.heads // J.attn.kv_group)
     T.n_after = 0
-    T.scratch_elems = max(_linear_scratch_elems(J.proj), _scratch_elems(J.attn))
+    T.scratch_bytes = (max(_linear_scratch_elems(J.proj), _scratch_elems(J.attn))
+                       * _elem_size(J.attn.elem))
     return run_team(&T, num_threads)
 
 
