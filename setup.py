@@ -1,9 +1,13 @@
 """Build of the fastattn kernels.
 
-One Cython source (fastattn/_attention.pxi) is compiled into one extension per
-instruction set: baseline (whatever the compiler targets by default), AVX2+FMA
-and AVX-512 on x86-64.  fastattn/_dispatch.py loads the widest one the CPU
-runs, so a wheel stays portable without -march=native.
+One Cython source (fastattn/_kernels/_build.pxi and the files it includes) is
+compiled into one extension per instruction set, fastattn._kernels._<isa>:
+baseline (whatever the compiler targets by default), AVX2+FMA and AVX-512 on
+x86-64.  fastattn/_dispatch.py loads the widest one the CPU runs, so a wheel
+stays portable without -march=native.
+
+Before Cython runs, fastattn/_kernels/_typed.pxi.tp (a Tempita template over
+the list of element types) is expanded into _typed.pxi next to it.
 
 OpenMP is probed by compiling and running a tiny program; without it the
 kernels build single-threaded and the build says so.
@@ -14,6 +18,7 @@ Environment switches:
   FASTATTN_EXTRA_CFLAGS   extra compile and link flags (e.g. sanitizers)
 """
 
+import glob
 import os
 import platform
 import shutil
@@ -24,6 +29,7 @@ import tempfile
 import textwrap
 
 import numpy as np
+from Cython import Tempita
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -108,19 +114,39 @@ def _isa_flags():
     return {"baseline": []}
 
 
+KERNELS = "fastattn/_kernels"
+SRC = "fastattn/_src"
+
+
+def _generate(template):
+    """Expands a Tempita template (x.pxi.tp -> x.pxi).  The file is rewritten
+    only when its text changes: a new timestamp alone would make cythonize
+    recompile every build."""
+    target = template[: -len(".tp")]
+    with open(template) as f:
+        text = Tempita.Template(f.read(), name=template).substitute()
+    if os.path.exists(target):
+        with open(target) as f:
+            if f.read() == text:
+                return target
+    with open(target, "w") as f:
+        f.write(text)
+    return target
+
+
 def _extensions():
+    _generate(os.path.join(KERNELS, "_typed.pxi.tp"))
+    depends = sorted(glob.glob(os.path.join(KERNELS, "*.pxi")) + glob.glob(os.path.join(SRC, "*.h")))
     exts = []
     for isa, flags in _isa_flags().items():
         exts.append(
             Extension(
-                f"fastattn._kernels_{isa}",
-                [f"fastattn/_kernels_{isa}.pyx"],
-                include_dirs=[np.get_include(), "fastattn/_src"],
+                f"fastattn._kernels._{isa}",
+                [f"{KERNELS}/_{isa}.pyx"],
+                include_dirs=[np.get_include(), SRC],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
                 extra_compile_args=list(flags),
-                depends=["fastattn/_attention.pxi", "fastattn/_src/fa_kernels.h",
-                         "fastattn/_src/fa_kernels_impl.h", "fastattn/_src/fa_simd.h",
-                         "fastattn/_src/fa_omp.h"],
+                depends=depends,
             )
         )
     checks = bool(os.environ.get("FASTATTN_BOUNDSCHECK"))

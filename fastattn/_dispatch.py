@@ -1,9 +1,10 @@
 """Loads the widest build of the kernels that this CPU runs.
 
-setup.py compiles the same kernel source for several instruction sets; the
-baseline build is always importable and tells, through cpuid, which of the
-others the CPU (and its OS) supports.  FASTATTN_ISA=baseline|avx2|avx512
-forces a build, for testing and for comparing them.
+setup.py compiles the same kernel source for several instruction sets
+(fastattn._kernels._baseline, _avx2, _avx512); the baseline build is always
+importable and tells, through cpuid, which of the others the CPU (and its OS)
+supports.  FASTATTN_ISA=baseline|avx2|avx512 forces a build, for testing and
+for comparing them.
 """
 
 from __future__ import annotations
@@ -12,20 +13,50 @@ import importlib
 import os
 from types import ModuleType
 
-from . import _kernels_baseline
-
 ISA_ORDER = ("avx512", "avx2", "baseline")
+
+
+def _module_name(isa: str) -> str:
+    return f"{__package__}._kernels._{isa}"
+
+
+def _unbuilt(err: ImportError) -> ImportError:
+    """The error for a package whose kernels were never compiled: what to do
+    rather than Python's own message (from a source checkout, a bare
+    'cannot import name' that reads like a circular import)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if os.path.exists(os.path.join(root, "setup.py")):
+        how = (f"This is the source checkout at {root}: build the kernels in place with "
+               f"`pip install -e .` or `python setup.py build_ext --inplace` there, or run "
+               f"Python from outside the checkout to use an installed fastattn.")
+    else:
+        how = "The installation is incomplete: reinstall fastattn (pip install fastattn)."
+    return ImportError(f"fastattn's compiled kernels are missing from {here} "
+                       f"({err}). {how}", name=err.name, path=err.path)
+
+
+def _import_baseline() -> ModuleType:
+    try:
+        return importlib.import_module(_module_name("baseline"))
+    except ModuleNotFoundError as err:
+        if err.name != _module_name("baseline"):
+            raise
+        raise _unbuilt(err) from None
+
+
+_baseline = _import_baseline()
 
 
 def available_isas() -> list[str]:
     """Builds that are both compiled into this install and runnable on this CPU."""
-    features = _kernels_baseline.cpu_features()
+    features = _baseline.cpu_features()
     found = []
     for isa in ISA_ORDER:
         if isa != "baseline" and not features.get(isa, False):
             continue
         try:
-            importlib.import_module(f"fastattn._kernels_{isa}")
+            importlib.import_module(_module_name(isa))
         except ImportError:
             continue
         found.append(isa)
@@ -44,7 +75,7 @@ def _select() -> ModuleType:
         isa = forced
     else:
         isa = runnable[0]
-    return importlib.import_module(f"fastattn._kernels_{isa}")
+    return importlib.import_module(_module_name(isa))
 
 
 kernels: ModuleType = _select()

@@ -22,10 +22,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from . import _policy
 from ._dispatch import kernels
 from ._params import Params
 from ._validate import ensure_memory, plain_options
-from .functional import BLOCK_K, BLOCK_Q
 from .threads import get_num_threads
 
 __all__ = ["FastPath"]
@@ -58,15 +58,15 @@ class FastPath:
             return None
         state = self._state  # this call's weights, whatever other threads assign
         nt = get_num_threads()
+        tid = threading.get_ident()
         plan = state.plan
         if plan is not None:
-            y = plan.run_if(x, state.packed, nt)
+            y = plan.run_if(x, state.packed, tid, nt)
             if y is not None:
                 return y
-        tid = threading.get_ident()
         mine = state.plans.get(tid)
         if mine is not None and mine is not plan:
-            y = mine.run_if(x, state.packed, nt)
+            y = mine.run_if(x, state.packed, tid, nt)
             if y is not None:
                 return y
         # no plan of this thread fits: can x take a new one?
@@ -78,7 +78,7 @@ class FastPath:
             return None
         ensure_memory([(B * N, D + 2 * self.kv_dim), (B * N, D), (B * N, D)],
                       self.dtype.itemsize, "the forward pass's buffers")
-        plan = self._plain_plan(state, B, N, nt)
+        plan = self._plain_plan(state, B, N, nt, tid)
         # plans of threads that have ended go (and their buffers with them);
         # list() copies the keys at once, while other threads may add theirs
         alive = {t.ident for t in threading.enumerate()}
@@ -111,20 +111,17 @@ class FastPath:
             ws.bufs = bufs
         return bufs
 
-    def _plain_plan(self, state: Params, B: int, N: int, nt: int):
+    def _plain_plan(self, state: Params, B: int, N: int, nt: int, tid: int):
         H, Hkv, E = self.num_heads, self.num_kv_heads, self.head_dim
         wq, bq = self._packed_weight(state, "qkv")
         wo, bo = self._packed_weight(state, "o")
         qkv, merged = self._buffers(B, N)
         out = merged.reshape(B, N, H, E).transpose(0, 2, 1, 3)
-        # One (batch entry, K/V head) per work item keeps each head's Q, K and V
-        # in its thread's L2 from projection to attention.  The items are
-        # coarse: with fewer than two per thread, one slow item would leave the
-        # other threads idle.
-        fused = B * Hkv >= 2 * nt
-        # run_if compares state.packed by identity: the plan fits while
-        # state is the module's current one
+        # the plan runs for the token state.packed (compared by identity: it
+        # fits while state is the module's current one) and the calling thread
         return kernels.ForwardPlan(
             wq, bq, self.embed_dim + 2 * self.kv_dim, qkv, qkv[:, :H], qkv[:, H:H + Hkv],
-            qkv[:, H + Hkv:], out, merged, wo, bo, 1.0 / math.sqrt(E), BLOCK_Q, BLOCK_K, nt,
-            state.packed, fused)
+            qkv[:, H + Hkv:], out, merged, wo, bo, 1.0 / math.sqrt(E),
+            _policy.attention_schedule(B * H, N, N, False, nt),
+            _policy.linear_blocking(self.embed_dim), nt, state.packed, tid,
+            _policy.per_head(B, Hkv, nt))

@@ -22,8 +22,9 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import threads
+from . import _policy, threads
 from ._dispatch import kernels
+from ._policy import BLOCK_K, BLOCK_Q
 from ._validate import (
     check_alibi_range,
     check_alibi_slopes,
@@ -37,13 +38,6 @@ from ._validate import (
 )
 
 __all__ = ["scaled_dot_product_attention", "alibi_slopes"]
-
-# Query rows x keys per tile; multiples of every build's register tile.  256
-# keys per step rather than 64: fewer online-softmax passes and output
-# rescales per tile, while the score block (64 KB) streams from L2 (see
-# docs/performance.md, "Layouts and buffers").
-BLOCK_Q = 64
-BLOCK_K = 256
 
 
 def _offset_table_bytes(lead: Tuple[int, ...], operands: int) -> int:
@@ -111,6 +105,9 @@ def attention_into(
     if len(masks) > 2:
         raise ValueError("at most two bool masks reach the kernel")
     masks += [None] * (2 - len(masks))
+    num_threads = num_threads or threads.get_num_threads()
+    schedule = _policy.attention_schedule(math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2],
+                                          weights is not None, num_threads, block_q, block_k)
     kernels.attention(
         kernel_ready(q),
         kernel_ready(k),
@@ -122,9 +119,8 @@ def attention_into(
         float_mask,
         bool(is_causal),
         float(scale),
-        block_q,
-        block_k,
-        num_threads or threads.get_num_threads(),
+        schedule,
+        num_threads,
         window,
         slopes,
     )

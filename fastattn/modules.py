@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from . import interop, threads
+from . import _policy, interop, threads
 from ._dispatch import kernels
 from ._fastpath import FastPath
 from ._params import Params, Parameters
@@ -159,7 +159,8 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         w, b = self._packed_weight(state, part)
         if out is None:
             out = np.empty((x2d.shape[0], n_out), dtype=self.dtype)
-        kernels.linear(kernel_ready(x2d), w, b, n_out, out, num_threads, head_major)
+        kernels.linear(kernel_ready(x2d), w, b, n_out, out, _policy.linear_blocking(x2d.shape[1]),
+                       num_threads, head_major)
         return out
 
     def _forward(self, query, key, value, *, self_attention: bool, attn_mask, key_padding_mask,

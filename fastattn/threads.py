@@ -61,7 +61,7 @@ _forked_after_team = False
 def _team_started() -> bool:
     return any(getattr(mod, "team_started", lambda: False)()
                for name, mod in list(sys.modules.items())
-               if name.startswith("fastattn._kernels_") and mod is not None)
+               if name.startswith("fastattn._kernels._") and mod is not None)
 
 
 # threading lists a foreign thread that once called into Python (a ctypes

@@ -58,7 +58,7 @@ mkdir -p "$WORK/repo"
         | tar --null -T - -cf -
 ) | (cd "$WORK/repo" && tar -xf -) || { log "copy failed"; exit 2; }
 cd "$WORK/repo" || exit 2
-rm -f fastattn/_kernels_*.so fastattn/_kernels_*.c
+rm -f fastattn/_kernels/_*.so fastattn/_kernels/_*.c
 
 log "building with FASTATTN_EXTRA_CFLAGS='$SAN_FLAGS' ($PYTHON)"
 if ! FASTATTN_EXTRA_CFLAGS="$SAN_FLAGS" "$PYTHON" setup.py build_ext --inplace --force \
@@ -67,13 +67,13 @@ if ! FASTATTN_EXTRA_CFLAGS="$SAN_FLAGS" "$PYTHON" setup.py build_ext --inplace -
     log "build failed (log above)"
     exit 2
 fi
-for so in fastattn/_kernels_*.so; do
+for so in fastattn/_kernels/_*.so; do
     if ! ldd "$so" | grep -q libasan; then
         log "$so is not linked against libasan: the sanitizer flags did not reach the link"
         exit 2
     fi
 done
-log "built: $(ls fastattn/_kernels_*.so | tr '\n' ' ')"
+log "built: $(ls fastattn/_kernels/_*.so | tr '\n' ' ')"
 
 export PYTHONPATH="$WORK/repo${PYTHONPATH:+:$PYTHONPATH}"
 HALT=1

@@ -187,17 +187,17 @@ def test_plans_do_not_keep_old_weights_or_ended_threads_buffers(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_plain_call_fuses_when_each_thread_has_a_head(rng, dtype):
+def test_plain_call_runs_per_head_when_each_thread_has_a_head(rng, dtype):
     # one (batch entry, K/V head) per work item, while each thread gets two
     # or more of them; either way the same result
     old = fastattn.get_num_threads()
     try:
-        for B, H, Hkv, nt, fused in ((4, 2, 1, 2, True), (1, 4, 2, 3, False), (3, 4, 4, 1, True), (1, 2, 2, 1, True)):
+        for B, H, Hkv, nt, per_head in ((4, 2, 1, 2, True), (1, 4, 2, 3, False), (3, 4, 4, 1, True), (1, 2, 2, 1, True)):
             fastattn.set_num_threads(nt)
             m = MHSA(4 * 64, H, num_kv_heads=Hkv, seed=2, dtype=dtype)
             x = randn(rng, (B, 40, 4 * 64), dtype)
             y = m(x)
-            assert m._plan.fused == fused
+            assert m._plan.per_head == per_head
             np.testing.assert_allclose(y, ref_forward(m, x)[0], **mod_tol(dtype))
     finally:
         fastattn.set_num_threads(old)

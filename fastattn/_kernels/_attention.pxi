@@ -1,0 +1,349 @@
+# The attention driver: the walk over key blocks of one query tile (_tile),
+# the row-by-row walk for a few queries (_row_tile) and the merge of its key
+# splits (_merge_row), with the masks they apply; and the entry point
+# `attention`, which sets up a Problem and runs it as a team.
+
+
+cdef bint _scores_block(const Problem* P, floating* ST, const floating* QT, const floating* k,
+                        floating* tail, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                        int64_t j0, int64_t bk, floating* bmax) noexcept nogil:
+    """Scaled, masked scores of one query block against keys j0 .. j0+bk, transposed.
+
+    ST[j][i] (key j, query lane i) for j < bk; -inf wherever the key may not
+    be attended.  Lanes past `rows` hold harmless zeros.  Where no mask
+    touches the block and bmax is given, the GEMM also leaves each lane's max
+    in bmax[0:lanes] and this returns True.
+    """
+    cdef int64_t L = P.lanes, r
+    cdef bint clean = bmax != NULL and not _block_masked(P, i0, rows, j0, bk)
+    if clean:
+        for r in range(L):
+            bmax[r] = -INFINITY
+    _gemm(bk, L, P.dim, k + j0 * P.k.s_row, P.k.s_row, 1, QT, L, ST, L, 0, tail,
+          bmax if clean else <floating*>NULL)
+    # masks index (query i, key j), which sits at ST[i * 1 + j * L]
+    _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk)
+    return clean
+
+
+cdef inline bint _band_cuts(const Problem* P, int64_t i0, int64_t rows, int64_t j0,
+                            int64_t bk, int64_t* lo, int64_t* hi) noexcept nogil:
+    """Whether the band (causal or window) leaves out some key of this block for
+    some row; lo/hi get the band of the block's first row, in block columns."""
+    lo[0] = i0 + P.causal_offset - P.band_left - j0
+    hi[0] = i0 + P.causal_offset + P.band_right - j0
+    return P.has_band and (lo[0] + rows - 1 > 0 or hi[0] < bk - 1)
+
+
+cdef inline bint _block_masked(const Problem* P, int64_t i0, int64_t rows, int64_t j0,
+                               int64_t bk) noexcept nogil:
+    """Whether _mask_scores would change any score of this block (a mask kind
+    added there must be added here, or the block max taken before it is stale)."""
+    cdef int64_t lo, hi
+    return (P.has_fmask or P.has_bmask1 or P.has_bmask2 or P.slopes != NULL
+            or _band_cuts(P, i0, rows, j0, bk, &lo, &hi))
+
+
+cdef void _mask_scores(const Problem* P, floating* S, int64_t s_js, int64_t s_is, int64_t b,
+                       int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                       int64_t bk) noexcept nogil:
+    """Applies every mask to scores S(i, j) = S[i * s_is + j * s_js] of queries
+    i0 .. i0+rows against keys j0 .. j0+bk: -inf where a key may not be attended."""
+    cdef int64_t isz = sizeof(floating)
+    if P.has_fmask:
+        _mask_add(S, s_is, s_js, rows, bk, <const floating*>_at(&P.fmask, b, h, i0, j0, isz),
+                  P.fmask.s_row, P.fmask.s_col)
+    if P.has_bmask1:
+        _mask_bool(S, s_is, s_js, rows, bk, <const uint8_t*>_at(&P.bmask1, b, h, i0, j0, 1),
+                   P.bmask1.s_row, P.bmask1.s_col)
+    if P.has_bmask2:
+        _mask_bool(S, s_is, s_js, rows, bk, <const uint8_t*>_at(&P.bmask2, b, h, i0, j0, 1),
+                   P.bmask2.s_row, P.bmask2.s_col)
+    if P.slopes != NULL:
+        _add_alibi(S, s_is, s_js, rows, bk, <floating>P.slopes[h], j0 - i0 - P.causal_offset)
+    # Only blocks that reach outside some row's band need the cut.
+    cdef int64_t lo, hi
+    if _band_cuts(P, i0, rows, j0, bk, &lo, &hi):
+        _mask_band(S, s_is, s_js, rows, bk, lo, hi)
+
+
+cdef inline void _key_range(const Problem* P, int64_t i0, int64_t rows, int64_t* lo,
+                            int64_t* hi) noexcept nogil:
+    """Keys [lo, hi) that some query of i0 .. i0+rows may attend (empty: lo >= hi)."""
+    lo[0] = 0
+    hi[0] = P.len_k
+    if P.has_band:
+        lo[0] = max(<int64_t>0, i0 + P.causal_offset - P.band_left)
+        hi[0] = min(P.len_k, i0 + rows - 1 + P.causal_offset + P.band_right + 1)
+
+
+cdef inline bint _attended(const Problem* P, int64_t b, int64_t h, int64_t i, int64_t j,
+                           const floating* tag) noexcept nogil:
+    """Whether query i may attend key j under every mask (the rule _mask_scores
+    applies, asked for one pair)."""
+    cdef int64_t pos = i + P.causal_offset
+    if P.has_band and (j < pos - P.band_left or j > pos + P.band_right):
+        return False
+    if P.has_bmask1 and (<const uint8_t*>_at(&P.bmask1, b, h, i, j, 1))[0] == 0:
+        return False
+    if P.has_bmask2 and (<const uint8_t*>_at(&P.bmask2, b, h, i, j, 1))[0] == 0:
+        return False
+    if P.has_fmask and (<const floating*>_at(&P.fmask, b, h, i, j, sizeof(floating)))[0] == -INFINITY:
+        return False
+    return True
+
+
+cdef void _accumulate_rows(const Problem* P, const floating* v, int64_t n, const floating* ST,
+                           int64_t L, floating* T, floating* tail, bint accumulate, int64_t b,
+                           int64_t h, int64_t i0, int64_t rows, int64_t j0) noexcept nogil:
+    """T (+)= V_block^T P^T where some key of the block holds a NaN or an inf and
+    some query may not attend it: P is 0 there, but 0 * NaN in the GEMM would
+    reach every query of the tile.  The finite runs of keys go through the
+    GEMM; each non-finite key is added only to the queries that attend it."""
+    cdef int64_t start = 0, j, i, e
+    cdef const floating* vj
+    cdef floating p
+    if not accumulate:
+        memset(T, 0, P.dim_v * L * sizeof(floating))
+    while start < n:
+        j = _nonfinite_row(v, P.v.s_row, start, n, P.dim_v)
+        if j > start:
+            _gemm(P.dim_v, L, j - start, v + start * P.v.s_row, 1, P.v.s_row, ST + start * L,
+                  L, T, L, 1, tail, <floating*>NULL)
+        if j == n:
+            break
+        vj = v + j * P.v.s_row
+        for i in range(rows):
+            if _attended(P, b, h, i0 + i, j0 + j, vj):
+                p = ST[j * L + i]
+                for e in range(P.dim_v):
+                    T[e * L + i] += p * vj[e]
+        start = j + 1
+
+
+cdef inline void _accumulate_block(const Problem* P, const floating* v, int64_t bk,
+                                   const floating* ST, int64_t L, floating* OT, floating* OB,
+                                   floating* tail, bint first, bint masked, int64_t b,
+                                   int64_t h, int64_t i0, int64_t rows,
+                                   int64_t j0) noexcept nogil:
+    """O^T += V_block^T P^T: the first block straight into O^T (still zero),
+    later ones summed apart in OB and then added (see fa_add_into).  In a
+    block that a mask touches, a key holding a NaN or an inf goes only to the
+    queries that attend it (masked keys never affect the output)."""
+    cdef floating* T = OT if first else OB
+    if masked and _nonfinite_row(v, P.v.s_row, 0, bk, P.dim_v) < bk:
+        _accumulate_rows(P, v, bk, ST, L, T, tail, first, b, h, i0, rows, j0)
+    else:
+        _gemm(P.dim_v, L, bk, v, 1, P.v.s_row, ST, L, T, L, first, tail, <floating*>NULL)
+    if not first:
+        _add_into(OT, OB, P.dim_v * L)
+
+
+cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogil:
+    """One (batch, head, query block): the whole attention output of the block."""
+    cdef int64_t isz = sizeof(floating)
+    cdef int64_t bh = work // P.n_qblocks
+    cdef int64_t b = bh // P.heads
+    cdef int64_t h = bh % P.heads
+    cdef int64_t hk = h // P.kv_group
+    cdef int64_t i0 = (work % P.n_qblocks) * P.block_q
+    cdef int64_t rows = min(P.block_q, P.len_q - i0)
+    cdef int64_t L = P.lanes
+    cdef int64_t j0, bk, j_start, j_end, r
+
+    # regions as sized in _scratch_elems; each starts on a vector boundary
+    cdef floating* QT = scratch                    # E x L: queries, transposed, scaled
+    cdef floating* ST = QT + P.dim * L             # block_k x L: scores, then probabilities
+    cdef floating* OT = ST + P.block_k * L         # Ev x L: output accumulator
+    cdef floating* OB = OT + P.dim_v * L           # Ev x L: one key block's part of it
+    cdef floating* m = OB + P.dim_v * L            # L: running max per query
+    cdef floating* l = m + L                       # L: running sum per query
+    cdef floating* bm = l + L                      # L: max per query of one key block
+    cdef floating* tail = bm + L                   # gemm tail panel
+    cdef bint have_max
+
+    cdef const floating* k = <const floating*>_at(&P.k, b, hk, 0, 0, isz)
+    cdef const floating* v = <const floating*>_at(&P.v, b, hk, 0, 0, isz)
+    cdef floating* out = <floating*>_at(&P.out, b, h, i0, 0, isz)
+    cdef floating* W
+
+    _pack_qt(QT, L, <const floating*>_at(&P.q, b, h, i0, 0, isz), P.q.s_row, rows, P.dim,
+             <floating>P.scale)
+    memset(OT, 0, P.dim_v * L * isz)
+    for r in range(L):
+        m[r] = -INFINITY
+        l[r] = 0
+    _key_range(P, i0, rows, &j_start, &j_end)
+
+    if not P.has_weights:
+        # Streaming: walk the keys once with a running max and sum per query;
+        # blocks outside every row's band are never touched.
+        j0 = j_start
+        while j0 < j_end:
+            bk = min(P.block_k, j_end - j0)
+            have_max = _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk, bm)
+            _online_softmax(ST, L, bk, L, m, l, OT, L, P.dim_v,
+                            bm if have_max else <floating*>NULL)
+            # O^T += V_block^T P^T, V read in place (rows of V are E-contiguous)
+            _accumulate_block(P, v + j0 * P.v.s_row, bk, ST, L, OT, OB, tail, j0 == j_start,
+                              not have_max, b, h, i0, rows, j0)
+            j0 += P.block_k
+    else:
+        # Weights requested: the scores of whole rows land in the caller's
+        # buffer, are normalised there, then multiply V block by block.
+        W = <floating*>_at(&P.weights, b, h, i0, 0, isz)
+        j0 = 0
+        while j0 < P.len_k:
+            bk = min(P.block_k, P.len_k - j0)
+            _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk, NULL)
+            _copy_strided(W + j0, P.len_k, 1, ST, 1, L, rows, bk)
+            j0 += P.block_k
+        _softmax_rows(W, P.len_k, rows, P.len_k)
+        memset(ST, 0, P.block_k * L * isz)  # lanes past `rows` stay zero
+        j0 = j_start
+        while j0 < j_end:
+            bk = min(P.block_k, j_end - j0)
+            _copy_strided(ST, 1, L, W + j0, P.len_k, 1, rows, bk)
+            _accumulate_block(P, v + j0 * P.v.s_row, bk, ST, L, OT, OB, tail, j0 == j_start,
+                              _block_masked(P, i0, rows, j0, bk), b, h, i0, rows, j0)
+            j0 += P.block_k
+        for r in range(rows):
+            l[r] = 1
+    _finalize(OT, L, l, rows, P.dim_v, out, P.out.s_row)
+
+
+cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept nogil:
+    """One (batch, head, key split) when there are only a few queries (decoding).
+
+    Queries along vector lanes would leave most lanes empty; here each query
+    row streams over the keys on its own, vectorised along E.  With several
+    splits (split-K, so that one sequence still uses every core), each split
+    leaves its (max, sum, unnormalised output) for _merge_row.
+    """
+    cdef int64_t isz = sizeof(floating)
+    cdef int64_t split = work % P.n_splits
+    cdef int64_t bh = work // P.n_splits
+    cdef int64_t b = bh // P.heads
+    cdef int64_t h = bh % P.heads
+    cdef int64_t hk = h // P.kv_group
+    cdef int64_t i, j0, j_first, bk, c, j_start, j_end, s0, s1, span
+    cdef bint first
+    cdef floating* s = scratch                  # keys_pad scores
+    cdef floating* o = s + P.keys_pad           # dimv_pad accumulator
+    cdef floating* ob = o + P.dimv_pad          # dimv_pad: one key block's part of it
+    cdef floating* qs = ob + P.dimv_pad         # dim: the scaled query
+    cdef floating m, l
+    cdef floating* acc
+    cdef floating* part
+    cdef const floating* q
+    cdef const floating* k = <const floating*>_at(&P.k, b, hk, 0, 0, isz)
+    cdef const floating* v = <const floating*>_at(&P.v, b, hk, 0, 0, isz)
+    cdef floating* out
+    span = (P.len_k + P.n_splits - 1) // P.n_splits
+    s0 = split * span
+    s1 = min(P.len_k, s0 + span)
+    for i in range(P.len_q):
+        q = <const floating*>_at(&P.q, b, h, i, 0, isz)
+        for c in range(P.dim):
+            qs[c] = <floating>P.scale * q[c]
+        memset(o, 0, P.dimv_pad * isz)
+        m = -INFINITY
+        l = 0
+        _key_range(P, i, 1, &j_start, &j_end)
+        j0 = j_first = max(j_start, s0)
+        j_end = min(j_end, s1)
+        while j0 < j_end:
+            bk = min(P.block_k, j_end - j0)
+            _dots(s, qs, P.dim, k + j0 * P.k.s_row, P.k.s_row, bk)
+            _mask_scores(P, s, 1, 0, b, h, i, 1, j0, bk)
+            for c in range(bk, P.keys_pad):
+                s[c] = -INFINITY
+            # the first block straight into o, later ones summed apart in ob
+            first = j0 == j_first
+            acc = o if first else ob
+            if not first:
+                memset(ob, 0, P.dimv_pad * isz)
+            _row_update(s, P.keys_pad, &m, &l, o, P.dimv_pad)
+            _accum_rows(acc, P.dim_v, s, bk, v + j0 * P.v.s_row, P.v.s_row)
+            if not first:
+                _add_into(o, ob, P.dim_v)
+            j0 += bk
+        if P.n_splits > 1:
+            part = (<floating*>P.parts) + ((bh * P.len_q + i) * P.n_splits + split) * P.parts_stride
+            part[0] = m
+            part[1] = l
+            memcpy(part + 2, o, P.dim_v * isz)
+            continue
+        out = <floating*>_at(&P.out, b, h, i, 0, isz)
+        _finalize(o, 1, &l, 1, P.dim_v, out, P.out.s_row)
+
+
+cdef void _merge_row(const Problem* P, int64_t row, floating* unused) noexcept nogil:
+    """Final output of one query row from its key splits (the scratch pointer
+    only names the element type)."""
+    cdef int64_t isz = sizeof(floating)
+    cdef int64_t bh = row // P.len_q
+    cdef int64_t i = row % P.len_q
+    cdef floating* out = <floating*>_at(&P.out, bh // P.heads, bh % P.heads, i, 0, isz)
+    cdef const floating* parts = (<const floating*>P.parts) + row * P.n_splits * P.parts_stride
+    _merge_splits(out, P.dim_v, parts, P.parts_stride, P.n_splits)
+
+
+cdef void _attention_item(const Problem* P, int64_t work, floating* scratch) noexcept nogil:
+    """One work item of attention: a key split of a few query rows, or a query tile."""
+    if P.row_mode:
+        _row_tile(P, work, scratch)
+    else:
+        _tile(P, work, scratch)
+
+
+cdef inline int64_t _scratch_elems(const Problem* P) noexcept nogil:
+    """Per-thread scratch, in elements: Q^T, S^T, O^T, one key block's part of
+    O^T, m, l, the block max and the tail panel (row mode: scores, accumulator,
+    one block's part of it, query)."""
+    if P.row_mode:
+        return P.keys_pad + 2 * P.dimv_pad + P.dim + 16
+    return (P.dim + P.block_k + 2 * P.dim_v + 3) * P.lanes + P.tail_len
+
+
+cdef int _attention_run(const Problem* P, int num_threads) noexcept nogil:
+    """Runs a set-up problem; 0, or -1 when a thread's scratch could not be had."""
+    cdef Team T
+    T.job = P
+    T.scratch_bytes = _scratch_elems(P) * _elem_size(P.elem)
+    T.after = NULL
+    T.n_after = 0
+    T.item = _fn_attention_item(P.elem)
+    if P.row_mode:
+        T.n_items = P.lead_count * P.heads * P.n_splits
+        if P.n_splits > 1:
+            # each row's splits are merged once all are written
+            T.after = _fn_merge_row(P.elem)
+            T.n_after = P.lead_count * P.heads * P.len_q
+    else:
+        T.n_items = P.lead_count * P.heads * P.n_qblocks
+    return run_team(&T, num_threads)
+
+
+def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double scale,
+              tuple schedule, int num_threads, window=None, slopes=None):
+    """Fills `out` (and `weights`, when given) with softmax(scale q k^T + bias + masks) v.
+
+    schedule: (block_q, block_k, row_mode, n_splits) from
+    fastattn._policy.attention_schedule; window: (left, right) of the key band
+    around each query's position (None on a side: unbounded); slopes: float64
+    ALiBi slope per query head.
+    Private: fastattn.functional validates shapes, dtypes and layouts first.
+    """
+    cdef Problem P
+    cdef list keep = []
+    cdef int rc
+    if num_threads < 1:
+        raise ValueError("the thread count must be positive")
+    if not _attention_setup(&P, keep, q, k, v, out, weights, bmask1, bmask2, fmask, causal,
+                            scale, schedule, window, slopes):
+        return
+    with nogil:
+        rc = _attention_run(&P, num_threads)
+    if rc != 0:
+        raise MemoryError("could not allocate the attention kernel's scratch buffers")

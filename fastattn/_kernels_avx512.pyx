@@ -1,3 +1,0 @@
-# The attention kernels compiled for the avx512 instruction set; setup.py sets
-# the -m flags and the Cython directives for every build in one place.
-include "_attention.pxi"
