@@ -115,7 +115,7 @@ def _isa_flags():
 
 
 KERNELS = "fastattn/_kernels"
-SRC = "fastattn/_src"
+SRC = "fastattn/_kernels/src"
 
 
 def _generate(template):

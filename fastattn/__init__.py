@@ -20,7 +20,7 @@ docs/architecture.md for one call's path through the layers::
     _kernels/: one Cython source per ISA build; drivers (problem, attention,
                linear, plan) over one parallel skeleton, typed from a template
         |
-    _src/: C headers by concern: fa_vec.h (vector primitives), fa_gemm.h
+    _kernels/src/: C headers by concern: fa_vec.h (vector primitives), fa_gemm.h
            (GEMM, packing), fa_softmax.h (online softmax), fa_mask.h (masks)
 
 ``fastattn.tools`` holds the bench, peers and scaling study the command line

@@ -174,7 +174,7 @@ def ensure_memory(shapes: Sequence[Tuple[int, ...]], itemsize: int, what: str,
     oversized allocation could otherwise succeed and be killed later, when its
     pages are touched (in a container, by its cgroup's OOM killer).
     """
-    nbytes = sum(math.prod(int(d) for d in shape) for shape in shapes) * itemsize + extra_bytes
+    nbytes = sum(math.prod(map(int, shape)) for shape in shapes) * itemsize + extra_bytes
     if nbytes < CHECK_MEMORY_ABOVE:
         return
     avail = available_memory()

@@ -1,7 +1,7 @@
 """Thread counts, in one place.
 
 One number bounds every busy thread of a fastattn call.  The Q/K/V and output
-projections run on fastattn's own GEMM (fastattn/_src, the same micro-kernel
+projections run on fastattn's own GEMM (fastattn/_kernels/src, the same micro-kernel
 as the attention tiles), inside the same OpenMP thread team as the attention
 kernel, so no BLAS thread pool is involved: nothing spins beside the kernel's
 threads (on two cores, BLAS workers still spinning after a NumPy matmul would

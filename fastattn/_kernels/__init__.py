@@ -17,5 +17,5 @@ imports the widest one this CPU runs.  Each holds, by concern:
 
 The kernels make no choices: block sizes, row mode, key splits, projection
 blocking and the one-head-at-a-time schedule come from ``fastattn._policy``
-as arguments.  The C inner loops are in ``fastattn/_src``.
+as arguments.  The C inner loops are in ``fastattn/_kernels/src``.
 """
