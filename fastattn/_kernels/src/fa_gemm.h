@@ -114,34 +114,8 @@ static void FA(gemm)(int64_t M, int64_t N, int64_t K, const REAL *restrict A, in
 static void FA(dots)(REAL *restrict s, const REAL *restrict q, int64_t E,
                      const REAL *restrict k, int64_t ks, int64_t n) {
     typedef FA(uvec) UVEC;
-    int64_t ev = E - E % VLEN, j = 0;
-#if FA_BLOCK_TRANSPOSE
-    /* VLEN keys at a time.  Each key's lane products are summed as below;
-     * their horizontal sums, transposed, then add up lane-wise in the order
-     * FA(hsum) adds one vector's lanes (from 0, lane 0 first), so every score
-     * keeps its bits while VLEN horizontal sums share one transpose instead
-     * of extracting lanes one by one. */
-    VEC blk[VLEN];
-    for (; j + VLEN <= n; j += VLEN) {
-        for (int64_t r = 0; r < VLEN; r++) {
-            const REAL *kj = k + (j + r) * ks;
-            VEC acc = FA(vsplat)(0);
-            for (int64_t e = 0; e < ev; e += VLEN) acc += *(const UVEC *)(q + e) * *(const UVEC *)(kj + e);
-            blk[r] = acc;
-        }
-        FA(transpose_block)(blk);
-        VEC t = FA(vsplat)(0);
-#pragma GCC unroll 16
-        for (int64_t c = 0; c < VLEN; c++) t += blk[c];
-        for (int64_t r = 0; r < VLEN; r++) {
-            const REAL *kj = k + (j + r) * ks;
-            REAL tr = t[r];
-            for (int64_t e = ev; e < E; e++) tr += q[e] * kj[e];
-            s[j + r] = tr;
-        }
-    }
-#endif
-    for (; j < n; j++) {
+    int64_t ev = E - E % VLEN;
+    for (int64_t j = 0; j < n; j++) {
         const REAL *kj = k + j * ks;
         VEC acc = FA(vsplat)(0);
         for (int64_t e = 0; e < ev; e += VLEN) acc += *(const UVEC *)(q + e) * *(const UVEC *)(kj + e);
