@@ -114,8 +114,34 @@ static void FA(gemm)(int64_t M, int64_t N, int64_t K, const REAL *restrict A, in
 static void FA(dots)(REAL *restrict s, const REAL *restrict q, int64_t E,
                      const REAL *restrict k, int64_t ks, int64_t n) {
     typedef FA(uvec) UVEC;
-    int64_t ev = E - E % VLEN;
-    for (int64_t j = 0; j < n; j++) {
+    int64_t ev = E - E % VLEN, j = 0;
+#if FA_BLOCK_TRANSPOSE
+    /* VLEN keys at a time.  Each key's lane products are summed as below;
+     * their horizontal sums, transposed, then add up lane-wise in the order
+     * FA(hsum) adds one vector's lanes (from 0, lane 0 first), so every score
+     * keeps its bits while VLEN horizontal sums share one transpose instead
+     * of extracting lanes one by one. */
+    VEC blk[VLEN];
+    for (; j + VLEN <= n; j += VLEN) {
+        for (int64_t r = 0; r < VLEN; r++) {
+            const REAL *kj = k + (j + r) * ks;
+            VEC acc = FA(vsplat)(0);
+            for (int64_t e = 0; e < ev; e += VLEN) acc += *(const UVEC *)(q + e) * *(const UVEC *)(kj + e);
+            blk[r] = acc;
+        }
+        FA(transpose_block)(blk);
+        VEC t = FA(vsplat)(0);
+#pragma GCC unroll 16
+        for (int64_t c = 0; c < VLEN; c++) t += blk[c];
+        for (int64_t r = 0; r < VLEN; r++) {
+            const REAL *kj = k + (j + r) * ks;
+            REAL tr = t[r];
+            for (int64_t e = ev; e < E; e++) tr += q[e] * kj[e];
+            s[j + r] = tr;
+        }
+    }
+#endif
+    for (; j < n; j++) {
         const REAL *kj = k + j * ks;
         VEC acc = FA(vsplat)(0);
         for (int64_t e = 0; e < ev; e += VLEN) acc += *(const UVEC *)(q + e) * *(const UVEC *)(kj + e);
@@ -130,11 +156,28 @@ static void FA(accum_rows)(REAL *restrict o, int64_t ev, const REAL *restrict p,
                            const REAL *restrict v, int64_t vs) {
     typedef FA(uvec) UVEC;
     int64_t evv = ev - ev % VLEN;
+    /* Four vectors of o at a time stay in registers over every key: a loop
+     * over E inside the loop over keys would load and store o once per key,
+     * each key's FMAs waiting on the last key's stores.  Each element still
+     * takes the keys one after another, as before. */
+    for (int64_t c0 = 0; c0 < evv; c0 += 4 * VLEN) {
+        int64_t nv = (evv - c0) / VLEN < 4 ? (evv - c0) / VLEN : 4;
+        VEC acc[4];
+        for (int64_t u = 0; u < 4; u++) acc[u] = u < nv ? *(VEC *)(o + c0 + u * VLEN) : FA(vsplat)(0);
+        for (int64_t j = 0; j < n; j++) {
+            REAL pj = p[j];
+            if (pj == 0) continue; /* masked keys, and most keys far below the max */
+            const REAL *vj = v + j * vs + c0;
+#pragma GCC unroll 4
+            for (int64_t u = 0; u < 4; u++)
+                if (u < nv) acc[u] += pj * *(const UVEC *)(vj + u * VLEN);
+        }
+        for (int64_t u = 0; u < nv; u++) *(VEC *)(o + c0 + u * VLEN) = acc[u];
+    }
     for (int64_t j = 0; j < n; j++) {
         REAL pj = p[j];
-        if (pj == 0) continue; /* masked keys, and most keys far below the max */
+        if (pj == 0) continue;
         const REAL *vj = v + j * vs;
-        for (int64_t c = 0; c < evv; c += VLEN) *(VEC *)(o + c) += pj * *(const UVEC *)(vj + c);
         for (int64_t c = evv; c < ev; c++) o[c] += pj * vj[c];
     }
 }

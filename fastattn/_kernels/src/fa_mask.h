@@ -32,10 +32,15 @@ static void FA(mask_add)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t r
  * causal masks and sliding windows); the rest become -inf. */
 static void FA(mask_band)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t rows,
                           int64_t cols, int64_t lo, int64_t hi) {
+    /* two runs of stores per row, left and right of the band, instead of a
+     * test per score; an empty band (the runs meet or cross) clears the row */
     for (int64_t i = 0; i < rows; i++) {
-        int64_t a = lo + i, b = hi + i;
-        for (int64_t j = 0; j < cols; j++)
-            if (j < a || j > b) S[i * s_is + j * s_js] = (REAL)-INFINITY;
+        int64_t left = lo + i, right = hi + i + 1;
+        left = left < 0 ? 0 : (left > cols ? cols : left);
+        right = right < 0 ? 0 : (right > cols ? cols : right);
+        REAL *row = S + i * s_is;
+        for (int64_t j = 0; j < left; j++) row[j * s_js] = (REAL)-INFINITY;
+        for (int64_t j = right; j < cols; j++) row[j * s_js] = (REAL)-INFINITY;
     }
 }
 
