@@ -22,7 +22,10 @@ cdef bint _scores_block(const Problem* P, floating* ST, const floating* QT, cons
     _gemm(bk, L, P.dim, k + j0 * P.k.s_row, P.k.s_row, 1, QT, L, ST, L, 0, tail,
           bmax if clean else <floating*>NULL)
     # masks index (query i, key j), which sits at ST[i * 1 + j * L]
-    _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk)
+    # scores of the block as the GEMM left them: one pass tells whether a
+    # float mask must take the exact (slower) route
+    _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk,
+                 P.has_fmask and not _all_finite(ST, L, bk, L))
     return clean
 
 
@@ -45,14 +48,15 @@ cdef inline bint _block_masked(const Problem* P, int64_t i0, int64_t rows, int64
 
 
 cdef void _mask_scores(const Problem* P, floating* S, int64_t s_js, int64_t s_is, int64_t b,
-                       int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                       int64_t bk) noexcept nogil:
+                       int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t bk,
+                       bint exact) noexcept nogil:
     """Applies every mask to scores S(i, j) = S[i * s_is + j * s_js] of queries
-    i0 .. i0+rows against keys j0 .. j0+bk: -inf where a key may not be attended."""
+    i0 .. i0+rows against keys j0 .. j0+bk: -inf where a key may not be
+    attended.  exact: some score may be NaN or inf (see fa_mask_add)."""
     cdef int64_t isz = sizeof(floating)
     if P.has_fmask:
         _mask_add(S, s_is, s_js, rows, bk, <const floating*>_at(&P.fmask, b, h, i0, j0, isz),
-                  P.fmask.s_row, P.fmask.s_col)
+                  P.fmask.s_row, P.fmask.s_col, exact)
     if P.has_bmask1:
         _mask_bool(S, s_is, s_js, rows, bk, <const uint8_t*>_at(&P.bmask1, b, h, i0, j0, 1),
                    P.bmask1.s_row, P.bmask1.s_col)
@@ -131,7 +135,7 @@ cdef inline void _accumulate_block(const Problem* P, const floating* v, int64_t 
     block that a mask touches, a key holding a NaN or an inf goes only to the
     queries that attend it (masked keys never affect the output)."""
     cdef floating* T = OT if first else OB
-    if masked and _nonfinite_row(v, P.v.s_row, 0, bk, P.dim_v) < bk:
+    if masked and not _all_finite(v, P.v.s_row, bk, P.dim_v):
         _accumulate_rows(P, v, bk, ST, L, T, tail, first, b, h, i0, rows, j0)
     else:
         _gemm(P.dim_v, L, bk, v, 1, P.v.s_row, ST, L, T, L, first, tail, <floating*>NULL)
@@ -255,7 +259,7 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
         while j0 < j_end:
             bk = min(P.block_k, j_end - j0)
             _dots(s, qs, P.dim, k + j0 * P.k.s_row, P.k.s_row, bk)
-            _mask_scores(P, s, 1, 0, b, h, i, 1, j0, bk)
+            _mask_scores(P, s, 1, 0, b, h, i, 1, j0, bk, True)
             for c in range(bk, P.keys_pad):
                 s[c] = -INFINITY
             # the first block straight into o, later ones summed apart in ob
