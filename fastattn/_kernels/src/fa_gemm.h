@@ -14,13 +14,10 @@ static void FA(pack_qt)(REAL *restrict dst, int64_t ldd, const REAL *restrict sr
         for (int64_t i = rows; i < ldd; i++) dst[e * ldd + i] = 0;
     int64_t rv = FA_BLOCK_TRANSPOSE ? rows - rows % VLEN : 0, cv = cols - cols % VLEN;
 #if FA_BLOCK_TRANSPOSE
-    typedef FA(uvec) UVEC;
     VEC blk[VLEN];
     for (int64_t i0 = 0; i0 < rv; i0 += VLEN)
         for (int64_t e0 = 0; e0 < cv; e0 += VLEN) {
-#pragma GCC unroll 16
-            for (int64_t r = 0; r < VLEN; r++) blk[r] = *(const UVEC *)(src + (i0 + r) * srs + e0);
-            FA(transpose_block)(blk);
+            FA(load_transposed)(blk, src + i0 * srs + e0, srs);
 #pragma GCC unroll 16
             for (int64_t c = 0; c < VLEN; c++) *(VEC *)(dst + (e0 + c) * ldd + i0) = scale * blk[c];
         }

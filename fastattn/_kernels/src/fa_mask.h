@@ -88,9 +88,7 @@ static void FA(mask_add)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t r
         cv = cols - cols % VLEN;
         for (int64_t i0 = 0; i0 < rv; i0 += VLEN)
             for (int64_t j0 = 0; j0 < cv; j0 += VLEN) {
-#pragma GCC unroll 16
-                for (int64_t r = 0; r < VLEN; r++) blk[r] = *(const UVEC *)(mask + (i0 + r) * m_is + j0);
-                FA(transpose_block)(blk);
+                FA(load_transposed)(blk, mask + i0 * m_is + j0, m_is);
 #pragma GCC unroll 16
                 for (int64_t c = 0; c < VLEN; c++) {
                     UVEC *sp = (UVEC *)(S + (j0 + c) * s_js + i0);

@@ -132,6 +132,15 @@ static inline void FA(transpose_block)(VEC *v) {
         }
     }
 }
+
+/* blk[c] = column c of the VLEN x VLEN block at src (rows rs apart, any
+ * alignment): a block read row by row and transposed in registers. */
+static inline void FA(load_transposed)(VEC *blk, const REAL *restrict src, int64_t rs) {
+    typedef FA(uvec) UVEC;
+#pragma GCC unroll 16
+    for (int64_t r = 0; r < VLEN; r++) blk[r] = *(const UVEC *)(src + r * rs);
+    FA(transpose_block)(blk);
+}
 #endif
 
 /* ---- array loops ---- */
