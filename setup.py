@@ -1,10 +1,13 @@
 """Build of the fastattn kernels.
 
-One Cython source (fastattn/_kernels/_build.pxi and the files it includes) is
-compiled into one extension per instruction set, fastattn._kernels._<isa>:
-baseline (whatever the compiler targets by default), AVX2+FMA and AVX-512 on
-x86-64.  fastattn/_dispatch.py loads the widest one the CPU runs, so a wheel
-stays portable without -march=native.
+The kernels' work items (fastattn/_kernels/_kernel.pxi and the files it
+includes) are compiled into one extension per instruction set,
+fastattn._kernels._<isa>: baseline (whatever the compiler targets by
+default), AVX2+FMA and AVX-512 on x86-64.  Everything else of the compiled
+layer (entry points, checks, ForwardPlan, the OpenMP team) is one extension,
+fastattn._kernels._driver, built without instruction-set flags; each kernel
+build hands it a table of function pointers.  fastattn/_dispatch.py loads the
+widest build the CPU runs, so a wheel stays portable without -march=native.
 
 Before Cython runs, fastattn/_kernels/_typed.pxi.tp (a Tempita template over
 the list of element types) is expanded into _typed.pxi next to it.
@@ -136,17 +139,22 @@ def _generate(template):
 
 def _extensions():
     _generate(os.path.join(KERNELS, "_typed.pxi.tp"))
-    depends = sorted(glob.glob(os.path.join(KERNELS, "*.pxi")) + glob.glob(os.path.join(SRC, "*.h")))
-    exts = []
+    depends = sorted(glob.glob(os.path.join(KERNELS, "*.pxi"))
+                     + glob.glob(os.path.join(KERNELS, "*.pxd"))
+                     + glob.glob(os.path.join(SRC, "*.h")))
+    common = dict(include_dirs=[np.get_include(), SRC],
+                  define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+                  depends=depends)
+    # the driver gets no -m flags: it must import on any CPU, and it checks and
+    # sets up for every build alike (see _driver.pyx)
+    exts = [Extension("fastattn._kernels._driver", [f"{KERNELS}/_driver.pyx"], **common)]
     for isa, flags in _isa_flags().items():
         exts.append(
             Extension(
                 f"fastattn._kernels._{isa}",
                 [f"{KERNELS}/_{isa}.pyx"],
-                include_dirs=[np.get_include(), SRC],
-                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
                 extra_compile_args=list(flags),
-                depends=depends,
+                **common,
             )
         )
     checks = bool(os.environ.get("FASTATTN_BOUNDSCHECK"))

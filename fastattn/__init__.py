@@ -17,8 +17,9 @@ docs/architecture.md for one call's path through the layers::
         |
     _dispatch.py: the widest build this CPU runs
         |
-    _kernels/: one Cython source per ISA build; drivers (problem, attention,
-               linear, plan) over one parallel skeleton, typed from a template
+    _kernels/: _driver (compiled once: entry points, checks, plan, the one
+               parallel skeleton) + one build per ISA of the work items,
+               typed from a template, handed over as a table of C pointers
         |
     _kernels/src/: C headers by concern: fa_vec.h (vector primitives), fa_gemm.h
            (GEMM, packing), fa_softmax.h (online softmax), fa_mask.h (masks)

@@ -1,7 +1,9 @@
 """Loads the widest build of the kernels that this CPU runs.
 
 setup.py compiles the same kernel source for several instruction sets
-(fastattn._kernels._baseline, _avx2, _avx512); the baseline build is always
+(fastattn._kernels._baseline, _avx2, _avx512: the work items, each module
+re-exporting the driver's entry points bound to its own items, see
+fastattn/_kernels/__init__.py); the baseline build is always
 importable and tells, through cpuid, which of the others the CPU (and its OS)
 supports.  FASTATTN_ISA=baseline|avx2|avx512 forces a build, for testing and
 for comparing them.

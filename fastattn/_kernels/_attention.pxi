@@ -1,7 +1,8 @@
-# The attention driver: the walk over key blocks of one query tile (_tile),
-# the row-by-row walk for a few queries (_row_tile) and the merge of its key
-# splits (_merge_row), with the masks they apply; and the entry point
-# `attention`, which sets up a Problem and runs it as a team.
+# The attention work items, compiled per instruction set: the walk over key
+# blocks of one query tile (_tile), the row-by-row walk for a few queries
+# (_row_tile) and the merge of its key splits (_merge_row), with the masks
+# they apply.  The driver (_problem.pxi) sets up the Problem they read and
+# runs them as a team through the table.
 
 
 cdef bint _scores_block(const Problem* P, floating* ST, const floating* QT, const floating* k,
@@ -299,55 +300,3 @@ cdef void _attention_item(const Problem* P, int64_t work, floating* scratch) noe
         _row_tile(P, work, scratch)
     else:
         _tile(P, work, scratch)
-
-
-cdef inline int64_t _scratch_elems(const Problem* P) noexcept nogil:
-    """Per-thread scratch, in elements: Q^T, S^T, O^T, one key block's part of
-    O^T, m, l, the block max and the tail panel (row mode: scores, accumulator,
-    one block's part of it, query)."""
-    if P.row_mode:
-        return P.keys_pad + 2 * P.dimv_pad + P.dim + 16
-    return (P.dim + P.block_k + 2 * P.dim_v + 3) * P.lanes + P.tail_len
-
-
-cdef int _attention_run(const Problem* P, int num_threads) noexcept nogil:
-    """Runs a set-up problem; 0, or -1 when a thread's scratch could not be had."""
-    cdef Team T
-    T.job = P
-    T.scratch_bytes = _scratch_elems(P) * _elem_size(P.elem)
-    T.after = NULL
-    T.n_after = 0
-    T.item = _fn_attention_item(P.elem)
-    if P.row_mode:
-        T.n_items = P.lead_count * P.heads * P.n_splits
-        if P.n_splits > 1:
-            # each row's splits are merged once all are written
-            T.after = _fn_merge_row(P.elem)
-            T.n_after = P.lead_count * P.heads * P.len_q
-    else:
-        T.n_items = P.lead_count * P.heads * P.n_qblocks
-    return run_team(&T, num_threads)
-
-
-def attention(q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double scale,
-              tuple schedule, int num_threads, window=None, slopes=None):
-    """Fills `out` (and `weights`, when given) with softmax(scale q k^T + bias + masks) v.
-
-    schedule: (block_q, block_k, row_mode, n_splits) from
-    fastattn._policy.attention_schedule; window: (left, right) of the key band
-    around each query's position (None on a side: unbounded); slopes: float64
-    ALiBi slope per query head.
-    Private: fastattn.functional validates shapes, dtypes and layouts first.
-    """
-    cdef Problem P
-    cdef list keep = []
-    cdef int rc
-    if num_threads < 1:
-        raise ValueError("the thread count must be positive")
-    if not _attention_setup(&P, keep, q, k, v, out, weights, bmask1, bmask2, fmask, causal,
-                            scale, schedule, window, slopes):
-        return
-    with nogil:
-        rc = _attention_run(&P, num_threads)
-    if rc != 0:
-        raise MemoryError("could not allocate the attention kernel's scratch buffers")

@@ -1,2 +1,2 @@
-# The kernels compiled for the baseline instruction set (see _build.pxi).
-include "_build.pxi"
+# The kernels compiled for the baseline instruction set (see _kernel.pxi).
+include "_kernel.pxi"

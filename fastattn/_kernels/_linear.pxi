@@ -1,19 +1,7 @@
-# The projection driver: y = x @ W.T + bias on weights packed once
-# (pack_weight), its checks (_linear_setup), and one work item of it
-# (_linear_item: a block of rows against a block of weight panels).
-
-
-cdef struct LinearJob:
-    char* x
-    char* y
-    char* w
-    char* bias
-    fa_out_layout lay
-    int64_t ldx, m, k, n_out, panels, row_blocks, panel_blocks
-    # the caller's blocking (fastattn._policy.linear_blocking): rows and
-    # weight panels per work item, and the inner-dimension chunk
-    int64_t rows_per_item, panels_per_item, kc
-    int elem
+# The projection y = x @ W.T + bias on weights packed once (pack_weight, in
+# _driver.pyx): its checks (_linear_setup) and the team that runs it.
+# Compiled once, in the driver; its work item (_linear_item: a block of rows
+# against a block of weight panels) is the table's (see _items.pxi).
 
 
 def _aligned_empty(Py_ssize_t n, dtype):
@@ -24,98 +12,33 @@ def _aligned_empty(Py_ssize_t n, dtype):
     return raw[skip:skip + n]
 
 
-cdef int _dtype_elem(dtype) except -1:
-    cdef int elem = _elem_of(np.dtype(dtype).num)
+cdef int _dtype_elem(const KernelTable* t, dtype) except -1:
+    cdef int elem = t.elem_of(np.dtype(dtype).num)
     if elem < 0 or not np.dtype(dtype).isnative:
         raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     return elem
 
 
-def panel_width(dtype):
-    """Output features per packed weight panel in this build (a head whose
-    width is a multiple of it starts and ends on panel boundaries)."""
-    return _col_align(_dtype_elem(dtype))
-
-
-def pack_weight(w, bias):
-    """Pack an nn.Linear weight (n_out, k) for :func:`linear`; pad its bias.
-
-    Returns (packed weight, padded bias or None).  The layout depends on this
-    build's vector width, so pack with the kernel module that will run it.
-    """
-    cdef cnp.ndarray W = np.ascontiguousarray(w)
-    cdef int64_t n_out = W.shape[0], k = W.shape[1]
-    if W.ndim != 2:
-        raise ValueError("weight must be 2-D")
-    cdef int elem = _elem_of(cnp.PyArray_TYPE(W))
-    if elem < 0 or not cnp.PyArray_ISNOTSWAPPED(W):
-        raise TypeError(f"weight dtype must be float32 or float64, got {W.dtype}")
-    packed = _aligned_empty(_packed_len(elem, n_out, k), W.dtype)
-    _pack_weight_any(elem, cnp.PyArray_DATA(packed), cnp.PyArray_DATA(W), n_out, k)
-    padded = None
-    if bias is not None:
-        padded = np.zeros(_padded_bias_len(elem, n_out), dtype=W.dtype)
-        padded[:n_out] = bias
-    return packed, padded
-
-
-def linear(x, packed, bias, Py_ssize_t n_out, out, tuple blocking, int num_threads,
-           bint head_major=False):
-    """out[...] = x @ W.T + bias, W as packed by :func:`pack_weight`.
-
-    x (m, k) and out (m, n_out) need a unit stride on their last axis; the
-    work items, blocked as ``blocking`` = (rows, panels, kc) says (see
-    fastattn._policy.linear_blocking), are split over ``num_threads`` OpenMP
-    threads (no BLAS involved).
-
-    With ``head_major``, out is a C-contiguous (B, G, N, E) array with
-    B * N == m and G * E == n_out: row b * N + n, column g * E + e of the
-    product lands at out[b, g, n, e], so each head's rows are contiguous for
-    the attention kernel (no transposing copy, no strided K/V reads).
-    """
-    cdef LinearJob J
-    cdef int rc
-    if num_threads < 1:
-        raise ValueError("the thread count must be positive")
-    if not _linear_setup(&J, x, packed, bias, n_out, out, head_major, blocking):
-        return out
-    with nogil:
-        rc = _linear_run(&J, num_threads)
-    if rc != 0:
-        raise MemoryError("could not allocate the projection's scratch buffers")
-    return out
-
-
-cdef inline int64_t _linear_scratch_elems(const LinearJob* J) noexcept nogil:
+cdef inline int64_t _linear_scratch_elems(const KernelTable* t,
+                                          const LinearJob* J) noexcept nogil:
     """Per-thread scratch of fa_linear_block, in elements: one FA_MR x NR tile
     and FA_MR rows of one K chunk."""
-    return _row_align(J.elem) * (_col_align(J.elem) + J.kc)
+    return t.row_align(J.elem) * (t.col_align(J.elem) + J.kc)
 
 
-cdef int _linear_run(const LinearJob* J, int num_threads) noexcept nogil:
+cdef int _linear_run(const KernelTable* t, const LinearJob* J, int num_threads) noexcept nogil:
     cdef Team T
     T.job = J
-    T.item = _fn_linear_item(J.elem)
+    T.item = t.linear_item(J.elem)
     T.after = NULL
     T.n_items = J.row_blocks * J.panel_blocks
     T.n_after = 0
-    T.scratch_bytes = _linear_scratch_elems(J) * _elem_size(J.elem)
+    T.scratch_bytes = _linear_scratch_elems(t, J) * t.elem_size(J.elem)
     return run_team(&T, num_threads)
 
 
-cdef void _linear_item(const LinearJob* J, int64_t w, floating* scratch) noexcept nogil:
-    """Rows m0 .. m1 of the product against weight panels q0 .. q1."""
-    cdef int64_t m0 = (w // J.panel_blocks) * J.rows_per_item
-    cdef int64_t m1 = min(m0 + J.rows_per_item, J.m)
-    cdef int64_t q0 = (w % J.panel_blocks) * J.panels_per_item
-    cdef int64_t q1 = min(q0 + J.panels_per_item, J.panels)
-    _linear_block(<const floating*>J.x, J.ldx, m0, m1, J.k, <const floating*>J.w,
-                  <const floating*>J.bias, J.n_out, q0, q1, <floating*>J.y, &J.lay, J.kc,
-                  scratch, <const int64_t*>NULL)
-
-
-cdef bint _linear_setup(LinearJob* J_, x, packed, bias, Py_ssize_t n_out, out,
-                        bint head_major, tuple blocking) except -1:
+cdef bint _linear_setup(const KernelTable* t, LinearJob* J_, x, packed, bias,
+                        Py_ssize_t n_out, out, bint head_major, tuple blocking) except -1:
     """Validates the operands of :func:`linear` and fills J_; False when the
     product was trivial and is already written (no rows, no columns, k == 0)."""
     cdef cnp.ndarray X = <cnp.ndarray?>x, Y = <cnp.ndarray?>out, Wp = <cnp.ndarray?>packed
@@ -133,7 +56,7 @@ cdef bint _linear_setup(LinearJob* J_, x, packed, bias, Py_ssize_t n_out, out,
         raise ValueError("linear: x must be (m, k) and out (m, n_out)")
     if X.dtype != Wp.dtype or Y.dtype != Wp.dtype or (bias is not None and bias.dtype != Wp.dtype):
         raise TypeError("linear: x, out, weight and bias must share one dtype")
-    cdef int elem = _elem_of(cnp.PyArray_TYPE(X))
+    cdef int elem = t.elem_of(cnp.PyArray_TYPE(X))
     if elem < 0:
         raise TypeError(f"linear: dtype must be float32 or float64, got {X.dtype}")
     cdef int64_t isz = X.itemsize
@@ -144,8 +67,8 @@ cdef bint _linear_setup(LinearJob* J_, x, packed, bias, Py_ssize_t n_out, out,
         raise ValueError("linear: x and out need a unit stride on their last axis")
     if X.strides[0] % isz or (not head_major and Y.strides[0] % isz):
         raise ValueError("linear: strides must be multiples of the item size")
-    cdef int64_t nr = _col_align(elem)
-    if Wp.size != _packed_len(elem, n_out, k) or (<size_t>cnp.PyArray_DATA(Wp)) % 64:
+    cdef int64_t nr = t.col_align(elem)
+    if Wp.size != t.packed_len(elem, n_out, k) or (<size_t>cnp.PyArray_DATA(Wp)) % 64:
         raise ValueError("linear: packed weight does not match x, n_out and this build")
     if bias is not None:
         Bp = <cnp.ndarray?>bias

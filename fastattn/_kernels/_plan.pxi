@@ -1,43 +1,21 @@
 # One self-attention forward (Q/K/V projection, attention, output
-# projection) prepared once per shape: ForwardPlan, and the one-head-at-a-time
-# schedule it may run (_per_head_item).
+# projection) prepared once per shape: ForwardPlan, and the team of the
+# one-head-at-a-time schedule it may run (its item, _per_head_item, is the
+# table's: see _items.pxi).  Compiled once, in the driver; a plan runs the
+# items of the build whose ForwardPlan made it (Kernels.ForwardPlan).
 
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 
-cdef struct PerHeadJob:
-    const LinearJob* proj       # the Q/K/V projection, head-major
-    const Problem* attn         # the attention over its output
-    const int64_t* panels       # panels[hk * per_unit ...]: K/V head hk's weight panels
-    int64_t per_unit
-
-
-cdef void _per_head_item(const PerHeadJob* J, int64_t u, floating* scratch) noexcept nogil:
-    """One (batch entry u // Hkv, K/V head u % Hkv): projects that head's K and
-    V and its group's queries, then runs their tiles at once, while those rows
-    are still in this thread's cache (projected for the whole batch first,
-    they would come back from memory)."""
-    cdef const LinearJob* L = J.proj
-    cdef const Problem* P = J.attn
-    cdef int64_t hkv = P.heads // P.kv_group
-    cdef int64_t n = P.len_q, b = u // hkv, hk = u % hkv, h, t
-    _linear_block(<const floating*>L.x, L.ldx, b * n, (b + 1) * n, L.k, <const floating*>L.w,
-                  <const floating*>L.bias, L.n_out, 0, J.per_unit, <floating*>L.y, &L.lay,
-                  L.kc, scratch, J.panels + hk * J.per_unit)
-    for h in range(hk * P.kv_group, (hk + 1) * P.kv_group):
-        for t in range(P.n_qblocks):
-            _tile(P, (b * P.heads + h) * P.n_qblocks + t, scratch)
-
-
-cdef int _per_head_run(const PerHeadJob* J, int num_threads) noexcept nogil:
+cdef int _per_head_run(const KernelTable* t, const PerHeadJob* J, int num_threads) noexcept nogil:
     cdef Team T
     T.job = J
-    T.item = _fn_per_head_item(J.attn.elem)
+    T.item = t.per_head_item(J.attn.elem)
     T.after = NULL
     T.n_items = J.attn.lead_count * (J.attn.heads // J.attn.kv_group)
     T.n_after = 0
-    T.scratch_bytes = (max(_linear_scratch_elems(J.proj), _scratch_elems(J.attn))
-                       * _elem_size(J.attn.elem))
+    T.scratch_bytes = (max(_linear_scratch_elems(t, J.proj), _scratch_elems(J.attn))
+                       * t.elem_size(J.attn.elem))
     return run_team(&T, num_threads)
 
 
@@ -74,7 +52,11 @@ cdef class ForwardPlan:
 
     token and owner are the caller's: :meth:`run_if` runs only for the same
     token (compared by identity) and an equal owner.
+
+    Made through a build's subclass (``fastattn._kernels._<isa>.ForwardPlan``,
+    see Kernels), whose ``_kernels`` names the table the plan runs on.
     """
+    cdef const KernelTable* table
     cdef LinearJob j_in, j_out
     cdef Problem P
     cdef PerHeadJob units
@@ -92,6 +74,11 @@ cdef class ForwardPlan:
         # per_head is a request: shapes it cannot serve run the three calls
         # apart (see the `per_head` property)
         cdef cnp.ndarray M = <cnp.ndarray?>merged, QKV = <cnp.ndarray?>qkv
+        cdef Kernels kern = getattr(type(self), "_kernels", None)
+        if kern is None:
+            raise TypeError("ForwardPlan: make plans with a kernel build's ForwardPlan "
+                            "(fastattn._kernels._<isa>.ForwardPlan)")
+        self.table = kern.table
         if M.ndim != 2 or QKV.ndim != 4 or M.shape[0] != QKV.shape[0] * QKV.shape[2]:
             raise ValueError("ForwardPlan: merged must be (B * N, D) for qkv (B, G, N, E)")
         if num_threads < 1:
@@ -105,11 +92,12 @@ cdef class ForwardPlan:
         self.dims[1] = QKV.shape[2]
         self.dims[2] = M.shape[1]
         # merged stands in for x and y: the same (B * N, D) C-contiguous shape
+        cdef const KernelTable* t = self.table
         if not (M.flags.c_contiguous and M.shape[0] > 0 and M.shape[1] > 0
-                and _linear_setup(&self.j_in, M, wq, bq, n_qkv, QKV, True, blocking)
-                and _attention_setup(&self.P, self.keep, q, k, v, out, None, None, None, None,
+                and _linear_setup(t, &self.j_in, M, wq, bq, n_qkv, QKV, True, blocking)
+                and _attention_setup(t, &self.P, self.keep, q, k, v, out, None, None, None, None,
                                      False, scale, schedule, None, None)
-                and _linear_setup(&self.j_out, M, wo, bo, M.shape[1], M, False, blocking)):
+                and _linear_setup(t, &self.j_out, M, wo, bo, M.shape[1], M, False, blocking)):
             raise ValueError("ForwardPlan: empty or mismatched operands")
         self.kernel_seconds = 0.0
         self.by_head = False
@@ -120,7 +108,7 @@ cdef class ForwardPlan:
         """Whether op's head h, row n, column e is the element the Q/K/V
         projection writes for group g0 + h, for every batch entry."""
         cdef const fa_out_layout* lay = &self.j_in.lay
-        cdef int64_t isz = _elem_size(self.j_in.elem), b
+        cdef int64_t isz = self.table.elem_size(self.j_in.elem), b
         if op.s_head != lay.g_stride or op.s_row != lay.head_dim or op.s_col != 1:
             return False
         for b in range(self.P.lead_count):
@@ -141,7 +129,7 @@ cdef class ForwardPlan:
         the rest), since a unit attends right after projecting its own."""
         cdef int64_t E = self.j_in.lay.head_dim, H = self.P.heads
         cdef int64_t g = self.P.kv_group, hkv = H // g
-        cdef int64_t nr = _col_align(self.j_in.elem)
+        cdef int64_t nr = self.table.col_align(self.j_in.elem)
         if (self.P.row_mode or E % nr or self.P.len_q != self.P.len_k or self.P.dim != E
                 or self.P.dim_v != E or not self._reads_projected(self.P.q, 0)
                 or not self._reads_projected(self.P.k, H)
@@ -200,6 +188,7 @@ cdef class ForwardPlan:
         cdef LinearJob* j_in = &self.j_in
         cdef LinearJob* j_out = &self.j_out
         cdef int nt = self.num_threads, rc
+        cdef const KernelTable* t = self.table
         j_in.x = <char*>cnp.PyArray_DATA(X)
         j_out.y = <char*>cnp.PyArray_DATA(Y)
         cdef double t0, t1
@@ -208,14 +197,14 @@ cdef class ForwardPlan:
             # a unit writes merged rows that a later unit's projection would
             # read, were x to share them (no such x comes from the module)
             if self.by_head and not _overlap(j_in.x, j_out.x,
-                                             j_in.m * j_in.k * _elem_size(j_in.elem)):
-                rc = _per_head_run(&self.units, nt)
+                                             j_in.m * j_in.k * t.elem_size(j_in.elem)):
+                rc = _per_head_run(t, &self.units, nt)
             else:
-                rc = _linear_run(j_in, nt)
+                rc = _linear_run(t, j_in, nt)
                 if rc == 0:
-                    rc = _attention_run(&self.P, nt)
+                    rc = _attention_run(t, &self.P, nt)
             if rc == 0:
-                rc = _linear_run(j_out, nt)
+                rc = _linear_run(t, j_out, nt)
             t1 = _seconds()
         self.kernel_seconds = t1 - t0
         if rc != 0:

@@ -1,5 +1,7 @@
-# The attention problem: its description (Problem), the checks of the
-# operands that fill it, and the layout derived from the caller's schedule.
+# The attention problem (Problem, declared in _table.pxd): the checks of the
+# operands that fill it, the layout derived from the caller's schedule and the
+# build's alignments, and the team that runs it.  Compiled once, in the
+# driver; the items it runs are the table's (see _attention.pxi).
 #
 # Contract with the caller (fastattn.functional, which validates first):
 # every array has the layout (*lead, heads, rows, cols) with the same lead
@@ -10,51 +12,12 @@
 # fastattn._policy; the checks here only refuse what the drivers cannot run.
 
 
-# A strided (*lead, heads, rows, cols) operand: base pointer, one element
-# offset per flattened lead index, and the three inner strides in elements.
-cdef struct Operand:
-    char* base
-    const int64_t* lead_off  # per flattened lead index; NULL: index * s_lead
-    int64_t s_lead
-    int64_t s_head
-    int64_t s_row
-    int64_t s_col
-
-
-cdef struct Problem:
-    Operand q, k, v, out, weights, bmask1, bmask2, fmask
-    bint has_weights, has_bmask1, has_bmask2, has_fmask, causal
-    int64_t lead_count, heads, kv_group, len_q, len_k, dim, dim_v
-    int64_t causal_offset      # Lk - Lq: query i sits at key position i + causal_offset
-    # the band of keys query i may attend: i + off - band_left <= j <= i + off + band_right
-    # (causal: band_right <= 0; a sliding window sets both; BAND_OPEN = unbounded)
-    bint has_band
-    int64_t band_left, band_right
-    const double* slopes        # ALiBi slope per query head, or NULL
-    int64_t n_splits            # row mode: key splits per query row (split-K)
-    char* parts                 # row mode with splits: (m, l, o[Ev]) per row and split
-    int64_t parts_stride
-    int64_t block_q, block_k, n_qblocks
-    int64_t lanes               # query columns of the transposed tiles (block_q rounded to NR)
-    int64_t tail_len            # elements of the gemm tail-panel scratch
-    bint row_mode               # one query row at a time (see _row_tile)
-    int elem                    # element type (index into the template's list)
-    int64_t keys_pad, dimv_pad  # row mode: block_k and dim_v rounded to NR
-    double scale
-
-
 # An unbounded side of the band (large, but far from overflowing int64 sums).
 cdef int64_t BAND_OPEN = 1 << 40
 
 
 cdef inline int64_t _round_up(int64_t x, int64_t m) noexcept nogil:
     return ((x + m - 1) // m) * m
-
-
-cdef inline char* _at(const Operand* a, int64_t b, int64_t head, int64_t row, int64_t col,
-                      int64_t itemsize) noexcept nogil:
-    cdef int64_t lead = a.lead_off[b] if a.lead_off != NULL else b * a.s_lead
-    return a.base + (lead + head * a.s_head + row * a.s_row + col * a.s_col) * itemsize
 
 
 cdef int64_t[::1] _lead_offsets(cnp.ndarray a, int nlead):
@@ -106,7 +69,7 @@ cdef int64_t _fill(Operand* op, object arr, int nlead, list keep) except -1:
     return 1
 
 
-cdef bint _attention_setup(Problem* P_, list keep, q, k, v, out, weights, bmask1, bmask2,
+cdef bint _attention_setup(const KernelTable* t, Problem* P_, list keep, q, k, v, out, weights, bmask1, bmask2,
                            fmask, bint causal, double scale, tuple schedule, window,
                            slopes) except -1:
     """Validates the operands and the schedule and fills P_ (arrays it points
@@ -133,7 +96,7 @@ cdef bint _attention_setup(Problem* P_, list keep, q, k, v, out, weights, bmask1
         raise ValueError("kernel operands need at least 3 axes")
     if cnp.PyArray_TYPE(K) != typ or cnp.PyArray_TYPE(V) != typ or cnp.PyArray_TYPE(O) != typ:
         raise TypeError("kernel operands must share one dtype")
-    P.elem = _elem_of(typ)
+    P.elem = t.elem_of(typ)
     if P.elem < 0:
         raise TypeError(f"kernel dtype must be float32 or float64, got {q.dtype}")
     if not (cnp.PyArray_ISNOTSWAPPED(Q) and cnp.PyArray_ISNOTSWAPPED(K)
@@ -210,7 +173,7 @@ cdef bint _attention_setup(Problem* P_, list keep, q, k, v, out, weights, bmask1
         return False
     P.row_mode = row_mode
     P.n_splits = n_splits
-    _setup_blocks(&P, block_q, block_k)
+    _setup_blocks(t, &P, block_q, block_k)
     if P.n_splits > 1:
         P.parts_stride = P.dim_v + 2
         parts = np.empty(P.lead_count * P.heads * P.len_q * P.n_splits * P.parts_stride,
@@ -221,9 +184,10 @@ cdef bint _attention_setup(Problem* P_, list keep, q, k, v, out, weights, bmask1
     return True
 
 
-cdef void _setup_blocks(Problem* P, int64_t block_q, int64_t block_k) noexcept nogil:
-    """The tile layout of the requested block sizes in this build."""
-    cdef int64_t ra = _row_align(P.elem), ca = _col_align(P.elem)
+cdef void _setup_blocks(const KernelTable* t, Problem* P, int64_t block_q,
+                        int64_t block_k) noexcept nogil:
+    """The tile layout of the requested block sizes in t's build."""
+    cdef int64_t ra = t.row_align(P.elem), ca = t.col_align(P.elem)
     # queries run along vector lanes: a block is a whole number of NR lanes
     P.block_q = _round_up(min(block_q, max(P.len_q, 1)), ca)
     P.block_k = min(block_k, max(P.len_k, 1))
@@ -232,3 +196,32 @@ cdef void _setup_blocks(Problem* P, int64_t block_q, int64_t block_k) noexcept n
     P.tail_len = ra * max(P.dim, P.block_k)
     P.keys_pad = _round_up(P.block_k, ca)
     P.dimv_pad = _round_up(P.dim_v, ca)
+
+
+cdef inline int64_t _scratch_elems(const Problem* P) noexcept nogil:
+    """Per-thread scratch, in elements: Q^T, S^T, O^T, one key block's part of
+    O^T, m, l, the block max and the tail panel (row mode: scores, accumulator,
+    one block's part of it, query)."""
+    if P.row_mode:
+        return P.keys_pad + 2 * P.dimv_pad + P.dim + 16
+    return (P.dim + P.block_k + 2 * P.dim_v + 3) * P.lanes + P.tail_len
+
+
+cdef int _attention_run(const KernelTable* t, const Problem* P, int num_threads) noexcept nogil:
+    """Runs a set-up problem on t's items; 0, or -1 when a thread's scratch
+    could not be had."""
+    cdef Team T
+    T.job = P
+    T.scratch_bytes = _scratch_elems(P) * t.elem_size(P.elem)
+    T.after = NULL
+    T.n_after = 0
+    T.item = t.attention_item(P.elem)
+    if P.row_mode:
+        T.n_items = P.lead_count * P.heads * P.n_splits
+        if P.n_splits > 1:
+            # each row's splits are merged once all are written
+            T.after = t.merge_row(P.elem)
+            T.n_after = P.lead_count * P.heads * P.len_q
+    else:
+        T.n_items = P.lead_count * P.heads * P.n_qblocks
+    return run_team(&T, num_threads)

@@ -3,13 +3,14 @@
 # runs it here.  A team is a list of independent work items, each using one
 # per-thread scratch buffer, and optionally a second list run after a
 # barrier (the split-K merge reads what every item of the first list wrote).
-# An item is a driver function over `floating`, reached through the
-# per-element trampolines the template generates (item_fn).
+# Compiled once, in the driver: an item is one build's function over one
+# element type, taken from that build's KernelTable (see _table.pxd), so the
+# parallel region never depends on the instruction set.
 
 
 cdef struct Team:
     const void* job         # what the items read (a Problem, LinearJob or PerHeadJob)
-    item_fn item            # one item of the first phase (a trampoline of _typed.pxi)
+    item_fn item            # one item of the first phase (from a KernelTable)
     item_fn after           # one item of the second phase, or NULL
     int64_t n_items         # items of the first phase
     int64_t n_after         # items of the second phase
@@ -59,5 +60,6 @@ cdef inline void _note_team(int num_threads) noexcept nogil:
 
 
 def team_started():
-    """True once a kernel of this build has run a team of more than one thread."""
+    """True once a kernel has run a team of more than one thread (every build's
+    teams run here, in the driver)."""
     return bool(_team_started)

@@ -10,8 +10,11 @@
  *   fa_softmax.h  the one online-softmax rule: tiles, rows, weights, merges
  *
  * fa_simd.h holds what depends on the instruction set (vector width, tile
- * shape, the instructions used by name).  The parallel skeleton and the walk
- * over blocks live in the Cython layer, which includes this header only.
+ * shape, the instructions used by name).  fa_common.h holds what does not
+ * (the projection's output layout, aligned allocation, cpuid), which the
+ * driver extension, compiled once without instruction-set flags, includes
+ * alone.  The walk over blocks lives in the Cython layer of each build, which
+ * includes this header only.
  */
 #ifndef FA_KERNELS_H
 #define FA_KERNELS_H
@@ -20,28 +23,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "fa_common.h"
 #include "fa_simd.h"
-
-/*
- * Where the projection writes output element (row i, column c):
- * y + row_off(i) + col_off(c).  Plain row-major: i * ldy + c.  Head-major
- * (head_dim > 0): rows are (batch b, position n) with seq_len positions per
- * batch, columns are (group g, e) with head_dim e's per group, and the element
- * goes to [b][g][n][e] with the given batch and group strides, so every
- * head's (positions x head_dim) block is contiguous for the attention kernel.
- */
-typedef struct {
-    int64_t ldy, head_dim, seq_len, g_stride, b_stride;
-} fa_out_layout;
-
-static inline int64_t fa_row_off(const fa_out_layout *o, int64_t i) {
-    if (!o->head_dim) return i * o->ldy;
-    return (i / o->seq_len) * o->b_stride + (i % o->seq_len) * o->head_dim;
-}
-static inline int64_t fa_col_off(const fa_out_layout *o, int64_t c) {
-    if (!o->head_dim) return c;
-    return (c / o->head_dim) * o->g_stride + c % o->head_dim;
-}
 
 /* ---- float ---- */
 #define REAL float
@@ -90,28 +73,5 @@ static const double fa_exp2_c_f64[14] = {
 #include "fa_kernels_impl.h"
 
 static const char *fa_isa_name(void) { return FA_ISA_NAME; }
-
-static inline void *fa_aligned_alloc(size_t bytes) {
-    void *p = NULL;
-    if (posix_memalign(&p, FA_ALIGN, bytes ? bytes : FA_ALIGN) != 0) return NULL;
-    return p;
-}
-
-/* Which instruction-set builds this CPU (and its OS) can run. */
-#if defined(__x86_64__) || defined(__i386__)
-static inline int fa_cpu_has_avx512(void) {
-    __builtin_cpu_init();
-    /* the AVX-512 build is compiled with F, DQ, BW and VL */
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-}
-static inline int fa_cpu_has_avx2(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-#else
-static inline int fa_cpu_has_avx512(void) { return 0; }
-static inline int fa_cpu_has_avx2(void) { return 0; }
-#endif
 
 #endif

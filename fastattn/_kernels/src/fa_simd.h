@@ -66,8 +66,4 @@
 /* Vectors per micro-tile row: two, so loads of B overlap with the FMAs. */
 #define FA_NV 2
 
-/* Scratch buffers are aligned to this many bytes so that vector loads of
- * packed blocks never straddle a cache line. */
-#define FA_ALIGN 64
-
 #endif

@@ -1,0 +1,145 @@
+# The driver: everything of the compiled layer that does not depend on the
+# instruction set, compiled once and without -m flags (setup.py):
+# the Python entry points and their checks, the struct setup, ForwardPlan and
+# the one OpenMP team.  Each build of the kernels (_<isa>.pyx, _kernel.pxi)
+# hands its work items and layout facts over as a KernelTable in a PyCapsule;
+# a Kernels object binds the entry points to one such table.
+
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int64_t
+from libc.stdlib cimport free
+from libc.string cimport memset
+cimport numpy as cnp
+import numpy as np
+
+from fastattn._kernels._table cimport (KernelTable, LinearJob, Operand, PerHeadJob, Problem,
+                                       TABLE_CAPSULE, _at, fa_out_layout, item_fn)
+
+cnp.import_array()
+
+cdef extern from "fa_omp.h" nogil:
+    int FA_OPENMP_ENABLED
+
+cdef extern from "fa_common.h" nogil:
+    void* fa_aligned_alloc(size_t nbytes)
+    int fa_cpu_has_avx512()
+    int fa_cpu_has_avx2()
+
+include "_skeleton.pxi"
+include "_problem.pxi"
+include "_linear.pxi"
+
+
+def openmp_enabled():
+    """True when the kernels were built with OpenMP (the team runs here)."""
+    return bool(FA_OPENMP_ENABLED)
+
+
+def cpu_features():
+    """Instruction-set builds the running CPU supports (checked with cpuid)."""
+    return {"avx512": bool(fa_cpu_has_avx512()), "avx2": bool(fa_cpu_has_avx2())}
+
+
+cdef class Kernels:
+    """The entry points of one build of the kernels: its module (``module``,
+    e.g. fastattn._kernels._avx2) re-exports these bound methods, and
+    ``ForwardPlan``, a subclass whose plans run on the same table.
+
+    table: the build's KernelTable in a PyCapsule named TABLE_CAPSULE (the
+    build keeps the struct itself, static, for the life of the process).
+    """
+    cdef const KernelTable* table
+    cdef object capsule
+    cdef readonly object ForwardPlan
+
+    def __init__(self, table, str module):
+        self.table = <const KernelTable*>PyCapsule_GetPointer(table, TABLE_CAPSULE())
+        self.capsule = table
+        # a class per build, so that kernels.ForwardPlan(...) keeps its
+        # signature; no __dict__, as the base has none
+        self.ForwardPlan = type("ForwardPlan", (ForwardPlan,),
+                                {"__slots__": (), "_kernels": self, "__module__": module,
+                                 "__doc__": ForwardPlan.__doc__})
+
+    def isa(self):
+        """The instruction set this build of the kernels was compiled for."""
+        return self.table.isa.decode()
+
+    def attention(self, q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double scale,
+                      tuple schedule, int num_threads, window=None, slopes=None):
+        """Fills `out` (and `weights`, when given) with softmax(scale q k^T + bias + masks) v.
+
+        schedule: (block_q, block_k, row_mode, n_splits) from
+        fastattn._policy.attention_schedule; window: (left, right) of the key band
+        around each query's position (None on a side: unbounded); slopes: float64
+        ALiBi slope per query head.
+        Private: fastattn.functional validates shapes, dtypes and layouts first.
+        """
+        cdef Problem P
+        cdef list keep = []
+        cdef int rc
+        if num_threads < 1:
+            raise ValueError("the thread count must be positive")
+        if not _attention_setup(self.table, &P, keep, q, k, v, out, weights, bmask1, bmask2,
+                                fmask, causal, scale, schedule, window, slopes):
+            return
+        with nogil:
+            rc = _attention_run(self.table, &P, num_threads)
+        if rc != 0:
+            raise MemoryError("could not allocate the attention kernel's scratch buffers")
+
+    def panel_width(self, dtype):
+        """Output features per packed weight panel in this build (a head whose
+        width is a multiple of it starts and ends on panel boundaries)."""
+        return self.table.col_align(_dtype_elem(self.table, dtype))
+
+    def pack_weight(self, w, bias):
+        """Pack an nn.Linear weight (n_out, k) for :func:`linear`; pad its bias.
+
+        Returns (packed weight, padded bias or None).  The layout depends on this
+        build's vector width, so pack with the kernel module that will run it.
+        """
+        cdef cnp.ndarray W = np.ascontiguousarray(w)
+        cdef int64_t n_out = W.shape[0], k = W.shape[1]
+        if W.ndim != 2:
+            raise ValueError("weight must be 2-D")
+        cdef int elem = self.table.elem_of(cnp.PyArray_TYPE(W))
+        if elem < 0 or not cnp.PyArray_ISNOTSWAPPED(W):
+            raise TypeError(f"weight dtype must be float32 or float64, got {W.dtype}")
+        packed = _aligned_empty(self.table.packed_len(elem, n_out, k), W.dtype)
+        self.table.pack_weight(elem, cnp.PyArray_DATA(packed), cnp.PyArray_DATA(W), n_out, k)
+        padded = None
+        if bias is not None:
+            padded = np.zeros(self.table.padded_bias_len(elem, n_out), dtype=W.dtype)
+            padded[:n_out] = bias
+        return packed, padded
+
+
+    def linear(self, x, packed, bias, Py_ssize_t n_out, out, tuple blocking, int num_threads,
+                   bint head_major=False):
+        """out[...] = x @ W.T + bias, W as packed by :func:`pack_weight`.
+
+        x (m, k) and out (m, n_out) need a unit stride on their last axis; the
+        work items, blocked as ``blocking`` = (rows, panels, kc) says (see
+        fastattn._policy.linear_blocking), are split over ``num_threads`` OpenMP
+        threads (no BLAS involved).
+
+        With ``head_major``, out is a C-contiguous (B, G, N, E) array with
+        B * N == m and G * E == n_out: row b * N + n, column g * E + e of the
+        product lands at out[b, g, n, e], so each head's rows are contiguous for
+        the attention kernel (no transposing copy, no strided K/V reads).
+        """
+        cdef LinearJob J
+        cdef int rc
+        if num_threads < 1:
+            raise ValueError("the thread count must be positive")
+        if not _linear_setup(self.table, &J, x, packed, bias, n_out, out, head_major, blocking):
+            return out
+        with nogil:
+            rc = _linear_run(self.table, &J, num_threads)
+        if rc != 0:
+            raise MemoryError("could not allocate the projection's scratch buffers")
+        return out
+
+include "_plan.pxi"
