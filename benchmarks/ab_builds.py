@@ -27,7 +27,9 @@ import time
 
 import numpy as np
 
-import fastattn
+# "this build" is the checkout holding this script, whatever else is installed
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import fastattn  # noqa: E402
 
 PRESETS = {"small": (1, 128, 512, 8), "bert": (8, 512, 768, 12),
            "long": (1, 4096, 512, 8), "wide": (1, 1024, 1024, 16)}
