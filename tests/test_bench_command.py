@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn.tools import benchmark
+from fastattn.tools import benchmark, peers
+from reference import params_of, ref_mhsa, ref_sdpa
 
 
 def test_python_overhead_is_the_call_minus_its_kernels():
@@ -129,3 +130,87 @@ def test_onnx_peer_models_carry_the_ir_version_of_their_opset():
     run = peers._ort_session(model, 1)
     a = np.array([[-1.0, 0.5, 2.0], [3.0, -4.0, 0.0]], np.float32)
     np.testing.assert_array_equal(run.run(None, {"x": a})[0], np.maximum(a, 0))
+
+
+# Peers checked against the float64 reference, not against fastattn: a wrong graph
+# must not pass because fastattn is wrong the same way.  Small shapes keep compiling
+# cheap; the core has fewer queries than keys (the decode preset's case).
+_REL_TOL = {"float32": 1e-5, "bfloat16": 2e-2}  # of the output's largest magnitude
+_LIBRARY = {"ov": "openvino", "torch": "torch"}
+
+
+def _rel_err(got, ref):
+    got = np.asarray(got).astype(np.float64)
+    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+def _values(a, dtype):
+    """``a`` in float32, rounded to bfloat16 for a bfloat16 peer (as the bench does)."""
+    a = np.asarray(a, np.float32)
+    if dtype == "bfloat16":
+        a = a.astype(pytest.importorskip("ml_dtypes").bfloat16).astype(np.float32)
+    return a
+
+
+def _peer_or_skip(build):
+    try:
+        return build()
+    except peers.PeerUnavailable as exc:  # e.g. no bf16 instructions for OpenVINO
+        pytest.skip(str(exc))
+
+
+def _expect_dtype(out, dtype):
+    if dtype == "bfloat16":
+        assert out.dtype == np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    else:
+        assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype,name", [("float32", "ov-mhsa"), ("bfloat16", "ov-mhsa"),
+                                        ("bfloat16", "torch-mha")])
+def test_full_forward_peer_matches_the_reference(dtype, name):
+    pytest.importorskip(_LIBRARY[name.split("-")[0]])
+    B, N, D, H = 2, 12, 32, 4
+    m = fastattn.MultiHeadSelfAttention(D, H, seed=3)
+    m.load_state_dict({k: _values(v, dtype) for k, v in m.state_dict().items()})
+    x = _values(np.random.default_rng(3).standard_normal((B, N, D)), dtype)
+    run = _peer_or_skip(lambda: peers.full_peer(name, m, x, 1, dtype=dtype))
+    out = np.asarray(run())
+    assert out.shape == (B, N, D)
+    _expect_dtype(out, dtype)
+    assert _rel_err(out, ref_mhsa(x, params_of(m), H)[0]) < _REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype,name", [("float32", "ov-sdpa"), ("bfloat16", "ov-sdpa"),
+                                        ("bfloat16", "torch-sdpa")])
+def test_core_peer_matches_the_reference(dtype, name):
+    pytest.importorskip(_LIBRARY[name.split("-")[0]])
+    rng = np.random.default_rng(4)
+    q = _values(rng.standard_normal((2, 3, 5, 8)), dtype)
+    k, v = (_values(rng.standard_normal((2, 3, 16, 8)), dtype) for _ in range(2))
+    run = _peer_or_skip(lambda: peers.core_peer(name, q, k, v, 1, dtype=dtype))
+    out = np.asarray(run())
+    assert out.shape == q.shape
+    _expect_dtype(out, dtype)
+    assert _rel_err(out, ref_sdpa(q, k, v)[0]) < _REL_TOL[dtype]
+
+
+def test_openvino_core_peer_causal_where_its_mask_is_fastattns():
+    pytest.importorskip("openvino")
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 2, 9, 8)).astype(np.float32) for _ in range(3))
+    out = peers.core_peer("ov-sdpa", q, k, v, 1, is_causal=True)()
+    assert _rel_err(out, ref_sdpa(q, k, v, is_causal=True)[0]) < _REL_TOL["float32"]
+    # fewer queries than keys: top-left and bottom-right alignment differ
+    with pytest.raises(peers.PeerUnavailable):
+        peers.core_peer("ov-sdpa", q[:, :, :4], k, v, 1, is_causal=True)
+
+
+def test_peers_without_a_bfloat16_path_are_skipped_not_run():
+    m = fastattn.MultiHeadSelfAttention(32, 4, seed=0)
+    x = np.zeros((1, 4, 32), np.float32)
+    for name in set(peers.FULL_PEERS) - set(peers.PEERS["bfloat16"][0]):
+        with pytest.raises(peers.PeerUnavailable, match="bfloat16"):
+            peers.full_peer(name, m, x, 1, dtype="bfloat16")
+    with pytest.raises(ValueError, match="unknown"):
+        peers.full_peer("no-such-peer", m, x, 1)
