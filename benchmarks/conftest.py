@@ -33,6 +33,6 @@ def pytest_generate_tests(metafunc):
         unknown = [p for p in names if p not in PRESETS]
         if unknown:
             raise pytest.UsageError(f"unknown presets {unknown}; known: {list(PRESETS)}")
-        if metafunc.function.__name__ == "test_mhsa_forward":
+        if metafunc.function.__name__.startswith("test_mhsa_forward"):
             names = [p for p in names if p != "decode"]  # one query: a core case only
         metafunc.parametrize("preset", names)

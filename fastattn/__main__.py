@@ -151,6 +151,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if error:
         print(error, file=sys.stderr)
         return 2
+    if args.dtype == "bfloat16":
+        try:
+            benchmark.bfloat16_dtype()
+        except ImportError as exc:
+            print(f"--dtype bfloat16: {exc}", file=sys.stderr)
+            return 2
     shapes = [s for s in args.shapes.split(",") if s]
     parts = [p for p in args.parts.split(",") if p]
     # one thread count for everything the command measures (and reports)
@@ -168,20 +174,28 @@ def _bench(args: argparse.Namespace, shapes: List[str], parts: List[str], thread
     from .tools import benchmark
 
     rows, notes = benchmark.run(shapes, threads=threads, rounds=args.rounds, parts=parts,
-                                progress=not args.no_progress)
-    print(benchmark.format_table(rows, threads))
+                                progress=not args.no_progress, dtype=args.dtype)
+    print(benchmark.format_table(rows, threads, args.dtype))
     for note in notes:
         print(f"note: {note}")
-    extra = {"threads": threads, "info": config, "command": "python -m fastattn " +
+    extra = {"threads": threads, "dtype": args.dtype, "info": config,
+             "command": "python -m fastattn " +
              " ".join(sys.argv[1:] if args.argv is None else args.argv)}
-    sgemm, held = benchmark.numpy_sgemm_gflops(threads)
-    extra["numpy_sgemm_gflops"] = sgemm
-    print(f"NumPy float32 matmul 2048^3 at {threads} threads: {sgemm:.1f} GFLOP/s"
-          + ("" if held else " (NumPy's BLAS not held to that count: threadpoolctl is missing)"))
+    # the core's yardstick: a GEMM of the table's dtype, what the hardware does at best
+    if args.dtype == "float32":
+        gemm, held = benchmark.numpy_sgemm_gflops(threads)
+        extra["numpy_sgemm_gflops"] = gemm
+        print(f"NumPy float32 matmul 2048^3 at {threads} threads: {gemm:.1f} GFLOP/s"
+              + ("" if held else " (NumPy's BLAS not held to that count: threadpoolctl is missing)"))
+    else:
+        gemm = benchmark.torch_bf16_gemm_gflops(threads)
+        extra["torch_bf16_gemm_gflops"] = gemm
+        print(f"torch bfloat16 matmul 2048^3 at {threads} threads: {gemm:.1f} GFLOP/s"
+              if gemm else "torch bfloat16 matmul: not measured (torch is not installed)")
     for r in rows:
-        if r.impl == "fastattn" and r.part == "core" and r.shape != "decode":
+        if gemm and r.impl == "fastattn" and r.part == "core" and r.shape != "decode":
             print(f"  fastattn core at {r.shape}: {r.gflops:.1f} GFLOP/s = "
-                  f"{100 * r.gflops / sgemm:.0f}% of it")
+                  f"{100 * r.gflops / gemm:.0f}% of it")
     if args.memory:
         mem = benchmark.peak_memory(num_threads=threads)
         extra["memory"] = mem
@@ -256,11 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: fastattn's thread count")
     pd.add_argument("--rounds", type=_at_least(1), default=5, help="timed calls of each (default 5)")
     pd.set_defaults(func=cmd_demo)
-    pb = sub.add_parser("bench", help="fastattn vs NumPy, torch and ONNX Runtime (those installed)")
+    pb = sub.add_parser("bench", help="fastattn vs NumPy, torch, ONNX Runtime and OpenVINO "
+                                      "(those installed)")
     pb.add_argument("--shapes", default="small,bert,long,wide,decode",
                     help="comma-separated presets: small, bert, long, wide, decode (default: all)")
     pb.add_argument("--parts", default="full,core",
                     help="full (MHSA forward), core (attention) (default: both)")
+    pb.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="float32 (default): fastattn and every peer; bfloat16: fastattn's "
+                         "bfloat16 path against torch's and OpenVINO's (needs ml_dtypes)")
     pb.add_argument("--threads", type=_at_least(1, MAX_THREADS), default=None,
                     help="default: fastattn's thread count")
     pb.add_argument("--rounds", type=_at_least(1), default=7, help="interleaved rounds (default 7)")

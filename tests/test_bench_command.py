@@ -62,6 +62,16 @@ def test_disagreeing_peer_is_refused():
         benchmark._check("nan", np.full((2, 3), np.nan, np.float32), expected)
 
 
+def test_bfloat16_check_wants_bfloat16_outputs_within_its_tolerance():
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    expected = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+    benchmark._check("ok", (expected + 5e-3).astype(bf16), expected, "bfloat16")
+    with pytest.raises(AssertionError, match="not bfloat16"):
+        benchmark._check("float32 out", expected, expected, "bfloat16")
+    with pytest.raises(AssertionError, match="disagrees"):
+        benchmark._check("bad", (expected * 1.1).astype(bf16), expected, "bfloat16")
+
+
 def _bench(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "fastattn", "bench", "--no-progress", *args],
                           capture_output=True, text=True, timeout=timeout)
@@ -106,6 +116,7 @@ def test_bench_command_notes_decode_has_no_full_forward():
     (("--rounds", "0"), "--rounds"),
     (("--threads", "-1"), "--threads"),
     (("--threads", "100000"), "--threads"),
+    (("--dtype", "float16"), "--dtype"),
 ])
 def test_bench_command_rejects_bad_arguments(args, needle):
     r = _bench(*args, timeout=60)
@@ -214,3 +225,68 @@ def test_peers_without_a_bfloat16_path_are_skipped_not_run():
             peers.full_peer(name, m, x, 1, dtype="bfloat16")
     with pytest.raises(ValueError, match="unknown"):
         peers.full_peer("no-such-peer", m, x, 1)
+
+
+def test_bench_command_bfloat16_table(tmp_path):
+    pytest.importorskip("ml_dtypes")
+    out = tmp_path / "bench.json"
+    r = _bench("--dtype", "bfloat16", "--shapes", "small", "--parts", "core", "--rounds", "1",
+               "--threads", "1", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "dtype: bfloat16" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["dtype"] == "bfloat16"
+    impls = {row["impl"] for row in data["rows"]}
+    # only bfloat16 implementations: no float32 peer slips into the table
+    assert impls <= {"fastattn"} | set(peers.PEERS["bfloat16"][1])
+    assert all(row["dtype"] == "bfloat16" for row in data["rows"])
+    if "fastattn" not in impls:  # a fastattn without bfloat16 modules says why its row is missing
+        assert "small core: fastattn bfloat16 row skipped" in r.stdout
+    elif len(impls) > 1:
+        fast = next(row for row in data["rows"] if row["impl"] == "fastattn")
+        assert fast["ratio"] is not None
+
+
+def test_bfloat16_table_times_fastattn_through_its_bfloat16_api(monkeypatch):
+    # a stand-in for fastattn's bfloat16 path, to the contract the bench is written
+    # to (bf16 module built with dtype=, loaded from a state dict cast to bf16; bf16
+    # arrays in and out): the fastattn rows must appear, its outputs checked
+    bf16 = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    real_module = benchmark.MultiHeadSelfAttention
+    real_sdpa = benchmark.scaled_dot_product_attention
+    calls = []
+
+    class Bf16Module:
+        def __init__(self, embed_dim, num_heads, dtype=np.float32, **kwargs):
+            self.dtype = np.dtype(dtype)
+            self._m = real_module(embed_dim, num_heads, **kwargs)
+
+        def load_state_dict(self, state):
+            assert all(v.dtype == bf16 for v in state.values())
+            self._m.load_state_dict({k: v.astype(np.float32) for k, v in state.items()})
+
+        def __call__(self, x):
+            assert x.dtype == bf16 == self.dtype
+            calls.append("full")
+            return self._m(x.astype(np.float32)).astype(bf16)
+
+    def module(embed_dim, num_heads, dtype=np.float32, **kwargs):
+        if np.dtype(dtype) == bf16:
+            return Bf16Module(embed_dim, num_heads, dtype, **kwargs)
+        return real_module(embed_dim, num_heads, dtype=dtype, **kwargs)
+
+    def sdpa(q, k, v):
+        if q.dtype != bf16:
+            return real_sdpa(q, k, v)
+        calls.append("core")
+        return real_sdpa(*(a.astype(np.float32) for a in (q, k, v))).astype(bf16)
+
+    monkeypatch.setattr(benchmark, "MultiHeadSelfAttention", module)
+    monkeypatch.setattr(benchmark, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setitem(peers.PEERS, "bfloat16", ((), ()))  # fastattn alone: fast
+    rows, notes = benchmark.run(["small"], threads=1, rounds=1, pause_s=0.0, progress=False,
+                                dtype="bfloat16")
+    assert [(r.part, r.impl, r.dtype) for r in rows] == [("full", "fastattn", "bfloat16"),
+                                                         ("core", "fastattn", "bfloat16")]
+    assert not any("skipped" in n for n in notes)
+    assert {"full", "core"} <= set(calls)

@@ -6,6 +6,13 @@ weights and inputs, checked against fastattn, then timed in interleaved rounds
 before each so that the previous library's spinning worker threads have gone
 quiet).  Reported: median time, spread (min-max of the rounds), GFLOP/s and
 the speed ratio to the fastest peer (> 1: fastattn is faster).
+
+A run measures one dtype: "float32" (fastattn and every float32 peer) or
+"bfloat16" (fastattn's bfloat16 path, ``ml_dtypes.bfloat16`` arrays, against
+the peers' bfloat16 paths).  bfloat16 weights and inputs are float32 ones
+rounded to bfloat16, so every implementation of a case computes on the same
+values; their outputs are checked against fastattn's float32 forward of those
+values, to bfloat16's tolerance.
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ PRESETS: Dict[str, Tuple[int, int, int, int]] = {
 }
 DEFAULT_SHAPES = ("small", "bert", "long", "wide", "decode")
 PAUSE_S = 0.12  # OpenBLAS workers spin ~100 ms after a threaded call, ORT's ~26 ms
+DTYPES = peers.DTYPES
+# how far an output may stray from the float32 reference, relative to its largest
+# magnitude: float32 round-off; for bfloat16, a few units of its 8-bit mantissa
+# (inputs, Q/K/V, probabilities and output each rounded once)
+CHECK_TOL = {"float32": 1e-4, "bfloat16": 3e-2}
 
 
 @dataclass
@@ -47,6 +59,7 @@ class Row:
     gflops: float
     ratio: Optional[float] = None  # fastest peer's median / fastattn's median
     times_ms: List[float] = field(default_factory=list)
+    dtype: str = "float32"  # what the implementations computed in
 
 
 def flops(shape: str, part: str) -> float:
@@ -59,28 +72,90 @@ def flops(shape: str, part: str) -> float:
     return attn + 2.0 * B * Lq * D * 4 * D  # Q, K, V and output projections
 
 
-def _check(name: str, got, expected: np.ndarray) -> None:
+def _check(name: str, got, expected: np.ndarray, dtype: str = "float32") -> None:
     got = np.asarray(got)
+    if dtype == "bfloat16":
+        if got.dtype != bfloat16_dtype():
+            # a float32 result would time other work than the table says
+            raise AssertionError(f"{name} returned {got.dtype}, not bfloat16")
+        got = got.astype(np.float32)
     scale = float(np.max(np.abs(expected))) or 1.0
     err = float(np.max(np.abs(got - expected))) / scale
-    if not err <= 1e-4:
+    if not err <= CHECK_TOL[dtype]:
         raise AssertionError(f"{name} disagrees with fastattn: max error {err:.2e} of the output scale")
 
 
-def build_cases(shape: str, num_threads: int, parts: Sequence[str]):
-    """{part: {impl: callable}} for one shape, every peer checked; plus skip notes."""
+def bfloat16_dtype():
+    """numpy's bfloat16 (ml_dtypes); ImportError names the package when it is missing."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError("bfloat16 needs ml_dtypes (pip install ml_dtypes)") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _as_bf16_values(a: np.ndarray) -> np.ndarray:
+    """float32 holding ``a`` rounded to bfloat16 (exact in both dtypes)."""
+    return a.astype(bfloat16_dtype()).astype(np.float32)
+
+
+def _fastattn_full_bf16(m32, x: np.ndarray):
+    """fastattn's bfloat16 forward of ``m32``'s weights on ``x`` as a callable, or the
+    reason it cannot run (a fastattn without bfloat16 modules raises TypeError)."""
+    bf16 = bfloat16_dtype()
+    try:
+        m = MultiHeadSelfAttention(m32.embed_dim, m32.num_heads, dtype=bf16.type)
+    except TypeError as exc:
+        return None, str(exc)
+    m.load_state_dict({k: v.astype(bf16) for k, v in m32.state_dict().items()})
+    xb = x.astype(bf16)
+    return (lambda: m(xb)), None
+
+
+def _fastattn_core_bf16(q: np.ndarray, k: np.ndarray, v: np.ndarray):
+    """fastattn's bfloat16 attention core as a callable, or why it cannot run."""
+    qb, kb, vb = (a.astype(bfloat16_dtype()) for a in (q, k, v))
+    try:
+        scaled_dot_product_attention(qb, kb, vb)
+    except TypeError as exc:
+        return None, str(exc)
+    return (lambda: scaled_dot_product_attention(qb, kb, vb)), None
+
+
+def build_cases(shape: str, num_threads: int, parts: Sequence[str], dtype: str = "float32"):
+    """{part: {impl: callable}} for one shape in ``dtype``, every implementation
+    checked; plus skip notes."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {DTYPES}")
     B, N, D, H = PRESETS[shape]
+    full_peers, core_peers = peers.PEERS[dtype]
+    bf16 = dtype == "bfloat16"
     rng = np.random.default_rng(0)
     cases: Dict[str, Dict[str, Callable]] = {}
     notes: List[str] = []
+
+    def checked(part, own, built, expected):
+        # fastattn's float32 forward is the reference; its bfloat16 one is checked
+        # against it as the peers are
+        impls = {} if own is None else {"fastattn": own}
+        for name, fn in {**impls, **built}.items():
+            if bf16 or name != "fastattn":
+                _check(f"{shape} {part} {name}", fn(), expected, dtype)
+        return {**impls, **built}
+
     if "full" in parts and shape != "decode":
         m = MultiHeadSelfAttention(D, H, seed=0)
         x = rng.standard_normal((B, N, D)).astype(np.float32)
+        if bf16:
+            m.load_state_dict({k: _as_bf16_values(v) for k, v in m.state_dict().items()})
+            x = _as_bf16_values(x)
         expected = m(x)
-        built, skipped = peers.available(peers.FULL_PEERS, peers.full_peer, m, x, num_threads)
-        for name, fn in built.items():
-            _check(f"{shape} full {name}", fn(), expected)
-        cases["full"] = {"fastattn": lambda: m(x), **built}
+        own, why = _fastattn_full_bf16(m, x) if bf16 else ((lambda: m(x)), None)
+        built, skipped = peers.available(full_peers, peers.full_peer, m, x, num_threads,
+                                         dtype=dtype)
+        cases["full"] = checked("full", own, built, expected)
+        if why:
+            notes.append(f"{shape} full: fastattn {dtype} row skipped: {why}")
         notes += [f"{shape} full: {s}" for s in skipped]
     elif "full" in parts:
         notes.append(f"{shape} full: not run (one query over cached keys: the core is the case)")
@@ -89,11 +164,16 @@ def build_cases(shape: str, num_threads: int, parts: Sequence[str]):
         Lq = 1 if shape == "decode" else N
         q = rng.standard_normal((B, H, Lq, E)).astype(np.float32)
         k, v = (rng.standard_normal((B, H, N, E)).astype(np.float32) for _ in range(2))
+        if bf16:
+            q, k, v = (_as_bf16_values(a) for a in (q, k, v))
         expected = scaled_dot_product_attention(q, k, v)
-        built, skipped = peers.available(peers.CORE_PEERS, peers.core_peer, q, k, v, num_threads)
-        for name, fn in built.items():
-            _check(f"{shape} core {name}", fn(), expected)
-        cases["core"] = {"fastattn": lambda: scaled_dot_product_attention(q, k, v), **built}
+        own, why = (_fastattn_core_bf16(q, k, v) if bf16
+                    else ((lambda: scaled_dot_product_attention(q, k, v)), None))
+        built, skipped = peers.available(core_peers, peers.core_peer, q, k, v, num_threads,
+                                         dtype=dtype)
+        cases["core"] = checked("core", own, built, expected)
+        if why:
+            notes.append(f"{shape} core: fastattn {dtype} row skipped: {why}")
         notes += [f"{shape} core: {s}" for s in skipped]
     return cases, notes
 
@@ -136,8 +216,11 @@ def time_interleaved(impls: Dict[str, Callable], rounds: int, pause_s: float,
 
 def run(shapes: Sequence[str], *, threads: Optional[int] = None, rounds: int = 7,
         parts: Sequence[str] = ("full", "core"), pause_s: float = PAUSE_S,
-        progress: bool = True) -> Tuple[List[Row], List[str]]:
-    """Benchmark ``shapes``; returns the table rows and notes on skipped peers."""
+        progress: bool = True, dtype: str = "float32") -> Tuple[List[Row], List[str]]:
+    """Benchmark ``shapes`` in ``dtype``; returns the table rows and notes on skipped
+    implementations."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {DTYPES}")
     old = get_num_threads()
     if threads:
         set_num_threads(threads)
@@ -145,10 +228,11 @@ def run(shapes: Sequence[str], *, threads: Optional[int] = None, rounds: int = 7
     rows: List[Row] = []
     notes: List[str] = []
     bar = _Progress(len(shapes) * len(parts) * rounds, progress)
-    blas_limit = _limit_numpy_blas(nt, notes)
+    # only the numpy peer calls NumPy's BLAS, and the bfloat16 table has none
+    blas_limit = _limit_numpy_blas(nt, notes) if "numpy" in sum(peers.PEERS[dtype], ()) else None
     try:
         for shape in shapes:
-            cases, skipped = build_cases(shape, nt, parts)
+            cases, skipped = build_cases(shape, nt, parts, dtype)
             notes += skipped
             for part in parts:
                 if part not in cases:
@@ -164,7 +248,7 @@ def run(shapes: Sequence[str], *, threads: Optional[int] = None, rounds: int = 7
                         median_ms=1e3 * med[name], min_ms=1e3 * min(t), max_ms=1e3 * max(t),
                         gflops=fl / med[name] / 1e9,
                         ratio=(peer_best / med[name]) if (name == "fastattn" and peer_best) else None,
-                        times_ms=[1e3 * s for s in t],
+                        times_ms=[1e3 * s for s in t], dtype=dtype,
                     ))
     finally:
         bar.close()
@@ -185,9 +269,10 @@ def _limit_numpy_blas(num_threads: int, notes: List[str]):
     return threadpool_limits(limits=num_threads, user_api="blas")
 
 
-def format_table(rows: Sequence[Row], threads: int) -> str:
+def format_table(rows: Sequence[Row], threads: int, dtype: Optional[str] = None) -> str:
+    dtype = dtype or (rows[0].dtype if rows else "float32")
     lines = [
-        f"threads: {threads}; median of the rounds, spread = min-max; "
+        f"dtype: {dtype}; threads: {threads}; median of the rounds, spread = min-max; "
         "ratio = fastest peer's median / fastattn's (> 1: fastattn faster)",
         f"{'shape':<8} {'part':<5} {'impl':<14} {'median ms':>10} {'spread ms':>17} "
         f"{'GFLOP/s':>8} {'ratio':>6}",
@@ -228,7 +313,7 @@ def plot(rows: Sequence[Row], path: str) -> bool:
         ax.set_title("full MHSA forward" if part == "full" else "attention core")
         # below the panel: inside, it would hide the tallest bars
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(impls))
-    fig.suptitle("fastattn vs peers, float32")
+    fig.suptitle(f"fastattn vs peers, {rows[0].dtype if rows else 'float32'}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -323,6 +408,23 @@ def numpy_sgemm_gflops(num_threads: int, n: int = 2048, rounds: int = 5) -> Tupl
         if limit is not None:
             limit.restore_original_limits()
     return 2.0 * n ** 3 / float(np.median(times["sgemm"])) / 1e9, limit is not None
+
+
+def torch_bf16_gemm_gflops(num_threads: int, n: int = 2048, rounds: int = 5) -> Optional[float]:
+    """GFLOP/s of torch's bfloat16 matmul of n x n matrices at ``num_threads``, the
+    yardstick for the bfloat16 core (torch hands it to oneDNN's bf16 GEMM where the
+    CPU has bf16 instructions); None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(num_threads)
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(torch.bfloat16) for _ in range(2))
+    out = torch.empty(n, n, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        times = time_interleaved({"gemm": lambda: torch.matmul(a, b, out=out)}, rounds, 0.0)
+    return 2.0 * n ** 3 / float(np.median(times["gemm"])) / 1e9
 
 
 def rows_to_json(rows: Sequence[Row], notes: Sequence[str], extra: dict) -> str:
