@@ -3,7 +3,7 @@
 The kernels' work items (fastattn/_kernels/_kernel.pxi and the files it
 includes) are compiled into one extension per instruction set,
 fastattn._kernels._<isa>: baseline (whatever the compiler targets by
-default), AVX2+FMA and AVX-512 on x86-64.  Everything else of the compiled
+default), AVX2+FMA, AVX-512, and AVX-512 with AVX512-BF16 on x86-64.  Everything else of the compiled
 layer (entry points, checks, ForwardPlan, the OpenMP team) is one extension,
 fastattn._kernels._driver, built without instruction-set flags; each kernel
 build hands it a table of function pointers.  fastattn/_dispatch.py loads the
@@ -107,12 +107,15 @@ class BuildExt(build_ext):
 def _isa_flags():
     """Instruction-set builds for this platform: {name: extra compile flags}."""
     machine = platform.machine().lower()
+    avx512 = ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-mavx2",
+              "-mf16c", "-mprefer-vector-width=512"]
     if machine in ("x86_64", "amd64", "i686", "x86") and sysconfig.get_platform() != "win32":
         return {
             "baseline": [],
-            "avx2": ["-mavx2", "-mfma"],
-            "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma",
-                       "-mavx2", "-mprefer-vector-width=512"],
+            "avx2": ["-mavx2", "-mfma", "-mf16c"],
+            "avx512": avx512,
+            # the same kernels; bfloat16 projections multiply pairs (VDPBF16PS)
+            "avx512bf16": avx512 + ["-mavx512bf16"],
         }
     return {"baseline": []}
 

@@ -8,6 +8,9 @@
    the same step (when torch is installed).
 2. Attention at N = 16384 (B=1, H=8, E=64): full causal against a causal
    sliding window of 256, showing the O(N x window) cost.
+3. One decoding step over 16384 cached positions (B=1, D=512, H=8) with the
+   cache in float32, bfloat16 and float16 (the same float32 module): decoding
+   reads the whole cache once per token, so half the bytes should show.
 """
 
 import argparse
@@ -75,6 +78,32 @@ def window_cost(rounds, threads, N=16384, window=256):
           f"(keys attended per query: {(N + 1) / 2:.0f} vs {window + 1})")
 
 
+def cache_dtypes(rounds, threads, L=16384):
+    D, H = 512, 8
+    rng = np.random.default_rng(0)
+    m = fastattn.MultiHeadSelfAttention(D, H, seed=0)
+    prompt = rng.standard_normal((1, L, D), dtype=np.float32)
+    x = rng.standard_normal((1, 1, D), dtype=np.float32)
+    impls, outs = {}, {}
+    for dt in ("float32", "bfloat16", "float16"):
+        cache = m.new_cache(1, L + 1, dtype=dt)
+        m(prompt, cache=cache)
+
+        def step(cache=cache, dt=dt):
+            outs[dt] = m(x, cache=cache)
+            cache._length -= 1  # undo the append: every round decodes position L again
+
+        impls[dt] = step
+    t = time_interleaved(impls, rounds, 0.05)
+    med = {k: 1e3 * float(np.median(v)) for k, v in t.items()}
+    err = float(np.abs(outs["bfloat16"] - outs["float32"]).max() / np.abs(outs["float32"]).max())
+    print(f"\ndecode step over {L} cached positions, B=1, D={D}, H={H}, {threads} threads: "
+          + ", ".join(f"{k} cache {v:.3f} ms" for k, v in med.items())
+          + f"; bfloat16 {med['float32'] / med['bfloat16']:.2f}x, float16 "
+          f"{med['float32'] / med['float16']:.2f}x the float32 cache's speed "
+          f"(bfloat16 output within {err:.1e} of float32's, relative)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=fastattn.get_num_threads())
@@ -83,6 +112,7 @@ def main():
     fastattn.set_num_threads(args.threads)
     decode_steps((1024, 4096, 16384), args.rounds, args.threads)
     window_cost(max(3, args.rounds // 2), args.threads)
+    cache_dtypes(args.rounds, args.threads)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Loads the widest build of the kernels that this CPU runs.
 
 setup.py compiles the same kernel source for several instruction sets
-(fastattn._kernels._baseline, _avx2, _avx512: the work items, each module
+(fastattn._kernels._baseline, _avx2, _avx512, _avx512bf16: the work items, each module
 re-exporting the driver's entry points bound to its own items, see
 fastattn/_kernels/__init__.py); the baseline build is always
 importable and tells, through cpuid, which of the others the CPU (and its OS)
-supports.  FASTATTN_ISA=baseline|avx2|avx512 forces a build, for testing and
+supports.  FASTATTN_ISA=baseline|avx2|avx512|avx512bf16 forces a build, for testing and
 for comparing them.
 """
 
@@ -15,7 +15,7 @@ import importlib
 import os
 from types import ModuleType
 
-ISA_ORDER = ("avx512", "avx2", "baseline")
+ISA_ORDER = ("avx512bf16", "avx512", "avx2", "baseline")
 
 
 def _module_name(isa: str) -> str:

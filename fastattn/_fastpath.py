@@ -24,6 +24,7 @@ import numpy as np
 
 from . import _policy
 from ._dispatch import kernels
+from ._dtypes import BFLOAT16, is_half, kernel_view
 from ._params import Params
 from ._validate import ensure_memory, plain_options
 from .threads import get_num_threads
@@ -43,6 +44,15 @@ class FastPath:
         return self._state.plan
 
     def _plain_call(self, x, options) -> Optional[np.ndarray]:
+        """``m(x, **options)`` through this thread's plan, or None (see
+        _plain_call_words)."""
+        if type(x) is np.ndarray and x.dtype == BFLOAT16:
+            # the kernels take bfloat16 as its 16-bit words (see _dtypes)
+            y = self._plain_call_words(x.view(np.uint16), options)
+            return None if y is None else y.view(BFLOAT16)
+        return self._plain_call_words(x, options)
+
+    def _plain_call_words(self, x, options) -> Optional[np.ndarray]:
         """``m(x, **options)`` through this thread's plan, or None when the
         call cannot take one: it has options (other than their defaults), or
         x is not a C-contiguous, aligned (B, N, embed_dim) ndarray of the
@@ -70,7 +80,11 @@ class FastPath:
             if y is not None:
                 return y
         # no plan of this thread fits: can x take a new one?
-        if (type(x) is not np.ndarray or x.dtype != self.dtype or x.ndim != 3
+        # (mixed precision, whose x and activations differ in type, takes the
+        # general forward)
+        words = np.dtype(np.uint16) if self.dtype == BFLOAT16 else self.dtype
+        if (type(x) is not np.ndarray or x.dtype != words or x.ndim != 3
+                or self._act_dtype != self.dtype
                 or not self.fused or not x.flags.c_contiguous or not x.flags.aligned):
             return None
         B, N, D = x.shape
@@ -105,8 +119,8 @@ class FastPath:
         groups = self.num_heads + 2 * self.num_kv_heads
         if bufs is None or bufs[0].shape != (B, groups, L, self.head_dim):
             bufs = (
-                np.empty((B, groups, L, self.head_dim), dtype=self.dtype),
-                np.empty((B * L, self.embed_dim), dtype=self.dtype),
+                np.empty((B, groups, L, self.head_dim), dtype=self._act_dtype),
+                np.empty((B * L, self.embed_dim), dtype=self._act_dtype),
             )
             ws.bufs = bufs
         return bufs
@@ -119,9 +133,11 @@ class FastPath:
         out = merged.reshape(B, N, H, E).transpose(0, 2, 1, 3)
         # the plan runs for the token state.packed (compared by identity: it
         # fits while state is the module's current one) and the calling thread
+        qkv, out, merged = kernel_view(qkv), kernel_view(out), kernel_view(merged)
+        pairs = _policy.attention_pairs(kernels, self._act_dtype, self._act_dtype, E)
         return kernels.ForwardPlan(
             wq, bq, self.embed_dim + 2 * self.kv_dim, qkv, qkv[:, :H], qkv[:, H:H + Hkv],
             qkv[:, H + Hkv:], out, merged, wo, bo, 1.0 / math.sqrt(E),
-            _policy.attention_schedule(B * H, N, N, False, nt),
+            _policy.attention_schedule(B * H, N, N, False, nt, pairs=pairs),
             _policy.linear_blocking(self.embed_dim), nt, state.packed, tid,
-            _policy.per_head(B, Hkv, nt))
+            _policy.per_head(B, Hkv, nt, is_half(self._act_dtype)))

@@ -19,7 +19,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import _policy
 from ._dispatch import kernels
+from ._dtypes import kernel_view
 from ._locks import ForkSafeLock
 from ._validate import cast_checked, ensure_memory, float_param, shape_str
 
@@ -54,7 +56,9 @@ def frozen(parts: Sequence[np.ndarray]) -> np.ndarray:
     """``parts`` (arrays of one dtype and trailing shape) stacked along axis 0,
     in a read-only array over an immutable bytes object, the one copy made:
     numpy refuses to make it, or any view of it, writable."""
-    data = b"".join([memoryview(np.ascontiguousarray(p)) for p in parts])
+    # (through bytes views: the buffer protocol knows no bfloat16 format)
+    data = b"".join([memoryview(np.ascontiguousarray(p).reshape(-1).view(np.uint8))
+                     for p in parts])
     return np.frombuffer(data, parts[0].dtype).reshape((-1,) + parts[0].shape[1:])
 
 
@@ -79,7 +83,8 @@ class Parameters:
     views, staged changes, packing on first use."""
 
     def _init_params(self, embed_dim: int, num_heads: int, num_kv_heads: int, kdim: int,
-                     vdim: int, bias: bool, dtype: np.dtype) -> None:
+                     vdim: int, bias: bool, dtype: np.dtype,
+                     precision: Optional[np.dtype] = None) -> None:
         """Config, and no parameters yet: every constructor loads a full set
         (reset_parameters or load_state_dict) before the module is used."""
         self.embed_dim = embed_dim
@@ -90,6 +95,10 @@ class Parameters:
         self.vdim = vdim
         self.bias = bool(bias)
         self.dtype = np.dtype(dtype)
+        self.precision = precision
+        # the products' operands: the projections' inputs, the weights as
+        # packed, and the activations between the kernels (Q, K, V, merged)
+        self._act_dtype = precision if precision is not None else self.dtype
         self._shapes = param_shapes(dict(embed_dim=embed_dim, num_heads=num_heads,
                                          num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim,
                                          bias=bias))
@@ -208,7 +217,11 @@ class Parameters:
         "v" or "o") of ``state``, packed on first use."""
         entry = state.packed.get(part)
         if entry is None:
-            entry = kernels.pack_weight(self._param_view("w_" + part, state),
-                                        self._param_view("b_" + part, state))
+            w = self._param_view("w_" + part, state)
+            if w.dtype != self._act_dtype:
+                w = w.astype(self._act_dtype)  # mixed precision: rounded once, here
+            entry = kernels.pack_weight(kernel_view(w),
+                                        kernel_view(self._param_view("b_" + part, state)),
+                                        _policy.weight_pairs(kernels, w.dtype))
             entry = state.packed.setdefault(part, entry)
         return entry

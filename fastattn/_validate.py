@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple, TypedDict
 
+import ml_dtypes
 import numpy as np
 
 from . import _resources
@@ -30,7 +31,7 @@ __all__ = [
     "CallOptions", "CALL_DEFAULTS", "plain_options", "call_options",
 ]
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+from ._dtypes import DTYPE_NAMES, FLOAT_DTYPES, HALF_DTYPES, as_dtype
 
 # for the modules' inputs, where padding has an argument of its own
 KEYS_HINT = " (keys to leave out go in attn_mask or key_padding_mask)"
@@ -52,7 +53,8 @@ def _from_tensor(value, name: str):
     try:
         t = value.detach().cpu()
         if str(getattr(t, "dtype", "")) == "torch.bfloat16":
-            t = t.float()  # numpy has no bfloat16; float32 holds it exactly
+            # numpy has no bfloat16 of its own: the same bits, as ml_dtypes'
+            return t.contiguous().view(t.new_empty(0).short().dtype).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
     except Exception as exc:  # meta, sparse, float8 ... tensors
         raise TypeError(f"{name}: cannot read this tensor as a numpy array ({exc})") from None
@@ -81,17 +83,19 @@ def to_array(value, name: str, hint: str = "") -> np.ndarray:
 
 def float_array(x, name: str, dtype: Optional[np.dtype] = None,
                 hint: str = "") -> np.ndarray:
-    """``x`` as a float32/float64 ndarray (cast to ``dtype`` when given).
+    """``x`` as a float32, float64, bfloat16 or float16 ndarray (cast to
+    ``dtype`` when given).
 
     Raises TypeError naming ``name`` for anything that is not a real float
-    array (ints, bools, complex, objects, strings, float16 without ``dtype``).
+    array (ints, bools, complex, objects, strings, other float widths without
+    ``dtype``).
     """
     if x is None:
-        raise TypeError(f"{name} must be a float32 or float64 array, got None")
+        raise TypeError(f"{name} must be a {DTYPE_NAMES} array, got None")
     arr = to_array(x, name, hint)
-    if arr.dtype.kind != "f" or (dtype is None and arr.dtype not in FLOAT_DTYPES):
+    if arr.dtype not in FLOAT_DTYPES and (arr.dtype.kind != "f" or dtype is None):
         raise TypeError(
-            f"{name} must be a float32 or float64 array, got dtype {arr.dtype}"
+            f"{name} must be a {DTYPE_NAMES} array, got dtype {arr.dtype}"
             + (" (cast it with .astype(np.float32))" if arr.dtype.kind in "fiub" else "")
         )
     if dtype is not None and arr.dtype != dtype:
@@ -109,7 +113,7 @@ def float_param(value, name: str) -> np.ndarray:
         arr = to_array(value, name)
     except (ValueError, OverflowError) as exc:  # ragged lists and the like
         raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
-    if arr.dtype.kind != "f":
+    if arr.dtype.kind != "f" and arr.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a float array, got dtype {arr.dtype}")
     return arr
 
@@ -134,7 +138,7 @@ def cast_checked(arr: np.ndarray, dtype: np.dtype, name: str, *,
             raise ValueError(
                 f"{name}: finite values {what[0]} {cast.dtype}'s range ({what[1]} {worst!s}), "
                 f"which would {what[2]}; keep them within "
-                f"{float(np.finfo(cast.dtype).max):.3g}"
+                f"{float(ml_dtypes.finfo(cast.dtype).max):.3g}"
             )
     return cast
 
@@ -250,7 +254,7 @@ def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
     if mask is None:
         return None, None
     m = to_array(mask, name)
-    if m.dtype != np.bool_ and m.dtype.kind != "f":
+    if m.dtype != np.bool_ and m.dtype.kind != "f" and m.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a bool array (True = may attend) or a float array "
             f"(added to the scores), got dtype {m.dtype}"
@@ -397,15 +401,12 @@ def positive_int(value, name: str) -> int:
     return int(value)
 
 
-def float_dtype(dtype) -> np.dtype:
-    """float32 or float64, from anything numpy.dtype reads."""
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-    if dt not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dt}")
-    return dt
+def float_dtype(dtype, name: str = "dtype") -> np.dtype:
+    """float32, float64, bfloat16 or float16, from anything numpy.dtype reads,
+    ml_dtypes' and torch's types, or their names."""
+    if dtype is None:
+        raise TypeError(f"{name} must be one of {DTYPE_NAMES}, got None")
+    return as_dtype(dtype, name)
 
 
 def check_flag(value, name: str) -> bool:
@@ -416,7 +417,7 @@ def check_flag(value, name: str) -> bool:
 
 
 def module_config(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
-                  dim_name: str = "embed_dim") -> dict:
+                  dim_name: str = "embed_dim", precision=None) -> dict:
     """A module's constructor arguments, checked, with the defaults filled in
     (``num_kv_heads = num_heads``, ``kdim = vdim = embed_dim``); ``dim_name``
     is what messages call the first argument."""
@@ -435,8 +436,23 @@ def module_config(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
     bias = check_flag(bias, "bias")
     kdim = embed_dim if kdim is None else positive_int(kdim, "kdim")
     vdim = embed_dim if vdim is None else positive_int(vdim, "vdim")
+    dtype = float_dtype(dtype)
     return dict(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                kdim=kdim, vdim=vdim, bias=bool(bias), dtype=float_dtype(dtype))
+                kdim=kdim, vdim=vdim, bias=bool(bias), dtype=dtype,
+                precision=check_precision(precision, dtype))
+
+
+def check_precision(precision, dtype: np.dtype) -> Optional[np.dtype]:
+    """The mixed-precision keyword: None, or bfloat16 / float16 beside float32
+    parameters and inputs (a module of a 16-bit dtype computes in it anyway)."""
+    if precision is None:
+        return None
+    p = float_dtype(precision, "precision")
+    if p not in HALF_DTYPES:
+        raise ValueError(f"precision must be 'bfloat16' or 'float16' (or None), got {p}")
+    if dtype != np.float32 and dtype != p:
+        raise ValueError(f"precision={p.name} is for float32 modules, this one has dtype {dtype}")
+    return None if dtype == p else p
 
 
 # ---- the modules' call options -----------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._locks import ForkSafeLock
+from ._dtypes import compute_dtype
 from ._validate import (check_flag, ensure_memory, float_array, float_dtype, positive_int,
                         shape_str)
 
@@ -27,8 +28,9 @@ class KVCache:
         Sequences decoded together, and positions the cache holds.
     num_kv_heads, head_dim : int
         Of the module the cache belongs to.
-    dtype : float32 or float64
-        The module's dtype.
+    dtype : float32, float64, bfloat16 or float16
+        What keys and values are held in (a module's ``new_cache`` passes the
+        type its activations are in unless told otherwise).
     grow : bool
         When full, double the capacity instead of raising.
 
@@ -86,8 +88,12 @@ class KVCache:
                 f"cache was made for batch size {self.batch_size}, got input of batch size "
                 f"{batch_size}"
             )
-        if np.dtype(dtype) != self.dtype:
-            raise ValueError(f"cache has dtype {self.dtype}, the module computes in {dtype}")
+        # a 16-bit cache is widened to float32 as its blocks are read: it
+        # serves modules that compute in float32, as a float32 cache does
+        if compute_dtype(self.dtype) != compute_dtype(np.dtype(dtype)):
+            raise ValueError(f"cache has dtype {self.dtype}, which does not fit a module "
+                             f"computing in {compute_dtype(np.dtype(dtype))} (make it with "
+                             f"this module's new_cache())")
 
     def _claim(self) -> "_Claim":
         """Holds the cache for one call (``with cache._claim():``): its length

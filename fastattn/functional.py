@@ -24,6 +24,7 @@ import numpy as np
 
 from . import _policy, threads
 from ._dispatch import kernels
+from ._dtypes import compute_dtype, is_half, kernel_view
 from ._policy import BLOCK_K, BLOCK_Q
 from ._validate import (
     check_alibi_range,
@@ -34,6 +35,7 @@ from ._validate import (
     check_window,
     ensure_memory,
     kernel_ready,
+    float_dtype,
     prepare_mask,
 )
 
@@ -98,7 +100,7 @@ def attention_into(
     """
     if slopes is not None:
         # here, where both lengths are known (k holds every cached key)
-        check_alibi_range(slopes, q.shape[-2], k.shape[-2], q.dtype)
+        check_alibi_range(slopes, q.shape[-2], k.shape[-2], compute_dtype(q.dtype))
     if out.size == 0 and (weights is None or weights.size == 0):
         return  # nothing to compute (zero batch, heads, queries or value width)
     masks = [m for m in bool_masks if m is not None]
@@ -107,12 +109,14 @@ def attention_into(
     masks += [None] * (2 - len(masks))
     num_threads = num_threads or threads.get_num_threads()
     schedule = _policy.attention_schedule(math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2],
-                                          weights is not None, num_threads, block_q, block_k)
+                                          weights is not None, num_threads, block_q, block_k,
+                                          _policy.attention_pairs(kernels, q.dtype, k.dtype,
+                                                                  q.shape[-1]))
     kernels.attention(
-        kernel_ready(q),
-        kernel_ready(k),
-        kernel_ready(v),
-        out,
+        kernel_view(kernel_ready(q)),
+        kernel_view(kernel_ready(k)),
+        kernel_view(kernel_ready(v)),
+        kernel_view(out),
         weights,
         masks[0],
         masks[1],
@@ -138,13 +142,16 @@ def scaled_dot_product_attention(
     window: Optional[Tuple[Optional[int], Optional[int]]] = None,
     alibi: bool = False,
     alibi_slopes: Optional[np.ndarray] = None,
+    precision=None,
 ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``, per head.
 
     Parameters
     ----------
     q : ndarray, shape (..., H, Lq, E)
-        Queries, float32 or float64.
+        Queries: float32, float64, bfloat16 (``ml_dtypes.bfloat16``) or
+        float16.  bfloat16 and float16 are computed with float32 sums, the
+        softmax in float32 (see docs/numerics.md for the errors).
     k : ndarray, shape (..., Hkv, Lk, E)
         Keys, same dtype and leading axes as ``q``.  ``Hkv`` must divide
         ``H``: query head ``h`` reads key/value head ``h // (H // Hkv)``
@@ -171,14 +178,19 @@ def scaled_dot_product_attention(
     alibi_slopes : array of shape (H,), optional
         Explicit ALiBi slopes (implies ``alibi``); ``|slope| * (max(Lq, Lk) - 1)``
         must stay within a quarter of the dtype's largest value.
+    precision : "bfloat16", "float16" or None
+        Mixed precision for float32 inputs (as OpenVINO's precision hint or
+        torch's autocast): q, k and v are rounded to this type for the
+        products, the result is returned in q's dtype.  None: the inputs'
+        own type.
 
     Returns
     -------
     out : ndarray, shape (..., H, Lq, Ev)
         Same dtype as ``q``.
     weights : ndarray, shape (..., H, Lq, Lk)
-        Only with ``need_weights=True``.  Rows sum to 1, or are all zero for
-        a query that may attend no key.
+        Only with ``need_weights=True``, in q's dtype.  Rows sum to 1, or are
+        all zero for a query that may attend no key.
 
     Raises
     ------
@@ -189,6 +201,17 @@ def scaled_dot_product_attention(
         both shapes.
     """
     q, k, v = check_qkv(q, k, v)
+    out_dtype = q.dtype
+    if precision is not None:
+        precision = float_dtype(precision, "precision")
+        if not is_half(precision):
+            raise ValueError(f"precision must be 'bfloat16' or 'float16' (or None), "
+                             f"got {precision}")
+        if q.dtype != np.float32 and q.dtype != precision:
+            raise TypeError(f"precision={precision.name} is for float32 inputs, got q, k, v "
+                            f"of dtype {q.dtype}")
+        q, k, v = (a.astype(precision) for a in (q, k, v))
+    cdtype = compute_dtype(q.dtype)
     is_causal = check_flag(is_causal, "is_causal")
     need_weights = check_flag(need_weights, "need_weights")
     alibi = check_flag(alibi, "alibi")
@@ -196,21 +219,24 @@ def scaled_dot_product_attention(
     H, Lq, E = q.shape[-3:]
     Lk, Ev = k.shape[-2], v.shape[-1]
     full = lead + (H, Lq, Lk)
-    bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, q.dtype)
-    scale = check_scale(scale, E, q.dtype)
+    bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, cdtype)
+    scale = check_scale(scale, E, cdtype)
     window = check_window(window)
-    slopes = resolve_alibi(alibi, alibi_slopes, H, q.dtype)
+    slopes = resolve_alibi(alibi, alibi_slopes, H, cdtype)
     tables = _offset_table_bytes(lead, 4 + need_weights + (attn_mask is not None))
-    ensure_memory([lead + (H, Lq, Ev)] + ([full] if need_weights else []), q.dtype.itemsize,
+    ensure_memory([lead + (H, Lq, Ev)] + ([full] if need_weights else []), cdtype.itemsize,
                   "the output" + (" and attention weights" if need_weights else "")
                   + (" and the kernel's offset tables" if tables else ""), tables)
     out = np.empty(lead + (H, Lq, Ev), dtype=q.dtype)
-    weights = np.empty(full, dtype=q.dtype) if need_weights else None
+    # the kernels hand weights back in the type they compute in
+    weights = np.empty(full, dtype=cdtype) if need_weights else None
     attention_into(
         q, k, v, out,
         bool_masks=(bmask,), float_mask=fmask, is_causal=is_causal, scale=scale,
         weights=weights, window=window, slopes=slopes,
     )
+    if out.dtype != out_dtype:
+        out = out.astype(out_dtype)
     if need_weights:
-        return out, weights
+        return out, weights.astype(out_dtype, copy=False)
     return out

@@ -29,7 +29,9 @@ def info() -> Dict[str, Any]:
     ``available_isas``, ``openmp``, ``num_threads``, ``limits`` (the CPUs and
     memory this process may use: affinity mask, cgroup CPU quota and memory
     limit, see ``fastattn._resources.limits``), ``projections`` (what runs the
-    Q/K/V and output GEMMs), ``numpy``, ``numpy_blas``, ``python``, ``machine``.
+    Q/K/V and output GEMMs), ``bfloat16`` (how bfloat16 products run in this
+    build: ``"VDPBF16PS pairs"`` or ``"widened to float32"``; float16 is always
+    widened), ``numpy``, ``numpy_blas``, ``python``, ``machine``.
     """
     from . import __version__
 
@@ -43,6 +45,7 @@ def info() -> Dict[str, Any]:
         "numpy": np.__version__,
         "projections": f"fastattn GEMM ({kernels.isa()}, "
                        + ("OpenMP)" if kernels.openmp_enabled() else "single-threaded)"),
+        "bfloat16": "VDPBF16PS pairs" if kernels.pairs() else "widened to float32",
         "numpy_blas": numpy_blas(),
         "python": platform.python_version(),
         "machine": platform.machine(),

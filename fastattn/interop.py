@@ -19,6 +19,8 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 
+from ._dtypes import BFLOAT16
+
 from ._validate import float_param
 
 __all__ = ["to_own_names", "source_key", "torch_module_config", "TorchExport"]
@@ -141,7 +143,10 @@ def torch_module_config(module) -> tuple:
             f"from_torch expects torch.nn.MultiheadAttention or a module with query, key, "
             f"value and fc linear layers, got {type(module).__name__}"
         )
-    dtype = np.float64 if str(weight.dtype) == "torch.float64" else np.float32
+    # the module's own type where fastattn has it (float16 and bfloat16
+    # included), float32 otherwise
+    dtype = {"torch.float64": np.float64, "torch.bfloat16": BFLOAT16,
+             "torch.float16": np.float16}.get(str(weight.dtype), np.float32)
     cfg = {"embed_dim": embed_dim, "num_heads": num_heads, "kdim": kdim, "vdim": vdim, "bias": bias,
            "dtype": dtype}
     return cfg, params
@@ -167,20 +172,28 @@ class TorchExport:
                 f"to_torch: torch.nn.MultiheadAttention has no grouped-query attention "
                 f"(num_kv_heads {self.num_kv_heads} != num_heads {self.num_heads})"
             )
-        tdtype = torch.float64 if self.dtype == np.float64 else torch.float32
+        tdtype = {np.dtype(np.float64): torch.float64, BFLOAT16: torch.bfloat16,
+                  np.dtype(np.float16): torch.float16}.get(self.dtype, torch.float32)
+
+        def tensor(a):
+            # torch reads no ml_dtypes array: bfloat16 goes over as its bits
+            if a.dtype == BFLOAT16:
+                return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+            return torch.from_numpy(a.copy())
+
         t = torch.nn.MultiheadAttention(self.embed_dim, self.num_heads, bias=self.bias,
                                         kdim=self.kdim, vdim=self.vdim, batch_first=True,
                                         dtype=tdtype)
         # copies: torch tensors over read-only arrays are not to be written
         arrays = self._state.arrays
-        state = {"out_proj.weight": torch.from_numpy(arrays["w_o"].copy())}
+        state = {"out_proj.weight": tensor(arrays["w_o"])}
         if self.fused:
-            state["in_proj_weight"] = torch.from_numpy(arrays["w_qkv"].copy())
+            state["in_proj_weight"] = tensor(arrays["w_qkv"])
         else:
             for part in "qkv":
-                state[f"{part}_proj_weight"] = torch.from_numpy(arrays["w_" + part].copy())
+                state[f"{part}_proj_weight"] = tensor(arrays["w_" + part])
         if self.bias:
-            state["in_proj_bias"] = torch.from_numpy(arrays["b_qkv"].copy())
-            state["out_proj.bias"] = torch.from_numpy(arrays["b_o"].copy())
+            state["in_proj_bias"] = tensor(arrays["b_qkv"])
+            state["out_proj.bias"] = tensor(arrays["b_o"])
         t.load_state_dict(state)
         return t.eval()

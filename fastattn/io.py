@@ -19,6 +19,7 @@ import numpy as np
 
 from . import interop
 from ._params import param_shapes
+from ._dtypes import BFLOAT16, kernel_view
 from ._validate import module_config, shape_str
 
 __all__ = ["Persistence", "read_module_file", "saved_name", "resolve_module_path"]
@@ -58,8 +59,10 @@ def parse_config(raw: Optional[np.ndarray], fmt: str, path,
         "num_heads": positive,
         "num_kv_heads": positive,
         "bias": lambda v: isinstance(v, bool),
-        "dtype": lambda v: v in ("float32", "float64"),
+        "dtype": lambda v: v in ("float32", "float64", "bfloat16", "float16"),
     }
+    if cfg.get("precision") not in (None, "bfloat16", "float16"):
+        raise ValueError(f"{where}: __config__ field 'precision' is invalid")
     checks.update({(first if d == DIM_ALIASES[0] else d): positive for d in dims})
     for key, ok in checks.items():
         if key not in cfg or not ok(cfg[key]):
@@ -176,12 +179,17 @@ def read_module_file(path, fmt: str, dims: Tuple[str, ...],
                                  f"missing {missing}")
             for name, want in expected.items():
                 shape, dtype = _member_header(zf, members[name])
-                if dtype.hasobject or dtype.kind != "f":
+                # bfloat16 is stored as its 16-bit words (.npy has no such type)
+                words = cfg["dtype"] == "bfloat16" and dtype == np.uint16
+                if dtype.hasobject or (dtype.kind != "f" and not words):
                     raise ValueError(f"{name}: expected a float array, got dtype {dtype}")
                 if shape != tuple(want):
                     raise ValueError(f"{name}: expected shape {shape_str(want)} from the config, "
                                      f"got {shape_str(shape)}")
             arrays = {name: _member_array(zf, members[name]) for name in expected}
+            if cfg["dtype"] == "bfloat16":
+                arrays = {name: a.view(BFLOAT16) if a.dtype == np.uint16 else a
+                          for name, a in arrays.items()}
     except ValueError as exc:
         if str(exc).startswith(where):
             raise
@@ -210,7 +218,7 @@ class Persistence:
         cross = "kdim" in cls._DIMS
         return module_config(cfg[name], cfg["num_heads"], cfg["num_kv_heads"],
                              cfg["kdim"] if cross else None, cfg["vdim"] if cross else None,
-                             cfg["bias"], cfg["dtype"], name)
+                             cfg["bias"], cfg["dtype"], name, cfg.get("precision"))
 
     @classmethod
     def _param_shapes(cls, cfg: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
@@ -250,7 +258,8 @@ class Persistence:
         os.PathLike) without the suffix gets ``.npz`` added; :meth:`load`
         with the same path reads that file."""
         header = json.dumps({"format": self._FORMAT, **self.config()})
-        np.savez(saved_name(path), __config__=np.array(header), **self.state_dict())
+        arrays = {name: kernel_view(a) for name, a in self.state_dict().items()}
+        np.savez(saved_name(path), __config__=np.array(header), **arrays)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]):

@@ -56,6 +56,7 @@ from ._validate import (
     source_array,
 )
 from .cache import KVCache
+from ._dtypes import compute_dtype, kernel_view
 from .functional import attention_into, resolve_alibi
 from .interop import TorchExport
 from .io import Persistence
@@ -100,19 +101,20 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
     _QUERY_ARG = ""  # set by each subclass: what its first call argument is called
 
     def _build(self, embed_dim, d_model, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
-               seed: Seed) -> None:
+               seed: Seed, precision=None) -> None:
         """The constructors' work: the first argument under either name, the
         config checked, the parameters drawn."""
         dim, dim_name = _first_dim(type(self).__name__, embed_dim, d_model, num_heads)
         self._allocate(**module_config(dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
-                                       dim_name))
+                                       dim_name, precision))
         self.reset_parameters(seed)
 
     def _allocate(self, embed_dim: int, num_heads: int, num_kv_heads: int, kdim: int,
-                  vdim: int, bias: bool, dtype: np.dtype) -> None:
+                  vdim: int, bias: bool, dtype: np.dtype, precision=None) -> None:
         """Config, and no parameters yet: every constructor loads a full set
         (reset_parameters or load_state_dict) before the module is used."""
-        self._init_params(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype)
+        self._init_params(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
+                          precision)
         self._init_fastpath()
 
     @classmethod
@@ -128,6 +130,8 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
                "num_kv_heads": self.num_kv_heads}
         cfg.update({d: getattr(self, d) for d in self._DIMS[1:]})
         cfg.update(bias=self.bias, dtype=self.dtype.name)
+        if self.precision is not None:
+            cfg.update(precision=self.precision.name)
         return cfg
 
     @property
@@ -139,7 +143,8 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         args = ", ".join(f"{k}={v}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
 
-    def new_cache(self, batch_size: int, max_len: int, *, grow: bool = False) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, *, grow: bool = False,
+                  dtype: Any = None) -> KVCache:
         """An empty :class:`~fastattn.cache.KVCache` for incremental decoding.
 
         Parameters
@@ -149,18 +154,24 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         max_len : int
             Positions it holds; a call that would exceed it raises ValueError,
             unless ``grow=True`` (then the capacity doubles).
+        dtype : optional
+            What the cache holds keys and values in: by default the type the
+            module computes its activations in (its dtype, or its
+            ``precision``).  A bfloat16 or float16 cache halves the bytes
+            decoding reads, beside a float32, bfloat16 or float16 module.
         """
-        return KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim, self.dtype,
-                       grow=grow)
+        return KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim,
+                       self._act_dtype if dtype is None else dtype, grow=grow)
 
     def _project(self, state: Params, x2d: np.ndarray, part: str, n_out: int,
                  out: Optional[np.ndarray] = None, num_threads: int = 1,
                  head_major: bool = False) -> np.ndarray:
         w, b = self._packed_weight(state, part)
         if out is None:
-            out = np.empty((x2d.shape[0], n_out), dtype=self.dtype)
-        kernels.linear(kernel_ready(x2d), w, b, n_out, out, _policy.linear_blocking(x2d.shape[1]),
-                       num_threads, head_major)
+            # between kernels, activations are held in the products' type
+            out = np.empty((x2d.shape[0], n_out), dtype=self._act_dtype)
+        kernels.linear(kernel_view(kernel_ready(x2d)), w, b, n_out, kernel_view(out),
+                       _policy.linear_blocking(x2d.shape[1]), num_threads, head_major)
         return out
 
     def _forward(self, query, key, value, *, self_attention: bool, attn_mask, key_padding_mask,
@@ -195,11 +206,12 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         need_weights = check_flag(need_weights, "need_weights")
         average_attn_weights = check_flag(average_attn_weights, "average_attn_weights")
         window = check_window(window)
-        slopes = resolve_alibi(alibi, alibi_slopes, H, self.dtype)
+        cdtype = compute_dtype(self._act_dtype)
+        slopes = resolve_alibi(alibi, alibi_slopes, H, cdtype)
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a KVCache from new_cache(), got {type(cache).__name__}")
-            cache.check(B, self.dtype, Hkv, E)
+            cache.check(B, self._act_dtype, Hkv, E)
             is_causal = True  # new positions follow every cached one
         nt = threads.get_num_threads()
         state = self._state  # this call's weights, whatever other threads assign
@@ -218,7 +230,7 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
             # 1. masks as broadcast views, checked before anything is computed or
             # cached: a call that raises leaves a cache as it found it
             full = (B, H, Lq, Lk)
-            bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, self.dtype)
+            bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, cdtype)
             pad = padding_mask(key_padding_mask, B, H, Lq, Lk, unbatched)
 
             # 2. projections, straight into the head-major blocks the kernel reads
@@ -233,13 +245,14 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
                     q, k, v = qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:]
                 else:
                     Lk_new = src_k.shape[1]
+                    act = self._act_dtype
                     q = self._project(state, q_in.reshape(B * Lq, D), "q", D,
-                                      np.empty((B, H, Lq, E), self.dtype), nt, head_major=True)
+                                      np.empty((B, H, Lq, E), act), nt, head_major=True)
                     k = self._project(state, src_k.reshape(B * Lk_new, src_k.shape[2]), "k", kv,
-                                      np.empty((B, Hkv, Lk_new, E), self.dtype), nt,
+                                      np.empty((B, Hkv, Lk_new, E), act), nt,
                                       head_major=True)
                     v = self._project(state, src_v.reshape(B * Lk_new, src_v.shape[2]), "v", kv,
-                                      np.empty((B, Hkv, Lk_new, E), self.dtype), nt,
+                                      np.empty((B, Hkv, Lk_new, E), act), nt,
                                       head_major=True)
             else:
                 # decoding: the new positions' K and V go into the cache's layout
@@ -274,9 +287,10 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         H, E, D = self.num_heads, self.head_dim, self.embed_dim
         full = (B, H, Lq, k.shape[2])
         if merged is None:
-            merged = np.empty((B * Lq, D), dtype=self.dtype)
+            merged = np.empty((B * Lq, D), dtype=self._act_dtype)
         out = merged.reshape(B, Lq, H, E).transpose(0, 2, 1, 3)
-        weights = np.empty(full, dtype=self.dtype) if need_weights else None
+        # the kernels hand weights back in the type they compute in
+        weights = np.empty(full, dtype=compute_dtype(self._act_dtype)) if need_weights else None
         # 3. the kernel
         attention_into(
             q, k, v, out,
@@ -285,13 +299,15 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
             num_threads=nt,
         )
         # 4. output projection
-        y = self._project(state, merged, "o", D, num_threads=nt).reshape(B, Lq, D)
+        y = self._project(state, merged, "o", D, np.empty((B * Lq, D), self.dtype),
+                          num_threads=nt).reshape(B, Lq, D)
         if unbatched:
             y = y[0]
         if not need_weights:
             return y
         if average_attn_weights:
-            weights = weights.mean(axis=1, dtype=self.dtype)
+            weights = weights.mean(axis=1, dtype=weights.dtype)
+        weights = weights.astype(self.dtype, copy=False)
         return y, (weights[0] if unbatched else weights)
 
 
@@ -342,8 +358,18 @@ class MultiHeadSelfAttention(_MultiHeadBase):
         Defaults to ``num_heads``.
     bias : bool
         Whether the four projections have biases.
-    dtype : float32 or float64
-        Dtype of the weights and of every computation; inputs are cast to it.
+    dtype : float32, float64, bfloat16 or float16
+        Dtype of the weights and outputs; inputs are cast to it.  bfloat16
+        (``ml_dtypes.bfloat16``, or ``"bfloat16"``) and float16 modules hold
+        their weights and activations in that type and sum in float32 (on a
+        CPU with AVX512-BF16 the bfloat16 projections multiply bfloat16 pairs
+        in hardware); see docs/numerics.md for the errors.
+    precision : "bfloat16", "float16" or None
+        Mixed precision for a float32 module, as OpenVINO's precision hint or
+        torch's autocast: inputs, outputs, ``state_dict`` and files stay
+        float32, while the weights are packed in this type (rounded once per
+        weight change) and the activations between the kernels (Q, K, V,
+        the merged heads) are held in it.
     seed : int or numpy.random.Generator, optional
         Source of the initial weights, drawn like ``torch.nn.Linear``'s
         default: uniform in ``[-1/sqrt(embed_dim), 1/sqrt(embed_dim)]``.
@@ -374,8 +400,10 @@ class MultiHeadSelfAttention(_MultiHeadBase):
 
     def __init__(self, embed_dim: int = _REQUIRED, num_heads: int = _REQUIRED, *,
                  d_model: int = _REQUIRED, num_kv_heads: Optional[int] = None,
-                 bias: bool = True, dtype: Any = np.float32, seed: Seed = None) -> None:
-        self._build(embed_dim, d_model, num_heads, num_kv_heads, None, None, bias, dtype, seed)
+                 bias: bool = True, dtype: Any = np.float32, seed: Seed = None,
+                 precision: Any = None) -> None:
+        self._build(embed_dim, d_model, num_heads, num_kv_heads, None, None, bias, dtype, seed,
+                    precision)
 
     @classmethod
     def from_torch(cls, module, *, dtype: Any = None) -> "MultiHeadSelfAttention":
@@ -436,7 +464,7 @@ class MultiHeadAttention(_MultiHeadBase):
         Widths of the key and value inputs (default ``embed_dim``).
     num_kv_heads : int, optional
         Key/value heads (grouped-query attention); must divide ``num_heads``.
-    bias, dtype, seed
+    bias, dtype, seed, precision
         As for :class:`MultiHeadSelfAttention`.
 
     Attributes
@@ -454,8 +482,10 @@ class MultiHeadAttention(_MultiHeadBase):
     def __init__(self, embed_dim: int = _REQUIRED, num_heads: int = _REQUIRED, *,
                  d_model: int = _REQUIRED, kdim: Optional[int] = None,
                  vdim: Optional[int] = None, num_kv_heads: Optional[int] = None,
-                 bias: bool = True, dtype: Any = np.float32, seed: Seed = None) -> None:
-        self._build(embed_dim, d_model, num_heads, num_kv_heads, kdim, vdim, bias, dtype, seed)
+                 bias: bool = True, dtype: Any = np.float32, seed: Seed = None,
+                 precision: Any = None) -> None:
+        self._build(embed_dim, d_model, num_heads, num_kv_heads, kdim, vdim, bias, dtype, seed,
+                    precision)
 
     @classmethod
     def from_torch(cls, module, *, dtype: Any = None) -> "MultiHeadAttention":

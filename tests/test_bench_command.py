@@ -237,56 +237,36 @@ def test_bench_command_bfloat16_table(tmp_path):
     data = json.loads(out.read_text())
     assert data["dtype"] == "bfloat16"
     impls = {row["impl"] for row in data["rows"]}
-    # only bfloat16 implementations: no float32 peer slips into the table
-    assert impls <= {"fastattn"} | set(peers.PEERS["bfloat16"][1])
+    # only bfloat16 implementations, and fastattn's float32 as the yardstick of
+    # its speed-up: no float32 peer slips into the table
+    assert {"fastattn", benchmark.OWN_F32} <= impls
+    assert impls <= {"fastattn", benchmark.OWN_F32} | set(peers.PEERS["bfloat16"][1])
     assert all(row["dtype"] == "bfloat16" for row in data["rows"])
-    if "fastattn" not in impls:  # a fastattn without bfloat16 modules says why its row is missing
-        assert "small core: fastattn bfloat16 row skipped" in r.stdout
-    elif len(impls) > 1:
-        fast = next(row for row in data["rows"] if row["impl"] == "fastattn")
-        assert fast["ratio"] is not None
+    fast = next(row for row in data["rows"] if row["impl"] == "fastattn")
+    own = next(row for row in data["rows"] if row["impl"] == benchmark.OWN_F32)
+    assert own["ratio"] is None
+    assert (fast["ratio"] is not None) == (len(impls) > 2)
+    assert "small core: fastattn bfloat16 ran" in r.stdout
 
 
-def test_bfloat16_table_times_fastattn_through_its_bfloat16_api(monkeypatch):
-    # a stand-in for fastattn's bfloat16 path, to the contract the bench is written
-    # to (bf16 module built with dtype=, loaded from a state dict cast to bf16; bf16
-    # arrays in and out): the fastattn rows must appear, its outputs checked
+def test_bfloat16_table_times_fastattn_in_bfloat16(monkeypatch):
+    # fastattn's rows run its bfloat16 module and function (bfloat16 arrays in
+    # and out, checked against the float32 forward), beside its float32 forward
     bf16 = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
-    real_module = benchmark.MultiHeadSelfAttention
     real_sdpa = benchmark.scaled_dot_product_attention
-    calls = []
-
-    class Bf16Module:
-        def __init__(self, embed_dim, num_heads, dtype=np.float32, **kwargs):
-            self.dtype = np.dtype(dtype)
-            self._m = real_module(embed_dim, num_heads, **kwargs)
-
-        def load_state_dict(self, state):
-            assert all(v.dtype == bf16 for v in state.values())
-            self._m.load_state_dict({k: v.astype(np.float32) for k, v in state.items()})
-
-        def __call__(self, x):
-            assert x.dtype == bf16 == self.dtype
-            calls.append("full")
-            return self._m(x.astype(np.float32)).astype(bf16)
-
-    def module(embed_dim, num_heads, dtype=np.float32, **kwargs):
-        if np.dtype(dtype) == bf16:
-            return Bf16Module(embed_dim, num_heads, dtype, **kwargs)
-        return real_module(embed_dim, num_heads, dtype=dtype, **kwargs)
+    seen = []
 
     def sdpa(q, k, v):
-        if q.dtype != bf16:
-            return real_sdpa(q, k, v)
-        calls.append("core")
-        return real_sdpa(*(a.astype(np.float32) for a in (q, k, v))).astype(bf16)
+        seen.append(q.dtype)
+        return real_sdpa(q, k, v)
 
-    monkeypatch.setattr(benchmark, "MultiHeadSelfAttention", module)
     monkeypatch.setattr(benchmark, "scaled_dot_product_attention", sdpa)
     monkeypatch.setitem(peers.PEERS, "bfloat16", ((), ()))  # fastattn alone: fast
     rows, notes = benchmark.run(["small"], threads=1, rounds=1, pause_s=0.0, progress=False,
                                 dtype="bfloat16")
-    assert [(r.part, r.impl, r.dtype) for r in rows] == [("full", "fastattn", "bfloat16"),
-                                                         ("core", "fastattn", "bfloat16")]
+    assert [(r.part, r.impl) for r in rows] == [
+        ("full", "fastattn"), ("full", benchmark.OWN_F32),
+        ("core", "fastattn"), ("core", benchmark.OWN_F32)]
     assert not any("skipped" in n for n in notes)
-    assert {"full", "core"} <= set(calls)
+    assert sum("fastattn bfloat16 ran" in n for n in notes) == 2
+    assert bf16 in seen and np.dtype(np.float32) in seen

@@ -136,6 +136,29 @@ def test_outputs_match_the_recorded_ones(isa):
     assert not differ, f"{isa} build: outputs changed bit-wise in {differ}"
 
 
+# Builds that are another build's kernels compiled with one more instruction
+# set for other element types (avx512bf16: AVX-512 plus the bfloat16 pair
+# products): their float32 and float64 outputs are that build's, bit for bit.
+EXTENDS = {"avx512bf16": "avx512"}
+
+
+@pytest.mark.parametrize("isa", sorted(EXTENDS))
+def test_extended_builds_match_their_base(isa):
+    from fastattn._dispatch import _baseline
+
+    if not _baseline.cpu_features().get(isa, False):
+        pytest.skip(f"this CPU does not run the {isa} build")
+    recorded = json.loads(DATA.read_text())[EXTENDS[isa]]
+    env = dict(os.environ, FASTATTN_ISA=isa)
+    r = subprocess.run([sys.executable, __file__, "print"], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=pathlib.Path(__file__).parent)
+    assert r.returncode == 0, r.stderr
+    now = json.loads(r.stdout)
+    differ = [f"{dt}/{name}" for dt, cases in recorded.items()
+              for name, d in cases.items() if now[dt].get(name) != d]
+    assert not differ, f"{isa} build: outputs differ from {EXTENDS[isa]}'s in {differ}"
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
     got = digests()

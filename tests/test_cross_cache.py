@@ -302,7 +302,7 @@ def test_new_cache_checks_its_arguments(kwargs, error, needle):
     (dict(num_kv_heads=2.5), TypeError, "num_kv_heads must be a positive int, got 2.5"),
     (dict(num_kv_heads=-1), ValueError, "num_kv_heads must be >= 1, got -1"),
     (dict(head_dim=0), ValueError, "head_dim must be >= 1, got 0"),
-    (dict(dtype=int), TypeError, "dtype must be float32 or float64, got int64"),
+    (dict(dtype=int), TypeError, "dtype must be one of float32, float64, bfloat16 or float16, got int64"),
 ])
 def test_kvcache_checks_its_arguments(kwargs, error, needle):
     from fastattn.cache import KVCache

@@ -271,7 +271,7 @@ def test_broken_config(tmp_path, module, raw):
     ("d_model", True), ("d_model", 8.0), ("d_model", "8"), ("d_model", -8), ("d_model", 0),
     ("d_model", None), ("embed_dim", True), ("embed_dim", 8.0), ("embed_dim", "8"),
     ("embed_dim", -8), ("embed_dim", 0), ("embed_dim", None), ("num_heads", 3), ("num_heads", 0), ("num_kv_heads", 3),
-    ("bias", 1), ("bias", "yes"), ("dtype", "float16"), ("dtype", "int8"), ("dtype", None),
+    ("bias", 1), ("bias", "yes"), ("dtype", "float8"), ("dtype", "int8"), ("dtype", None),
 ])
 def test_invalid_config_field(tmp_path, module, field, value):
     path = write_npz(tmp_path / "field.npz", __config__=config(module, **{field: value}),

@@ -596,7 +596,7 @@ _CTOR_BAD = {
     "heads-not-dividing": ((8, 3), {}), "heads-more-than-d": ((8, 16), {}),
     "kv-zero": ((8, 2), {"num_kv_heads": 0}), "kv-not-dividing": ((12, 4), {"num_kv_heads": 3}),
     "kv-more-than-heads": ((8, 2), {"num_kv_heads": 4}), "kv-str": ((8, 2), {"num_kv_heads": "2"}),
-    "dtype-int": ((8, 2), {"dtype": int}), "dtype-f16": ((8, 2), {"dtype": np.float16}),
+    "dtype-int": ((8, 2), {"dtype": int}), "dtype-f128": ((8, 2), {"dtype": np.longdouble}),
     "dtype-complex": ((8, 2), {"dtype": np.complex64}), "dtype-str": ((8, 2), {"dtype": "nonsense"}),
     "dtype-bigendian": ((8, 2), {"dtype": ">f4"}), "dtype-list": ((8, 2), {"dtype": [1]}),
     "dtype-dict": ((8, 2), {"dtype": {}}), "dtype-object": ((8, 2), {"dtype": object}),

@@ -6,6 +6,7 @@ Tolerances (see _util.MOD_TOL): float32 rtol 2e-5 / atol 2e-5, float64 rtol
 import io
 import pathlib
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -611,7 +612,8 @@ def test_torch_tensors_as_inputs():
     m = MHSA(16, 2, seed=33)
     x = torch.randn(1, 4, 16)
     want = m(x.numpy())
-    # requires_grad and bfloat16 tensors are read as numpy arrays (bfloat16 as float32)
+    # requires_grad and bfloat16 tensors are read as numpy arrays (bfloat16 as
+    # ml_dtypes.bfloat16, cast to the module's float32 exactly)
     np.testing.assert_array_equal(m(x.clone().requires_grad_(True)), want)
     np.testing.assert_array_equal(m(x.bfloat16()), m(x.bfloat16().float().numpy()))
     # masks too: float (bfloat16, requiring grad) and bool
@@ -624,9 +626,13 @@ def test_torch_tensors_as_inputs():
     np.testing.assert_array_equal(m(x, key_padding_mask=pad),
                                   m(x.numpy(), key_padding_mask=pad.numpy()))
     q = torch.randn(1, 2, 4, 8)
-    np.testing.assert_array_equal(fastattn.scaled_dot_product_attention(q.bfloat16(), q.bfloat16(),
-                                                                       q.bfloat16()),
-                                  fastattn.scaled_dot_product_attention(*[q.bfloat16().float().numpy()] * 3))
+    # the functional API keeps bfloat16 tensors' type: bfloat16 in, bfloat16 out
+    got = fastattn.scaled_dot_product_attention(q.bfloat16(), q.bfloat16(), q.bfloat16())
+    assert got.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(
+        got.astype(np.float32),
+        fastattn.scaled_dot_product_attention(*[q.bfloat16().float().numpy().astype(
+            ml_dtypes.bfloat16)] * 3).astype(np.float32))
 
 
 # ---- embed_dim, and d_model as its alias, on both classes ------------------------------

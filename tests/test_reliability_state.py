@@ -429,8 +429,8 @@ def test_kvcache_append_checks_its_arguments():
     for bad, error, needle in [
         (np.ones((1, 1, 16)), ValueError, r"k_new must have shape \(2, T, 16\), got \(1, 1, 16\)"),
         (np.ones((2, 1, 15)), ValueError, r"k_new must have shape \(2, T, 16\), got \(2, 1, 15\)"),
-        (np.ones((2, 1, 16), np.int64), TypeError, "k_new must be a float32 or float64"),
-        (np.full((2, 1, 16), "a"), TypeError, "k_new must be a float32 or float64"),
+        (np.ones((2, 1, 16), np.int64), TypeError, "k_new must be a float32, float64, bfloat16"),
+        (np.full((2, 1, 16), "a"), TypeError, "k_new must be a float32, float64, bfloat16"),
     ]:
         with pytest.raises(error, match=needle):
             c.append(bad, bad)

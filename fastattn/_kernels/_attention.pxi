@@ -5,10 +5,12 @@
 # runs them as a team through the table.
 
 
-cdef bint _scores_block(const Problem* P, floating* ST, const floating* QT, const floating* k,
-                        floating* tail, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                        int64_t j0, int64_t bk, floating* bmax) noexcept nogil:
+cdef bint _scores_block(const Problem* P, floating* ST, const floating* QT, const floating* kb,
+                        int64_t ks, floating* tail, int64_t b, int64_t h, int64_t i0,
+                        int64_t rows, int64_t j0, int64_t bk, floating* bmax) noexcept nogil:
     """Scaled, masked scores of one query block against keys j0 .. j0+bk, transposed.
+
+    kb: key j0's row (rows ks elements apart).
 
     ST[j][i] (key j, query lane i) for j < bk; -inf wherever the key may not
     be attended.  Lanes past `rows` hold harmless zeros.  Where no mask
@@ -20,7 +22,7 @@ cdef bint _scores_block(const Problem* P, floating* ST, const floating* QT, cons
     if clean:
         for r in range(L):
             bmax[r] = -INFINITY
-    _gemm(bk, L, P.dim, k + j0 * P.k.s_row, P.k.s_row, 1, QT, L, ST, L, 0, tail,
+    _gemm(bk, L, P.dim, kb, ks, 1, QT, L, ST, L, 0, tail,
           bmax if clean else <floating*>NULL)
     # masks index (query i, key j), which sits at ST[i * 1 + j * L]
     # scores of the block as the GEMM left them: one pass tells whether a
@@ -98,7 +100,8 @@ cdef inline bint _attended(const Problem* P, int64_t b, int64_t h, int64_t i, in
     return True
 
 
-cdef void _accumulate_rows(const Problem* P, const floating* v, int64_t n, const floating* ST,
+cdef void _accumulate_rows(const Problem* P, const floating* v, int64_t vs, int64_t n,
+                           const floating* ST,
                            int64_t L, floating* T, floating* tail, bint accumulate, int64_t b,
                            int64_t h, int64_t i0, int64_t rows, int64_t j0) noexcept nogil:
     """T (+)= V_block^T P^T where some key of the block holds a NaN or an inf and
@@ -111,13 +114,13 @@ cdef void _accumulate_rows(const Problem* P, const floating* v, int64_t n, const
     if not accumulate:
         memset(T, 0, P.dim_v * L * sizeof(floating))
     while start < n:
-        j = _nonfinite_row(v, P.v.s_row, start, n, P.dim_v)
+        j = _nonfinite_row(v, vs, start, n, P.dim_v)
         if j > start:
-            _gemm(P.dim_v, L, j - start, v + start * P.v.s_row, 1, P.v.s_row, ST + start * L,
+            _gemm(P.dim_v, L, j - start, v + start * vs, 1, vs, ST + start * L,
                   L, T, L, 1, tail, <floating*>NULL)
         if j == n:
             break
-        vj = v + j * P.v.s_row
+        vj = v + j * vs
         for i in range(rows):
             if _attended(P, b, h, i0 + i, j0 + j, vj):
                 p = ST[j * L + i]
@@ -126,7 +129,7 @@ cdef void _accumulate_rows(const Problem* P, const floating* v, int64_t n, const
         start = j + 1
 
 
-cdef inline void _accumulate_block(const Problem* P, const floating* v, int64_t bk,
+cdef inline void _accumulate_block(const Problem* P, const floating* v, int64_t vs, int64_t bk,
                                    const floating* ST, int64_t L, floating* OT, floating* OB,
                                    floating* tail, bint first, bint masked, int64_t b,
                                    int64_t h, int64_t i0, int64_t rows,
@@ -136,12 +139,33 @@ cdef inline void _accumulate_block(const Problem* P, const floating* v, int64_t 
     block that a mask touches, a key holding a NaN or an inf goes only to the
     queries that attend it (masked keys never affect the output)."""
     cdef floating* T = OT if first else OB
-    if masked and not _all_finite(v, P.v.s_row, bk, P.dim_v):
-        _accumulate_rows(P, v, bk, ST, L, T, tail, first, b, h, i0, rows, j0)
+    if masked and not _all_finite(v, vs, bk, P.dim_v):
+        _accumulate_rows(P, v, vs, bk, ST, L, T, tail, first, b, h, i0, rows, j0)
     else:
-        _gemm(P.dim_v, L, bk, v, 1, P.v.s_row, ST, L, T, L, first, tail, <floating*>NULL)
+        _gemm(P.dim_v, L, bk, v, 1, vs, ST, L, T, L, first, tail, <floating*>NULL)
     if not first:
         _add_into(OT, OB, P.dim_v * L)
+
+
+cdef inline const floating* _block(const Problem* P, const Operand* op, int store, int64_t b,
+                                   int64_t hk, int64_t j0, int64_t n, int64_t cols,
+                                   floating* half, int64_t* stride) noexcept nogil:
+    """Rows j0 .. j0+n of a K or V head as the products read them: in place, or,
+    from 16-bit storage, widened into `half` (rows `cols` apart)."""
+    cdef int64_t isz = sizeof(floating)
+    if store == STORE_SAME:
+        stride[0] = op.s_row
+        return <const floating*>_at(op, b, hk, j0, 0, isz)
+    stride[0] = cols
+    fa_half_to_f32(<float*><void*>half, cols, _at(op, b, hk, j0, 0, 2), op.s_row, n, cols, store)
+    return half
+
+
+cdef inline void _store_rows(const Problem* P, floating* out, const floating* o, int64_t ldo,
+                             int64_t rows, int64_t cols) noexcept nogil:
+    """Finished float rows (ldo apart) rounded into 16-bit output rows."""
+    fa_f32_to_half(<void*>out, P.out.s_row, <const float*><const void*>o, ldo, rows, cols,
+                   P.q_store)
 
 
 cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogil:
@@ -165,15 +189,22 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
     cdef floating* l = m + L                       # L: running sum per query
     cdef floating* bm = l + L                      # L: max per query of one key block
     cdef floating* tail = bm + L                   # gemm tail panel
+    cdef floating* half = tail + P.tail_len        # 16-bit operands widened (half_len)
     cdef bint have_max
+    cdef int64_t qsz = 2 if P.q_store else isz, ks, vs
+    cdef const floating* kb
+    cdef const floating* vb
 
-    cdef const floating* k = <const floating*>_at(&P.k, b, hk, 0, 0, isz)
-    cdef const floating* v = <const floating*>_at(&P.v, b, hk, 0, 0, isz)
-    cdef floating* out = <floating*>_at(&P.out, b, h, i0, 0, isz)
+    cdef floating* out = <floating*>_at(&P.out, b, h, i0, 0, qsz)
     cdef floating* W
+    cdef const floating* q = <const floating*>_at(&P.q, b, h, i0, 0, qsz)
+    cdef int64_t qs = P.q.s_row
 
-    _pack_qt(QT, L, <const floating*>_at(&P.q, b, h, i0, 0, isz), P.q.s_row, rows, P.dim,
-             <floating>P.scale)
+    if P.q_store:
+        fa_half_to_f32(<float*><void*>half, P.dim, <const void*>q, qs, rows, P.dim, P.q_store)
+        q = half
+        qs = P.dim
+    _pack_qt(QT, L, q, qs, rows, P.dim, <floating>P.scale)
     memset(OT, 0, P.dim_v * L * isz)
     for r in range(L):
         m[r] = -INFINITY
@@ -186,11 +217,13 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
         j0 = j_start
         while j0 < j_end:
             bk = min(P.block_k, j_end - j0)
-            have_max = _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk, bm)
+            kb = _block(P, &P.k, P.kv_store, b, hk, j0, bk, P.dim, half, &ks)
+            have_max = _scores_block(P, ST, QT, kb, ks, tail, b, h, i0, rows, j0, bk, bm)
             _online_softmax(ST, L, bk, L, m, l, OT, L, P.dim_v,
                             bm if have_max else <floating*>NULL)
             # O^T += V_block^T P^T, V read in place (rows of V are E-contiguous)
-            _accumulate_block(P, v + j0 * P.v.s_row, bk, ST, L, OT, OB, tail, j0 == j_start,
+            vb = _block(P, &P.v, P.kv_store, b, hk, j0, bk, P.dim_v, half, &vs)
+            _accumulate_block(P, vb, vs, bk, ST, L, OT, OB, tail, j0 == j_start,
                               not have_max, b, h, i0, rows, j0)
             j0 += P.block_k
     else:
@@ -200,7 +233,8 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
         j0 = 0
         while j0 < P.len_k:
             bk = min(P.block_k, P.len_k - j0)
-            _scores_block(P, ST, QT, k, tail, b, h, i0, rows, j0, bk, NULL)
+            kb = _block(P, &P.k, P.kv_store, b, hk, j0, bk, P.dim, half, &ks)
+            _scores_block(P, ST, QT, kb, ks, tail, b, h, i0, rows, j0, bk, NULL)
             _copy_strided(W + j0, P.len_k, 1, ST, 1, L, rows, bk)
             j0 += P.block_k
         _softmax_rows(W, P.len_k, rows, P.len_k)
@@ -209,12 +243,86 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
         while j0 < j_end:
             bk = min(P.block_k, j_end - j0)
             _copy_strided(ST, 1, L, W + j0, P.len_k, 1, rows, bk)
-            _accumulate_block(P, v + j0 * P.v.s_row, bk, ST, L, OT, OB, tail, j0 == j_start,
+            vb = _block(P, &P.v, P.kv_store, b, hk, j0, bk, P.dim_v, half, &vs)
+            _accumulate_block(P, vb, vs, bk, ST, L, OT, OB, tail, j0 == j_start,
                               _block_masked(P, i0, rows, j0, bk), b, h, i0, rows, j0)
             j0 += P.block_k
         for r in range(rows):
             l[r] = 1
-    _finalize(OT, L, l, rows, P.dim_v, out, P.out.s_row)
+    if P.q_store:
+        # finished rows through `half` (free now), then rounded
+        _finalize(OT, L, l, rows, P.dim_v, half, P.dim_v)
+        _store_rows(P, out, half, P.dim_v, rows, P.dim_v)
+    else:
+        _finalize(OT, L, l, rows, P.dim_v, out, P.out.s_row)
+
+
+cdef void _tile_pairs(const Problem* P, int64_t work, floating* scratch) noexcept nogil:
+    """_tile for bfloat16 q, k and v whose products run in pairs (VDPBF16PS, see
+    fa_half.h): the same walk over key blocks, masks, online softmax and
+    finish in float32; Q^T, V^T and P^T in pairs, K read in place.  Only
+    float builds with pairs get here (the driver checks)."""
+    cdef int64_t bh = work // P.n_qblocks
+    cdef int64_t b = bh // P.heads
+    cdef int64_t h = bh % P.heads
+    cdef int64_t hk = h // P.kv_group
+    cdef int64_t i0 = (work % P.n_qblocks) * P.block_q
+    cdef int64_t rows = min(P.block_q, P.len_q - i0)
+    cdef int64_t L = P.lanes
+    cdef int64_t j0, bk, j_start, j_end, r, kp = (P.dim + 1) // 2
+    # the regions of _tile (see _scratch_elems), as float
+    cdef float* QT = <float*><void*>scratch
+    cdef float* ST = QT + P.dim * L
+    cdef float* OT = ST + P.block_k * L
+    cdef float* OB = OT + P.dim_v * L
+    cdef float* m = OB + P.dim_v * L
+    cdef float* l = m + L
+    cdef float* bm = l + L
+    cdef float* tail = bm + L
+    cdef float* half = tail + P.tail_len
+    cdef uint32_t* QP = <uint32_t*>QT                      # ceil(E/2) x L: Q^T in pairs
+    cdef uint32_t* VP = <uint32_t*>half                    # ceil(bk/2) x Ev: V^T in pairs
+    cdef uint32_t* PP = VP + ((P.block_k + 1) // 2) * P.dim_v   # ceil(bk/2) x L: P^T
+    cdef bint clean
+    cdef const uint16_t* k = <const uint16_t*>_at(&P.k, b, hk, 0, 0, 2)
+    cdef const uint16_t* v = <const uint16_t*>_at(&P.v, b, hk, 0, 0, 2)
+    cdef const uint16_t* vb
+    cdef void* out = _at(&P.out, b, h, i0, 0, 2)
+
+    fa_pack_qt_pairs(QP, L, <const uint16_t*>_at(&P.q, b, h, i0, 0, 2), P.q.s_row, rows,
+                     P.dim, <float>P.scale)
+    memset(OT, 0, P.dim_v * L * sizeof(float))
+    for r in range(L):
+        m[r] = -INFINITY
+        l[r] = 0
+    _key_range(P, i0, rows, &j_start, &j_end)
+    j0 = j_start
+    while j0 < j_end:
+        bk = min(P.block_k, j_end - j0)
+        clean = not _block_masked(P, i0, rows, j0, bk)
+        if clean:
+            for r in range(L):
+                bm[r] = -INFINITY
+        fa_gemm_pairs(bk, L, kp, k + j0 * P.k.s_row, P.k.s_row, 1, QP, L, ST, L, 0,
+                      <uint32_t*>tail, bm if clean else <float*>NULL)
+        _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk,
+                     P.has_fmask and not _all_finite(ST, L, bk, L))
+        _online_softmax(ST, L, bk, L, m, l, OT, L, P.dim_v, bm if clean else <float*>NULL)
+        vb = v + j0 * P.v.s_row
+        if not clean and not fa_bf16_all_finite(vb, P.v.s_row, bk, P.dim_v):
+            # a NaN or inf value in a masked block: the float path keeps it
+            # from the queries that may not attend it
+            fa_half_to_f32(half, P.dim_v, vb, P.v.s_row, bk, P.dim_v, STORE_BF16)
+            _accumulate_block(P, half, P.dim_v, bk, ST, L, OT, OB, tail, j0 == j_start, True,
+                              b, h, i0, rows, j0)
+        else:
+            fa_pack_v_pairs(VP, vb, P.v.s_row, bk, P.dim_v)
+            fa_pack_p_pairs(PP, L, ST, L, bk, L)
+            fa_gemm_pairs(P.dim_v, L, (bk + 1) // 2, <const uint16_t*>VP, 2, P.dim_v, PP, L,
+                          OT, L, 1, <uint32_t*>tail, <float*>NULL)
+        j0 += P.block_k
+    _finalize(OT, L, l, rows, P.dim_v, half, P.dim_v)
+    fa_f32_to_half(out, P.out.s_row, half, P.dim_v, rows, P.dim_v, STORE_BF16)
 
 
 cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept nogil:
@@ -237,20 +345,23 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
     cdef floating* o = s + P.keys_pad           # dimv_pad accumulator
     cdef floating* ob = o + P.dimv_pad          # dimv_pad: one key block's part of it
     cdef floating* qs = ob + P.dimv_pad         # dim: the scaled query
+    cdef int64_t qsz = 2 if P.q_store else isz
     cdef floating m, l
     cdef floating* acc
     cdef floating* part
     cdef const floating* q
-    cdef const floating* k = <const floating*>_at(&P.k, b, hk, 0, 0, isz)
-    cdef const floating* v = <const floating*>_at(&P.v, b, hk, 0, 0, isz)
     cdef floating* out
     span = (P.len_k + P.n_splits - 1) // P.n_splits
     s0 = split * span
     s1 = min(P.len_k, s0 + span)
     for i in range(P.len_q):
-        q = <const floating*>_at(&P.q, b, h, i, 0, isz)
-        for c in range(P.dim):
-            qs[c] = <floating>P.scale * q[c]
+        q = <const floating*>_at(&P.q, b, h, i, 0, qsz)
+        if P.q_store:
+            for c in range(P.dim):
+                qs[c] = <floating>P.scale * <floating>fa_load_any(<const void*>q, c, P.q_store)
+        else:
+            for c in range(P.dim):
+                qs[c] = <floating>P.scale * q[c]
         memset(o, 0, P.dimv_pad * isz)
         m = -INFINITY
         l = 0
@@ -259,7 +370,12 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
         j_end = min(j_end, s1)
         while j0 < j_end:
             bk = min(P.block_k, j_end - j0)
-            _dots(s, qs, P.dim, k + j0 * P.k.s_row, P.k.s_row, bk)
+            if P.kv_store:
+                fa_dots_half(<float*><void*>s, <const float*><void*>qs, P.dim,
+                             <const uint16_t*>_at(&P.k, b, hk, j0, 0, 2), P.k.s_row, bk,
+                             P.kv_store)
+            else:
+                _dots(s, qs, P.dim, <const floating*>_at(&P.k, b, hk, j0, 0, isz), P.k.s_row, bk)
             _mask_scores(P, s, 1, 0, b, h, i, 1, j0, bk, True)
             for c in range(bk, P.keys_pad):
                 s[c] = -INFINITY
@@ -269,7 +385,13 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
             if not first:
                 memset(ob, 0, P.dimv_pad * isz)
             _row_update(s, P.keys_pad, &m, &l, o, P.dimv_pad)
-            _accum_rows(acc, P.dim_v, s, bk, v + j0 * P.v.s_row, P.v.s_row)
+            if P.kv_store:
+                fa_accum_rows_half(<float*><void*>acc, P.dim_v, <const float*><void*>s, bk,
+                                   <const uint16_t*>_at(&P.v, b, hk, j0, 0, 2), P.v.s_row,
+                                   P.kv_store)
+            else:
+                _accum_rows(acc, P.dim_v, s, bk, <const floating*>_at(&P.v, b, hk, j0, 0, isz),
+                            P.v.s_row)
             if not first:
                 _add_into(o, ob, P.dim_v)
             j0 += bk
@@ -279,24 +401,34 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
             part[1] = l
             memcpy(part + 2, o, P.dim_v * isz)
             continue
-        out = <floating*>_at(&P.out, b, h, i, 0, isz)
-        _finalize(o, 1, &l, 1, P.dim_v, out, P.out.s_row)
+        out = <floating*>_at(&P.out, b, h, i, 0, qsz)
+        if P.q_store:
+            _finalize(o, 1, &l, 1, P.dim_v, ob, 1)
+            _store_rows(P, out, ob, P.dim_v, 1, P.dim_v)
+        else:
+            _finalize(o, 1, &l, 1, P.dim_v, out, P.out.s_row)
 
 
-cdef void _merge_row(const Problem* P, int64_t row, floating* unused) noexcept nogil:
-    """Final output of one query row from its key splits (the scratch pointer
-    only names the element type)."""
-    cdef int64_t isz = sizeof(floating)
+cdef void _merge_row(const Problem* P, int64_t row, floating* scratch) noexcept nogil:
+    """Final output of one query row from its key splits (16-bit output
+    through the thread's scratch)."""
+    cdef int64_t isz = 2 if P.q_store else sizeof(floating)
     cdef int64_t bh = row // P.len_q
     cdef int64_t i = row % P.len_q
     cdef floating* out = <floating*>_at(&P.out, bh // P.heads, bh % P.heads, i, 0, isz)
     cdef const floating* parts = (<const floating*>P.parts) + row * P.n_splits * P.parts_stride
-    _merge_splits(out, P.dim_v, parts, P.parts_stride, P.n_splits)
+    if P.q_store:
+        _merge_splits(scratch, P.dim_v, parts, P.parts_stride, P.n_splits)
+        _store_rows(P, out, scratch, P.dim_v, 1, P.dim_v)
+    else:
+        _merge_splits(out, P.dim_v, parts, P.parts_stride, P.n_splits)
 
 
 cdef void _attention_item(const Problem* P, int64_t work, floating* scratch) noexcept nogil:
     """One work item of attention: a key split of a few query rows, or a query tile."""
     if P.row_mode:
         _row_tile(P, work, scratch)
+    elif P.pairs:
+        _tile_pairs(P, work, scratch)
     else:
         _tile(P, work, scratch)

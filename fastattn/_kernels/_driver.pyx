@@ -14,7 +14,7 @@ cimport numpy as cnp
 import numpy as np
 
 from fastattn._kernels._table cimport (KernelTable, LinearJob, Operand, PerHeadJob, Problem,
-                                       TABLE_CAPSULE, _at, fa_out_layout, item_fn)
+                                       STORE_BF16, STORE_F16, STORE_SAME, TABLE_CAPSULE, _at, fa_out_layout, item_fn)
 
 cnp.import_array()
 
@@ -25,6 +25,7 @@ cdef extern from "fa_common.h" nogil:
     void* fa_aligned_alloc(size_t nbytes)
     int fa_cpu_has_avx512()
     int fa_cpu_has_avx2()
+    int fa_cpu_has_avx512bf16()
 
 include "_skeleton.pxi"
 include "_problem.pxi"
@@ -38,7 +39,8 @@ def openmp_enabled():
 
 def cpu_features():
     """Instruction-set builds the running CPU supports (checked with cpuid)."""
-    return {"avx512": bool(fa_cpu_has_avx512()), "avx2": bool(fa_cpu_has_avx2())}
+    return {"avx512bf16": bool(fa_cpu_has_avx512bf16()), "avx512": bool(fa_cpu_has_avx512()),
+            "avx2": bool(fa_cpu_has_avx2())}
 
 
 cdef class Kernels:
@@ -94,26 +96,46 @@ cdef class Kernels:
         width is a multiple of it starts and ends on panel boundaries)."""
         return self.table.col_align(_dtype_elem(self.table, dtype))
 
-    def pack_weight(self, w, bias):
+    def pack_weight(self, w, bias, pairs=None):
         """Pack an nn.Linear weight (n_out, k) for :func:`linear`; pad its bias.
 
         Returns (packed weight, padded bias or None).  The layout depends on this
         build's vector width, so pack with the kernel module that will run it.
+        pairs: bfloat16 weights packed in pairs for VDPBF16PS (see
+        fastattn._policy.weight_pairs); None: whenever this build can.  Other
+        16-bit weights are widened to float32 once, here.
         """
         cdef cnp.ndarray W = np.ascontiguousarray(w)
-        cdef int64_t n_out = W.shape[0], k = W.shape[1]
         if W.ndim != 2:
             raise ValueError("weight must be 2-D")
+        cdef int64_t n_out = W.shape[0], k = W.shape[1]
+        cdef int store = _store_of(cnp.PyArray_TYPE(W))
+        if pairs is None:
+            pairs = store == STORE_BF16 and self.table.pairs
+        if pairs and not (store == STORE_BF16 and self.table.pairs):
+            raise ValueError("pack_weight: pairs need bfloat16 weights and a build with "
+                             "AVX512-BF16")
+        if pairs:
+            # bfloat16 weights stay bfloat16, in the pairs VDPBF16PS multiplies
+            packed = _aligned_empty(self.table.pairs_packed_len(n_out, k), np.uint16)
+            self.table.pack_weight_pairs(cnp.PyArray_DATA(packed), cnp.PyArray_DATA(W), store,
+                                         n_out, k)
+            return packed, _padded_bias(bias, self.table.padded_bias_len(
+                self.table.elem_of(cnp.NPY_FLOAT32), n_out), n_out, np.float32)
+        if store != STORE_SAME:
+            # other builds multiply 16-bit weights widened to float32 once, here
+            W = _widened(W, store)
         cdef int elem = self.table.elem_of(cnp.PyArray_TYPE(W))
         if elem < 0 or not cnp.PyArray_ISNOTSWAPPED(W):
             raise TypeError(f"weight dtype must be float32 or float64, got {W.dtype}")
         packed = _aligned_empty(self.table.packed_len(elem, n_out, k), W.dtype)
         self.table.pack_weight(elem, cnp.PyArray_DATA(packed), cnp.PyArray_DATA(W), n_out, k)
-        padded = None
-        if bias is not None:
-            padded = np.zeros(self.table.padded_bias_len(elem, n_out), dtype=W.dtype)
-            padded[:n_out] = bias
-        return packed, padded
+        return packed, _padded_bias(bias, self.table.padded_bias_len(elem, n_out), n_out, W.dtype)
+
+    def pairs(self):
+        """Whether this build multiplies bfloat16 pairs (VDPBF16PS): then
+        :meth:`pack_weight` keeps bfloat16 weights in pairs."""
+        return bool(self.table.pairs)
 
 
     def linear(self, x, packed, bias, Py_ssize_t n_out, out, tuple blocking, int num_threads,
@@ -141,5 +163,27 @@ cdef class Kernels:
         if rc != 0:
             raise MemoryError("could not allocate the projection's scratch buffers")
         return out
+
+
+def _widened(cnp.ndarray W, int store):
+    """A 16-bit weight (bfloat16 as uint16 words, or float16) as float32."""
+    if store == STORE_BF16:
+        return (W.astype(np.uint32) << 16).view(np.float32)
+    return W.astype(np.float32)
+
+
+def _padded_bias(bias, Py_ssize_t length, Py_ssize_t n_out, dtype):
+    """The bias in the weights' computing dtype, zero-padded to whole panels;
+    None stays None."""
+    if bias is None:
+        return None
+    b = np.asarray(bias)
+    store = _store_of(cnp.PyArray_TYPE(b))
+    if store != STORE_SAME:
+        b = _widened(b.reshape(1, -1), store).reshape(-1)
+    padded = np.zeros(length, dtype=dtype)
+    padded[:n_out] = b
+    return padded
+
 
 include "_plan.pxi"

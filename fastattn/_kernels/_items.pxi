@@ -13,7 +13,7 @@ cdef void _linear_item(const LinearJob* J, int64_t w, floating* scratch) noexcep
     cdef int64_t q1 = min(q0 + J.panels_per_item, J.panels)
     _linear_block(<const floating*>J.x, J.ldx, m0, m1, J.k, <const floating*>J.w,
                   <const floating*>J.bias, J.n_out, q0, q1, <floating*>J.y, &J.lay, J.kc,
-                  scratch, <const int64_t*>NULL)
+                  scratch, <const int64_t*>NULL, J.x_store, J.y_store, J.pairs)
 
 
 cdef void _per_head_item(const PerHeadJob* J, int64_t u, floating* scratch) noexcept nogil:
@@ -27,7 +27,10 @@ cdef void _per_head_item(const PerHeadJob* J, int64_t u, floating* scratch) noex
     cdef int64_t n = P.len_q, b = u // hkv, hk = u % hkv, h, t
     _linear_block(<const floating*>L.x, L.ldx, b * n, (b + 1) * n, L.k, <const floating*>L.w,
                   <const floating*>L.bias, L.n_out, 0, J.per_unit, <floating*>L.y, &L.lay,
-                  L.kc, scratch, J.panels + hk * J.per_unit)
+                  L.kc, scratch, J.panels + hk * J.per_unit, L.x_store, L.y_store, L.pairs)
     for h in range(hk * P.kv_group, (hk + 1) * P.kv_group):
         for t in range(P.n_qblocks):
-            _tile(P, (b * P.heads + h) * P.n_qblocks + t, scratch)
+            if P.pairs:
+                _tile_pairs(P, (b * P.heads + h) * P.n_qblocks + t, scratch)
+            else:
+                _tile(P, (b * P.heads + h) * P.n_qblocks + t, scratch)

@@ -8,13 +8,13 @@
 # build stays importable and callable on its own.
 
 from cpython.pycapsule cimport PyCapsule_New
-from libc.stdint cimport int64_t, uint8_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
 from libc.string cimport memcpy, memset
 from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels._table cimport (KernelTable, LinearJob, Operand, PerHeadJob, Problem,
-                                       TABLE_CAPSULE, _at, fa_out_layout, item_fn)
+                                       STORE_BF16, STORE_F16, STORE_SAME, TABLE_CAPSULE, _at, fa_out_layout, item_fn)
 
 # the generated declarations and typed wrappers first: they define the fused
 # type `floating` that the items are written over
@@ -43,6 +43,7 @@ pack_weight = _kernels.pack_weight
 panel_width = _kernels.panel_width
 ForwardPlan = _kernels.ForwardPlan
 isa = _kernels.isa
+pairs = _kernels.pairs
 openmp_enabled = _driver.openmp_enabled
 cpu_features = _driver.cpu_features
 team_started = _driver.team_started

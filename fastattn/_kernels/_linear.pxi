@@ -54,21 +54,32 @@ cdef bint _linear_setup(const KernelTable* t, LinearJob* J_, x, packed, bias,
                              "B * N == x rows and G * E == n_out")
     elif X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0] or Y.shape[1] != n_out:
         raise ValueError("linear: x must be (m, k) and out (m, n_out)")
-    if X.dtype != Wp.dtype or Y.dtype != Wp.dtype or (bias is not None and bias.dtype != Wp.dtype):
-        raise TypeError("linear: x, out, weight and bias must share one dtype")
-    cdef int elem = t.elem_of(cnp.PyArray_TYPE(X))
+    # weights packed in bfloat16 pairs (uint16) multiply in float32 sums; x and
+    # out may each be float32 or 16-bit beside float32 weights or pairs
+    cdef bint pairs = cnp.PyArray_TYPE(Wp) == cnp.NPY_UINT16
+    cdef int wtyp = cnp.NPY_FLOAT32 if pairs else cnp.PyArray_TYPE(Wp)
+    cdef int x_store = _store_of(cnp.PyArray_TYPE(X)), y_store = _store_of(cnp.PyArray_TYPE(Y))
+    if pairs and not t.pairs:
+        raise TypeError("linear: weights packed in bfloat16 pairs need a build with AVX512-BF16")
+    if ((not x_store and cnp.PyArray_TYPE(X) != wtyp) or (not y_store and cnp.PyArray_TYPE(Y) != wtyp)
+            or ((x_store or y_store) and wtyp != cnp.NPY_FLOAT32)
+            or (bias is not None and cnp.PyArray_TYPE(bias) != wtyp)):
+        raise TypeError("linear: x, out, weight and bias must share one dtype (x and out "
+                        "may be 16-bit beside float32)")
+    cdef int elem = t.elem_of(wtyp)
     if elem < 0:
-        raise TypeError(f"linear: dtype must be float32 or float64, got {X.dtype}")
-    cdef int64_t isz = X.itemsize
+        raise TypeError(f"linear: dtype must be float32 or float64, got {Wp.dtype}")
+    cdef int64_t isz = X.itemsize, ysz = Y.itemsize
     cdef int64_t m = X.shape[0], k = X.shape[1]
     if m == 0 or n_out == 0:
         return False  # (empty arrays may carry any strides)
-    if (X.strides[1] != isz and k > 1) or (not head_major and Y.strides[1] != isz and n_out > 1):
+    if (X.strides[1] != isz and k > 1) or (not head_major and Y.strides[1] != ysz and n_out > 1):
         raise ValueError("linear: x and out need a unit stride on their last axis")
-    if X.strides[0] % isz or (not head_major and Y.strides[0] % isz):
+    if X.strides[0] % isz or (not head_major and Y.strides[0] % ysz):
         raise ValueError("linear: strides must be multiples of the item size")
     cdef int64_t nr = t.col_align(elem)
-    if Wp.size != t.packed_len(elem, n_out, k) or (<size_t>cnp.PyArray_DATA(Wp)) % 64:
+    if (Wp.size != (t.pairs_packed_len(n_out, k) if pairs else t.packed_len(elem, n_out, k))
+            or (<size_t>cnp.PyArray_DATA(Wp)) % 64):
         raise ValueError("linear: packed weight does not match x, n_out and this build")
     if bias is not None:
         Bp = <cnp.ndarray?>bias
@@ -94,7 +105,7 @@ cdef bint _linear_setup(const KernelTable* t, LinearJob* J_, x, packed, bias,
         J.lay.g_stride = Y.shape[2] * Y.shape[3]
         J.lay.b_stride = Y.shape[1] * Y.shape[2] * Y.shape[3]
     else:
-        J.lay.ldy = Y.strides[0] // isz
+        J.lay.ldy = Y.strides[0] // ysz
         J.lay.head_dim = 0
         J.lay.seq_len = 0
         J.lay.g_stride = 0
@@ -108,6 +119,15 @@ cdef bint _linear_setup(const KernelTable* t, LinearJob* J_, x, packed, bias,
     J.rows_per_item = rows_per_item
     J.panels_per_item = panels_per_item
     J.kc = kc
+    J.x_store = x_store
+    J.y_store = y_store
+    J.pairs = pairs
+    if y_store:
+        # a chunk's partial sums would be rounded to 16 bits between chunks
+        J.kc = k
+    elif pairs and kc % 2:
+        # chunks start on whole pairs
+        J.kc = kc + 1
     J.row_blocks = (m + rows_per_item - 1) // rows_per_item
     J.panel_blocks = (J.panels + panels_per_item - 1) // panels_per_item
     J_[0] = J

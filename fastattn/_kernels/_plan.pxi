@@ -108,7 +108,7 @@ cdef class ForwardPlan:
         """Whether op's head h, row n, column e is the element the Q/K/V
         projection writes for group g0 + h, for every batch entry."""
         cdef const fa_out_layout* lay = &self.j_in.lay
-        cdef int64_t isz = self.table.elem_size(self.j_in.elem), b
+        cdef int64_t isz = 2 if self.j_in.y_store else self.table.elem_size(self.j_in.elem), b
         if op.s_head != lay.g_stride or op.s_row != lay.head_dim or op.s_col != 1:
             return False
         for b in range(self.P.lead_count):
@@ -196,8 +196,8 @@ cdef class ForwardPlan:
             t0 = _seconds()
             # a unit writes merged rows that a later unit's projection would
             # read, were x to share them (no such x comes from the module)
-            if self.by_head and not _overlap(j_in.x, j_out.x,
-                                             j_in.m * j_in.k * t.elem_size(j_in.elem)):
+            if self.by_head and not _overlap(j_in.x, j_out.x, j_in.m * j_in.k * (
+                    2 if j_in.x_store else t.elem_size(j_in.elem))):
                 rc = _per_head_run(t, &self.units, nt)
             else:
                 rc = _linear_run(t, j_in, nt)

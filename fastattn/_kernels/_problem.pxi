@@ -20,6 +20,16 @@ cdef inline int64_t _round_up(int64_t x, int64_t m) noexcept nogil:
     return ((x + m - 1) // m) * m
 
 
+cdef inline int _store_of(int typenum) noexcept nogil:
+    """The storage code of a NumPy type number: 16-bit words are bfloat16
+    (fastattn hands ml_dtypes.bfloat16 arrays over as uint16 views)."""
+    if typenum == cnp.NPY_UINT16:
+        return STORE_BF16
+    if typenum == cnp.NPY_FLOAT16:
+        return STORE_F16
+    return STORE_SAME
+
+
 cdef int64_t[::1] _lead_offsets(cnp.ndarray a, int nlead):
     """Element offset of each flattened lead index of `a` (C order)."""
     cdef int64_t count = 1, i, rem, off
@@ -75,7 +85,7 @@ cdef bint _attention_setup(const KernelTable* t, Problem* P_, list keep, q, k, v
     """Validates the operands and the schedule and fills P_ (arrays it points
     into go to `keep`); False when there is nothing to compute.
 
-    schedule: (block_q, block_k, row_mode, n_splits), as fastattn._policy's
+    schedule: (block_q, block_k, row_mode, n_splits[, pairs]), as fastattn._policy's
     attention_schedule returns it.
     """
     cdef Problem P
@@ -91,12 +101,26 @@ cdef bint _attention_setup(const KernelTable* t, Problem* P_, list keep, q, k, v
     cdef int d, typ = cnp.PyArray_TYPE(Q)
     cdef cnp.npy_intp* qdims = cnp.PyArray_DIMS(Q)
     memset(&P, 0, sizeof(Problem))
-    block_q, block_k, row_mode, n_splits = schedule
+    cdef bint pairs = False
+    if len(schedule) == 5:
+        block_q, block_k, row_mode, n_splits, pairs = schedule
+    else:
+        block_q, block_k, row_mode, n_splits = schedule
     if nlead < 0:
         raise ValueError("kernel operands need at least 3 axes")
-    if cnp.PyArray_TYPE(K) != typ or cnp.PyArray_TYPE(V) != typ or cnp.PyArray_TYPE(O) != typ:
+    cdef int ktyp = cnp.PyArray_TYPE(K), ctyp = typ
+    if cnp.PyArray_TYPE(O) != typ or cnp.PyArray_TYPE(V) != ktyp:
+        raise TypeError("kernel operands: q and out, and k and v, must share a dtype")
+    P.q_store = _store_of(typ)
+    P.kv_store = _store_of(ktyp)
+    if P.q_store or P.kv_store:
+        # 16-bit operands are widened to float32 where they are packed
+        ctyp = cnp.NPY_FLOAT32
+        if (not P.q_store and typ != ctyp) or (not P.kv_store and ktyp != ctyp):
+            raise TypeError("kernel operands: 16-bit storage mixes with float32 only")
+    elif ktyp != typ:
         raise TypeError("kernel operands must share one dtype")
-    P.elem = t.elem_of(typ)
+    P.elem = t.elem_of(ctyp)
     if P.elem < 0:
         raise TypeError(f"kernel dtype must be float32 or float64, got {q.dtype}")
     if not (cnp.PyArray_ISNOTSWAPPED(Q) and cnp.PyArray_ISNOTSWAPPED(K)
@@ -123,6 +147,11 @@ cdef bint _attention_setup(const KernelTable* t, Problem* P_, list keep, q, k, v
     P.has_bmask1 = _fill(&P.bmask1, bmask1, nlead, keep)
     P.has_bmask2 = _fill(&P.bmask2, bmask2, nlead, keep)
     P.has_fmask = _fill(&P.fmask, fmask, nlead, keep)
+    if pairs and not (t.pairs and P.q_store == STORE_BF16 and P.kv_store == STORE_BF16
+                      and not row_mode and not P.has_weights and qdims[nlead + 2] % 2 == 0):
+        raise ValueError("kernel schedule: pair products need a build with AVX512-BF16, "
+                         "bfloat16 q, k and v of an even head width, tiles and no weights")
+    P.pairs = pairs
     if row_mode and P.has_weights:
         # a row keeps no scores to hand back
         raise ValueError("kernel schedule: the weights path has no row mode")
@@ -145,8 +174,11 @@ cdef bint _attention_setup(const KernelTable* t, Problem* P_, list keep, q, k, v
     for arr in (weights, bmask1, bmask2, fmask):
         if arr is not None and arr.shape != q.shape[:nlead] + (P.heads, P.len_q, P.len_k):
             raise ValueError("kernel weights/mask shape disagrees")
-    if fmask is not None and fmask.dtype != q.dtype:
-        raise TypeError("kernel float mask must have the operands' dtype")
+    cdef object cdtype = np.dtype(np.float32) if ctyp != typ or ktyp != typ else q.dtype
+    if fmask is not None and fmask.dtype != cdtype:
+        raise TypeError("kernel float mask must have the computation's dtype")
+    if weights is not None and weights.dtype != cdtype:
+        raise TypeError("kernel weights must have the computation's dtype")
     P.kv_group = P.heads // kv_heads
     P.causal = causal
     P.causal_offset = P.len_k - P.len_q
@@ -177,7 +209,7 @@ cdef bint _attention_setup(const KernelTable* t, Problem* P_, list keep, q, k, v
     if P.n_splits > 1:
         P.parts_stride = P.dim_v + 2
         parts = np.empty(P.lead_count * P.heads * P.len_q * P.n_splits * P.parts_stride,
-                         dtype=q.dtype)
+                         dtype=cdtype)
         keep.append(parts)
         P.parts = <char*>cnp.PyArray_DATA(parts)
     P_[0] = P
@@ -196,6 +228,14 @@ cdef void _setup_blocks(const KernelTable* t, Problem* P, int64_t block_q,
     P.tail_len = ra * max(P.dim, P.block_k)
     P.keys_pad = _round_up(P.block_k, ca)
     P.dimv_pad = _round_up(P.dim_v, ca)
+    # a tile's block of widened keys or values, query block and finished
+    # output rows (rows widen 16-bit keys and values as they load them)
+    P.half_len = 0
+    if (P.q_store or P.kv_store) and not P.row_mode:
+        P.half_len = max(P.dim, P.dim_v) * max(P.block_k, P.lanes)
+        if P.pairs:
+            # V^T and P^T in pairs side by side (see _tile_pairs)
+            P.half_len = max(P.half_len, ((P.block_k + 1) // 2) * (P.dim_v + P.lanes))
 
 
 cdef inline int64_t _scratch_elems(const Problem* P) noexcept nogil:
@@ -204,7 +244,7 @@ cdef inline int64_t _scratch_elems(const Problem* P) noexcept nogil:
     one block's part of it, query)."""
     if P.row_mode:
         return P.keys_pad + 2 * P.dimv_pad + P.dim + 16
-    return (P.dim + P.block_k + 2 * P.dim_v + 3) * P.lanes + P.tail_len
+    return (P.dim + P.block_k + 2 * P.dim_v + 3) * P.lanes + P.tail_len + P.half_len
 
 
 cdef int _attention_run(const KernelTable* t, const Problem* P, int num_threads) noexcept nogil:

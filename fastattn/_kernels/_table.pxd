@@ -35,6 +35,19 @@ cdef struct KernelTable:
     int64_t (*padded_bias_len)(int elem, int64_t n_out) noexcept nogil
     void (*pack_weight)(int elem, void* dst, const void* W, int64_t n_out,
                         int64_t k) noexcept nogil
+    # bfloat16 pairs (fa_half.h): whether the build multiplies them
+    # (VDPBF16PS), and the packing of weights for it, in 16-bit elements
+    bint pairs
+    int64_t (*pairs_packed_len)(int64_t n_out, int64_t k) noexcept nogil
+    void (*pack_weight_pairs)(void* dst, const void* W, int store, int64_t n_out,
+                              int64_t k) noexcept nogil
+
+
+# Storage of an operand (fa_half.h's FA_STORE_*).
+cdef enum:
+    STORE_SAME = 0
+    STORE_BF16 = 1
+    STORE_F16 = 2
 
 
 cdef inline const char* TABLE_CAPSULE() noexcept nogil:
@@ -72,6 +85,11 @@ cdef struct Problem:
     int64_t tail_len            # elements of the gemm tail-panel scratch
     bint row_mode               # one query row at a time (see _row_tile)
     int elem                    # element type (index into the template's list)
+    # storage of q and out, and of k and v: STORE_SAME (elem itself), or a
+    # 16-bit type converted to float where it is packed (elem is then float)
+    int q_store, kv_store
+    bint pairs                  # bfloat16 products in pairs (fa_half.h; tiles only)
+    int64_t half_len            # elements of the scratch those conversions use
     int64_t keys_pad, dimv_pad  # row mode: block_k and dim_v rounded to NR
     double scale
 
@@ -88,6 +106,10 @@ cdef struct LinearJob:
     # weight panels per work item, and the inner-dimension chunk
     int64_t rows_per_item, panels_per_item, kc
     int elem
+    # storage of x and y (STORE_SAME or a 16-bit type, elem then float), and
+    # whether w holds bfloat16 pairs for the build's VDPBF16PS panels
+    int x_store, y_store
+    bint pairs
 
 
 # The plan's one-head-at-a-time schedule (see _plan.pxi and _items.pxi).

@@ -122,6 +122,10 @@ def _fastattn_core_bf16(q: np.ndarray, k: np.ndarray, v: np.ndarray):
     return (lambda: scaled_dot_product_attention(qb, kb, vb)), None
 
 
+# fastattn's float32 forward in the bfloat16 table
+OWN_F32 = "fastattn-f32"
+
+
 def build_cases(shape: str, num_threads: int, parts: Sequence[str], dtype: str = "float32"):
     """{part: {impl: callable}} for one shape in ``dtype``, every implementation
     checked; plus skip notes."""
@@ -154,6 +158,10 @@ def build_cases(shape: str, num_threads: int, parts: Sequence[str], dtype: str =
         built, skipped = peers.available(full_peers, peers.full_peer, m, x, num_threads,
                                          dtype=dtype)
         cases["full"] = checked("full", own, built, expected)
+        if bf16 and own is not None:
+            # fastattn's own float32 forward on the same values: the yardstick
+            # of the bfloat16 path's speed-up, not a peer
+            cases["full"][OWN_F32] = lambda: m(x)
         if why:
             notes.append(f"{shape} full: fastattn {dtype} row skipped: {why}")
         notes += [f"{shape} full: {s}" for s in skipped]
@@ -172,6 +180,8 @@ def build_cases(shape: str, num_threads: int, parts: Sequence[str], dtype: str =
         built, skipped = peers.available(core_peers, peers.core_peer, q, k, v, num_threads,
                                          dtype=dtype)
         cases["core"] = checked("core", own, built, expected)
+        if bf16 and own is not None:
+            cases["core"][OWN_F32] = lambda: scaled_dot_product_attention(q, k, v)
         if why:
             notes.append(f"{shape} core: fastattn {dtype} row skipped: {why}")
         notes += [f"{shape} core: {s}" for s in skipped]
@@ -241,7 +251,12 @@ def run(shapes: Sequence[str], *, threads: Optional[int] = None, rounds: int = 7
                 times = time_interleaved(cases[part], rounds, pause_s, bar, f"{shape} {part}")
                 fl = flops(shape, part)
                 med = {name: float(np.median(t)) for name, t in times.items()}
-                peer_best = min((t for n, t in med.items() if n != "fastattn"), default=None)
+                peer_best = min((t for n, t in med.items() if n not in ("fastattn", OWN_F32)),
+                                default=None)
+                if OWN_F32 in med and "fastattn" in med:
+                    notes.append(f"{shape} {part}: fastattn bfloat16 ran "
+                                 f"{med[OWN_F32] / med['fastattn']:.2f}x the speed of its "
+                                 f"float32 ({OWN_F32} row) on the same values")
                 for name, t in times.items():
                     rows.append(Row(
                         shape=shape, part=part, impl=name,

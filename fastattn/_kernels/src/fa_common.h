@@ -46,15 +46,23 @@ static inline void *fa_aligned_alloc(size_t bytes) {
 #if defined(__x86_64__) || defined(__i386__)
 static inline int fa_cpu_has_avx512(void) {
     __builtin_cpu_init();
-    /* the AVX-512 build is compiled with F, DQ, BW and VL */
+    /* the AVX-512 build is compiled with F, DQ, BW, VL and F16C */
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("f16c");
 }
 static inline int fa_cpu_has_avx2(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    /* F16C converts float16 (every AVX2 CPU has it) */
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+}
+static inline int fa_cpu_has_avx512bf16(void) {
+    __builtin_cpu_init();
+    return fa_cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
 }
 #else
+static inline int fa_cpu_has_avx512bf16(void) { return 0; }
 static inline int fa_cpu_has_avx512(void) { return 0; }
 static inline int fa_cpu_has_avx2(void) { return 0; }
 #endif

@@ -203,6 +203,39 @@ static void FA(pack_weight)(REAL *restrict dst, const REAL *restrict W, int64_t 
 /* Bias padded to whole panels (so the last panel's vector loads stay inside). */
 static inline int64_t FA(padded_bias_len)(int64_t n_out) { return ((n_out + NR - 1) / NR) * NR; }
 
+#if FA_HAS_DPBF16
+/* The pair form of FA(panel), for float32 sums: C[r][0:NR] (+)= sum_p
+ * A(r, p) . B[p][0:NR] over kp pairs, each A and B word two bfloat16 (see
+ * fa_half.h), multiplied and added by VDPBF16PS; A(r, p) = A[r * rs + p * ps]
+ * (rows of x in place, or packed).  Rows >= mr must be readable; they are
+ * computed and not stored. */
+static inline void FA(panel_pairs)(int64_t kp, const uint32_t *restrict A, int64_t rs,
+                                   int64_t ps, const uint32_t *restrict B, float *restrict C,
+                                   int64_t ldc,
+                                   int accumulate, const float *restrict bias, int64_t mr) {
+    __m512 acc[FA_MR][FA_NV];
+    for (int r = 0; r < FA_MR; r++)
+        for (int v = 0; v < FA_NV; v++)
+            acc[r][v] = (accumulate && r < mr) ? _mm512_loadu_ps(C + r * ldc + v * 16)
+                        : bias ? _mm512_loadu_ps(bias + v * 16)
+                               : _mm512_setzero_ps();
+    for (int64_t p = 0; p < kp; p++) {
+        __m512bh b[FA_NV];
+        for (int v = 0; v < FA_NV; v++)
+            b[v] = (__m512bh)_mm512_load_si512((const void *)(B + p * FA_PAIR_NR + v * 16));
+        const uint32_t *a = A + p * ps;
+        for (int r = 0; r < FA_MR; r++) {
+            __m512bh ar = (__m512bh)_mm512_set1_epi32((int)a[r * rs]);
+            for (int v = 0; v < FA_NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, b[v]);
+        }
+    }
+    for (int r = 0; r < FA_MR; r++) {
+        if (r >= mr) break;
+        for (int v = 0; v < FA_NV; v++) _mm512_storeu_ps(C + r * ldc + v * 16, acc[r][v]);
+    }
+}
+#endif
+
 /*
  * Rows [m0, m1) x output panels [q0, q1) of Y = X Wp^T (+ bias): the unit of
  * work one thread takes.  With `qlist`, the panels are qlist[q0 .. q1)
@@ -211,12 +244,19 @@ static inline int64_t FA(padded_bias_len)(int64_t n_out) { return ((n_out + NR -
  * meets stay in L1.  `scratch` holds
  * FA_MR * kc elements (a tail of rows, zero-padded) plus one FA_MR x NR tile
  * (a tail of output features); it must be FA_ALIGN-aligned.
+ *
+ * Half-precision storage (float instantiation only; see fa_half.h): X of
+ * storage xstore is converted to float as its rows are packed, Y of storage
+ * ystore is rounded as the tile is written (the caller then takes K whole:
+ * a chunk's partial sums are not kept in 16 bits).  With `pairs` (builds
+ * with VDPBF16PS), Wp holds bfloat16 pairs (fa_pack_weight_pairs), the rows
+ * are packed in pairs and the panels multiply by FA(panel_pairs).
  */
 static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, int64_t m1,
                              int64_t K, const REAL *restrict Wp, const REAL *restrict bias,
                              int64_t n_out, int64_t q0, int64_t q1, REAL *restrict Y,
                              const fa_out_layout *lay, int64_t kc, REAL *restrict scratch,
-                             const int64_t *restrict qlist) {
+                             const int64_t *restrict qlist, int xstore, int ystore, int pairs) {
     REAL *tile = scratch;               /* FA_MR x NR, aligned */
     REAL *rows_tail = scratch + FA_MR * NR;
     /* a panel of rows is written with one row stride: in the head-major
@@ -224,6 +264,7 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
     int64_t seg = lay->head_dim ? lay->seq_len : INT64_MAX;
     int64_t ldc = lay->head_dim ? lay->head_dim : lay->ldy;
     int64_t roff[FA_MR], coff[NR];
+    int64_t kp_all = (K + 1) / 2; /* pair rows of a weight panel */
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
         int64_t kl = K - k0 < kc ? K - k0 : kc;
         int first = k0 == 0;
@@ -232,7 +273,36 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
             if (seg - i % seg < mr) mr = seg - i % seg;
             const REAL *a = X + i * ldx + k0;
             int64_t rs = ldx, ps = 1;
-            if (mr < FA_MR) {
+            const uint32_t *apairs = (const uint32_t *)rows_tail;
+            int64_t ars = 1, aps = FA_MR;
+            if (pairs && mr == FA_MR && xstore == FA_STORE_BF16 && ldx % 2 == 0 && K % 2 == 0) {
+                /* bfloat16 rows of even length are pairs already: read in place */
+                apairs = (const uint32_t *)((const uint16_t *)X + i * ldx + k0);
+                ars = ldx / 2;
+                aps = 1;
+            } else if (pairs) {
+                /* rows in bfloat16 pairs, one packed row after another */
+                uint32_t *w = (uint32_t *)rows_tail;
+                int64_t kpl = (kl + 1) / 2;
+                for (int64_t r = 0; r < FA_MR; r++) {
+                    if (r < mr)
+                        fa_row_to_pairs(w + r * kpl,
+                                        (const char *)X + ((i + r) * ldx + k0) * (xstore ? 2 : sizeof(REAL)),
+                                        xstore, kl);
+                    else
+                        memset(w + r * kpl, 0, (size_t)kpl * 4);
+                }
+                ars = kpl;
+                aps = 1;
+            } else if (xstore) {
+                /* 16-bit rows widened, one after another (rows past mr zero) */
+                fa_half_to_f32((float *)rows_tail, kl, (const uint16_t *)X + i * ldx + k0, ldx, mr,
+                               kl, xstore);
+                memset(rows_tail + mr * kl, 0, (size_t)((FA_MR - mr) * kl) * sizeof(REAL));
+                a = rows_tail;
+                rs = kl;
+                ps = 1;
+            } else if (mr < FA_MR) {
                 for (int64_t p = 0; p < kl; p++)
                     for (int64_t r = 0; r < FA_MR; r++)
                         rows_tail[p * FA_MR + r] = r < mr ? a[r * ldx + p] : 0;
@@ -240,6 +310,7 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
                 rs = 1;
                 ps = FA_MR;
             }
+            (void)apairs, (void)ars, (void)aps;
             for (int64_t r = 0; r < mr; r++) roff[r] = fa_row_off(lay, i + r);
             for (int64_t qi = q0; qi < q1; qi++) {
                 int64_t q = qlist ? qlist[qi] : qi;
@@ -248,22 +319,51 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
                 int64_t col = q * NR;
                 int64_t nr = n_out - col < NR ? n_out - col : NR;
                 int within = !lay->head_dim || col % lay->head_dim + NR <= lay->head_dim;
-                if (nr == NR && within) {
-                    FA(panel)(NR, kl, a, rs, ps, b, NR, Y + roff[0] + fa_col_off(lay, col), ldc,
-                              !first, bb, mr, NULL);
+                REAL *dst;
+                int64_t ldd;
+                int direct = nr == NR && within && !ystore;
+                if (direct) {
+                    dst = Y + roff[0] + fa_col_off(lay, col);
+                    ldd = ldc;
                 } else {
                     for (int64_t c = 0; c < nr; c++) coff[c] = fa_col_off(lay, col + c);
-                    /* a partial panel, or one that straddles two heads: through
-                     * the tile, then element by element to the real columns */
+                    /* a partial panel, one that straddles two heads, or a
+                     * 16-bit Y: through the tile, then element by element to
+                     * the real columns */
                     if (!first)
                         for (int64_t r = 0; r < mr; r++)
                             for (int64_t c = 0; c < nr; c++) tile[r * NR + c] = Y[roff[r] + coff[c]];
-                    FA(panel)(NR, kl, a, rs, ps, b, NR, tile, NR, !first, bb, mr, NULL);
-                    for (int64_t r = 0; r < mr; r++)
-                        for (int64_t c = 0; c < nr; c++) Y[roff[r] + coff[c]] = tile[r * NR + c];
+                    dst = tile;
+                    ldd = NR;
+                }
+#if FA_HAS_DPBF16
+                if (pairs) {
+                    const uint32_t *bw = (const uint32_t *)Wp + (q * kp_all + k0 / 2) * FA_PAIR_NR;
+                    FA(panel_pairs)((kl + 1) / 2, apairs, ars, aps, bw, (float *)dst, ldd, !first,
+                                    (const float *)bb, mr);
+                } else
+#endif
+                    FA(panel)(NR, kl, a, rs, ps, b, NR, dst, ldd, !first, bb, mr, NULL);
+                if (!direct) {
+                    if (ystore && nr == NR && within)
+                        /* a whole panel: each row's NR columns are adjacent */
+                        for (int64_t r = 0; r < mr; r++)
+                            fa_f32_to_half((uint16_t *)Y + roff[r] + coff[0], 0, (const float *)tile + r * NR,
+                                           0, 1, NR, ystore);
+                    else if (ystore)
+                        for (int64_t r = 0; r < mr; r++)
+                            for (int64_t c = 0; c < nr; c++) {
+                                float t = (float)tile[r * NR + c];
+                                ((uint16_t *)Y)[roff[r] + coff[c]] =
+                                    ystore == FA_STORE_BF16 ? fa_f32_to_bf16(t) : fa_f32_to_f16(t);
+                            }
+                    else
+                        for (int64_t r = 0; r < mr; r++)
+                            for (int64_t c = 0; c < nr; c++) Y[roff[r] + coff[c]] = tile[r * NR + c];
                 }
             }
             i += mr;
         }
     }
+    (void)kp_all;
 }

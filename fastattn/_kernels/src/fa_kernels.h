@@ -25,6 +25,7 @@
 #include <string.h>
 #include "fa_common.h"
 #include "fa_simd.h"
+#include "fa_half.h"
 
 /* ---- float ---- */
 #define REAL float

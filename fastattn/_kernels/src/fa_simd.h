@@ -16,7 +16,11 @@
 #if defined(__AVX512F__)
 #define FA_VBYTES 64
 #define FA_MR 8 /* 8 rows x 2 vectors = 16 of the 32 zmm registers */
+#if defined(__AVX512BF16__)
+#define FA_ISA_NAME "avx512bf16"
+#else
 #define FA_ISA_NAME "avx512"
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #define FA_VBYTES 32
 #define FA_MR 6 /* 6 x 2 = 12 of the 16 ymm registers, BLIS's AVX2 micro-tile */
