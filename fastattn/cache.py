@@ -90,10 +90,13 @@ class KVCache:
             )
         # a 16-bit cache is widened to float32 as its blocks are read: it
         # serves modules that compute in float32, as a float32 cache does
-        if compute_dtype(self.dtype) != compute_dtype(np.dtype(dtype)):
-            raise ValueError(f"cache has dtype {self.dtype}, which does not fit a module "
-                             f"computing in {compute_dtype(np.dtype(dtype))} (make it with "
-                             f"this module's new_cache())")
+        dtype = np.dtype(dtype)
+        if compute_dtype(self.dtype) != compute_dtype(dtype):
+            fits = ("float32, bfloat16 or float16" if compute_dtype(dtype) == np.float32
+                    else dtype.name)
+            raise ValueError(f"cache dtype {self.dtype} does not fit a module whose activations "
+                             f"are {dtype} (computed in {compute_dtype(dtype)}): its cache "
+                             f"holds {fits}")
 
     def _claim(self) -> "_Claim":
         """Holds the cache for one call (``with cache._claim():``): its length

@@ -160,8 +160,10 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
             ``precision``).  A bfloat16 or float16 cache halves the bytes
             decoding reads, beside a float32, bfloat16 or float16 module.
         """
-        return KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim,
-                       self._act_dtype if dtype is None else dtype, grow=grow)
+        cache = KVCache(batch_size, max_len, self.num_kv_heads, self.head_dim,
+                        self._act_dtype if dtype is None else dtype, grow=grow)
+        cache.check(cache.batch_size, self._act_dtype, self.num_kv_heads, self.head_dim)
+        return cache
 
     def _project(self, state: Params, x2d: np.ndarray, part: str, n_out: int,
                  out: Optional[np.ndarray] = None, num_threads: int = 1,

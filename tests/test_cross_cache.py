@@ -154,7 +154,9 @@ def test_cache_errors(rng):
         m(rng.standard_normal((2, 1, 16)), cache=cache)
     with pytest.raises(ValueError, match="cache was made for batch size 2"):
         m(rng.standard_normal((1, 1, 16)), cache=m.new_cache(2, 8))
-    with pytest.raises(ValueError, match="cache has dtype float64"):
+    with pytest.raises(ValueError, match=r"cache dtype float64 does not fit a module whose "
+                                         r"activations are float32 \(computed in float32\): "
+                                         r"its cache holds float32, bfloat16 or float16"):
         m64 = MultiHeadSelfAttention(16, 2, dtype=np.float64, seed=0)
         m(rng.standard_normal((1, 1, 16)), cache=m64.new_cache(1, 8))
     with pytest.raises(ValueError, match="cache holds 1 heads"):

@@ -187,9 +187,17 @@ def test_bad_dtypes_name_the_argument(rng):
     with pytest.raises(ValueError, match="precision=bfloat16 is for float32 modules"):
         fastattn.MultiHeadSelfAttention(16, 2, dtype=np.float64, precision="bfloat16")
     m = fastattn.MultiHeadSelfAttention(16, 2, dtype=np.float64)
-    with pytest.raises(ValueError, match="cache has dtype bfloat16, which does not fit a "
-                                         "module computing in float64"):
-        m(np.zeros((1, 1, 16)), cache=m.new_cache(1, 4, dtype="bfloat16"))
+    # refused when made, not at the first call
+    with pytest.raises(ValueError, match=r"cache dtype bfloat16 does not fit a module whose "
+                                         r"activations are float64 \(computed in float64\): "
+                                         r"its cache holds float64"):
+        m.new_cache(1, 4, dtype="bfloat16")
+    mb = fastattn.MultiHeadSelfAttention(16, 2, dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"cache dtype float64 does not fit a module whose "
+                                         r"activations are bfloat16 \(computed in float32\): "
+                                         r"its cache holds float32, bfloat16 or float16"):
+        mb(np.zeros((1, 1, 16), ml_dtypes.bfloat16),
+           cache=fastattn.KVCache(1, 4, 2, 8, np.float64))
 
 
 def _module_cases(dtype, precision=None):
@@ -322,3 +330,15 @@ def test_accuracy_no_worse_than_torch_bf16(rng):
 def test_info_names_the_bf16_path():
     info = fastattn.info()
     assert info["bfloat16"] == ("VDPBF16PS pairs" if kernels.pairs() else "widened to float32")
+
+
+@pytest.mark.parametrize("E,scale", [(128, None), (100, None), (64, 0.3)])
+def test_scale_is_not_rounded_into_the_queries(rng, E, scale):
+    # scores of a few units with a scale that is no power of two: rounding
+    # scale * q to bfloat16 (as a first version of the pair path did) moved
+    # every score and broke the bound, where torch stays within it
+    q = (4 * rng.standard_normal((1, 2, 256, E))).astype(BF16)
+    k = (4 * rng.standard_normal((1, 2, 256, E))).astype(BF16)
+    v = rng.standard_normal((1, 2, 256, E)).astype(BF16)
+    out = fastattn.scaled_dot_product_attention(q, k, v, scale=scale)
+    _close(out, ref_sdpa(q, k, v, scale=scale)[0], BF16, 5e-3)

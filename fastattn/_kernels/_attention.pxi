@@ -290,7 +290,7 @@ cdef void _tile_pairs(const Problem* P, int64_t work, floating* scratch) noexcep
     cdef void* out = _at(&P.out, b, h, i0, 0, 2)
 
     fa_pack_qt_pairs(QP, L, <const uint16_t*>_at(&P.q, b, h, i0, 0, 2), P.q.s_row, rows,
-                     P.dim, <float>P.scale)
+                     P.dim)
     memset(OT, 0, P.dim_v * L * sizeof(float))
     for r in range(L):
         m[r] = -INFINITY
@@ -303,8 +303,9 @@ cdef void _tile_pairs(const Problem* P, int64_t work, floating* scratch) noexcep
         if clean:
             for r in range(L):
                 bm[r] = -INFINITY
+        # the scale multiplies the float32 sums (the query stays as given)
         fa_gemm_pairs(bk, L, kp, k + j0 * P.k.s_row, P.k.s_row, 1, QP, L, ST, L, 0,
-                      <uint32_t*>tail, bm if clean else <float*>NULL)
+                      <uint32_t*>tail, bm if clean else <float*>NULL, <float>P.scale)
         _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk,
                      P.has_fmask and not _all_finite(ST, L, bk, L))
         _online_softmax(ST, L, bk, L, m, l, OT, L, P.dim_v, bm if clean else <float*>NULL)
@@ -319,7 +320,7 @@ cdef void _tile_pairs(const Problem* P, int64_t work, floating* scratch) noexcep
             fa_pack_v_pairs(VP, vb, P.v.s_row, bk, P.dim_v)
             fa_pack_p_pairs(PP, L, ST, L, bk, L)
             fa_gemm_pairs(P.dim_v, L, (bk + 1) // 2, <const uint16_t*>VP, 2, P.dim_v, PP, L,
-                          OT, L, 1, <uint32_t*>tail, <float*>NULL)
+                          OT, L, 1, <uint32_t*>tail, <float*>NULL, 1.0)
         j0 += P.block_k
     _finalize(OT, L, l, rows, P.dim_v, half, P.dim_v)
     fa_f32_to_half(out, P.out.s_row, half, P.dim_v, rows, P.dim_v, STORE_BF16)

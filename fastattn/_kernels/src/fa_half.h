@@ -182,16 +182,16 @@ static void fa_row_to_pairs(uint32_t *restrict dst, const void *restrict src, in
 /* A word of 16-bit data at any even byte address. */
 typedef uint32_t fa_word_u __attribute__((aligned(2), may_alias));
 
-/* dst[p * ldd + i] = scale * (q[i][2p], q[i][2p+1]) rounded to bfloat16, for
- * the rows < rows of the block, zero past them (up to ldd lanes). */
+/* dst[p * ldd + i] = (q[i][2p], q[i][2p+1]) for the rows < rows of the block,
+ * zero past them (up to ldd lanes).  Unscaled: scale * q would round again
+ * unless the scale is a power of two; fa_gemm_pairs scales the float32 sums. */
 static void fa_pack_qt_pairs(uint32_t *restrict dst, int64_t ldd, const uint16_t *restrict q,
-                             int64_t qs, int64_t rows, int64_t E, float scale) {
+                             int64_t qs, int64_t rows, int64_t E) {
     int64_t kp = (E + 1) / 2;
     for (int64_t p = 0; p < kp; p++) {
         for (int64_t i = 0; i < rows; i++) {
             const uint16_t *qi = q + i * qs + 2 * p;
-            float hi = 2 * p + 1 < E ? scale * fa_bf16_to_f32(qi[1]) : 0;
-            dst[p * ldd + i] = fa_pair(scale * fa_bf16_to_f32(qi[0]), hi);
+            dst[p * ldd + i] = (uint32_t)qi[0] | (2 * p + 1 < E ? (uint32_t)qi[1] << 16 : 0);
         }
         for (int64_t i = rows; i < ldd; i++) dst[p * ldd + i] = 0;
     }
@@ -236,7 +236,8 @@ static void fa_pack_p_pairs(uint32_t *restrict dst, int64_t ldd, const float *re
 }
 
 /*
- * C[M x N] (+)= A . B over kp pairs: A(r, p) is the word at element offset
+ * C[M x N] (+)= scale * (A . B) over kp pairs (scale applies to the sums only,
+ * not to what C held): A(r, p) is the word at element offset
  * r * rs + 2 * p * ps of `A` (16-bit elements: rows of K in place with ps 1,
  * or packed pairs), B[p][0:N] words (ldb apart, N a multiple of FA_PAIR_NR).
  * A last panel of fewer than FA_MR rows goes through `tail` (FA_MR * kp
@@ -245,7 +246,8 @@ static void fa_pack_p_pairs(uint32_t *restrict dst, int64_t ldd, const float *re
 static void fa_gemm_pairs(int64_t M, int64_t N, int64_t kp, const uint16_t *restrict A,
                           int64_t rs, int64_t ps, const uint32_t *restrict B, int64_t ldb,
                           float *restrict C, int64_t ldc, int accumulate,
-                          uint32_t *restrict tail, float *restrict colmax) {
+                          uint32_t *restrict tail, float *restrict colmax, float scale) {
+    __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t i = 0; i < M; i += FA_MR) {
         int64_t mr = M - i < FA_MR ? M - i : FA_MR;
         const uint16_t *a = A + i * rs;
@@ -263,8 +265,7 @@ static void fa_gemm_pairs(int64_t M, int64_t N, int64_t kp, const uint16_t *rest
             __m512 acc[FA_MR][FA_NV];
             for (int r = 0; r < FA_MR; r++)
                 for (int v = 0; v < FA_NV; v++)
-                    acc[r][v] = (accumulate && r < mr) ? _mm512_loadu_ps(C + (i + r) * ldc + j + v * 16)
-                                                       : _mm512_setzero_ps();
+                    acc[r][v] = _mm512_setzero_ps();
             for (int64_t p = 0; p < kp; p++) {
                 __m512bh b[FA_NV];
                 for (int v = 0; v < FA_NV; v++)
@@ -275,6 +276,12 @@ static void fa_gemm_pairs(int64_t M, int64_t N, int64_t kp, const uint16_t *rest
                     for (int v = 0; v < FA_NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, b[v]);
                 }
             }
+            for (int r = 0; r < FA_MR; r++)
+                for (int v = 0; v < FA_NV; v++) {
+                    acc[r][v] = _mm512_mul_ps(acc[r][v], vscale);
+                    if (accumulate && r < mr)
+                        acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_loadu_ps(C + (i + r) * ldc + j + v * 16));
+                }
             for (int r = 0; r < FA_MR; r++) {
                 if (r >= mr) break;
                 for (int v = 0; v < FA_NV; v++) _mm512_storeu_ps(C + (i + r) * ldc + j + v * 16, acc[r][v]);
