@@ -49,6 +49,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"fastattn {data['version']}")
     print(f"  kernels:     {data['kernel_isa']} build (runnable here: {', '.join(data['available_isas'])})")
+    print(f"  bfloat16:    {data['bfloat16']} (float16: widened to float32)")
     print(f"  OpenMP:      {'on' if data['openmp'] else 'off (single-threaded build)'}")
     print(f"  threads:     {data['num_threads']}")
     lim = data["limits"]
