@@ -203,39 +203,6 @@ static void FA(pack_weight)(REAL *restrict dst, const REAL *restrict W, int64_t 
 /* Bias padded to whole panels (so the last panel's vector loads stay inside). */
 static inline int64_t FA(padded_bias_len)(int64_t n_out) { return ((n_out + NR - 1) / NR) * NR; }
 
-#if FA_HAS_DPBF16
-/* The pair form of FA(panel), for float32 sums: C[r][0:NR] (+)= sum_p
- * A(r, p) . B[p][0:NR] over kp pairs, each A and B word two bfloat16 (see
- * fa_half.h), multiplied and added by VDPBF16PS; A(r, p) = A[r * rs + p * ps]
- * (rows of x in place, or packed).  Rows >= mr must be readable; they are
- * computed and not stored. */
-static inline void FA(panel_pairs)(int64_t kp, const uint32_t *restrict A, int64_t rs,
-                                   int64_t ps, const uint32_t *restrict B, float *restrict C,
-                                   int64_t ldc,
-                                   int accumulate, const float *restrict bias, int64_t mr) {
-    __m512 acc[FA_MR][FA_NV];
-    for (int r = 0; r < FA_MR; r++)
-        for (int v = 0; v < FA_NV; v++)
-            acc[r][v] = (accumulate && r < mr) ? _mm512_loadu_ps(C + r * ldc + v * 16)
-                        : bias ? _mm512_loadu_ps(bias + v * 16)
-                               : _mm512_setzero_ps();
-    for (int64_t p = 0; p < kp; p++) {
-        __m512bh b[FA_NV];
-        for (int v = 0; v < FA_NV; v++)
-            b[v] = (__m512bh)_mm512_load_si512((const void *)(B + p * FA_PAIR_NR + v * 16));
-        const uint32_t *a = A + p * ps;
-        for (int r = 0; r < FA_MR; r++) {
-            __m512bh ar = (__m512bh)_mm512_set1_epi32((int)a[r * rs]);
-            for (int v = 0; v < FA_NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, b[v]);
-        }
-    }
-    for (int r = 0; r < FA_MR; r++) {
-        if (r >= mr) break;
-        for (int v = 0; v < FA_NV; v++) _mm512_storeu_ps(C + r * ldc + v * 16, acc[r][v]);
-    }
-}
-#endif
-
 /*
  * Rows [m0, m1) x output panels [q0, q1) of Y = X Wp^T (+ bias): the unit of
  * work one thread takes.  With `qlist`, the panels are qlist[q0 .. q1)
@@ -250,7 +217,7 @@ static inline void FA(panel_pairs)(int64_t kp, const uint32_t *restrict A, int64
  * ystore is rounded as the tile is written (the caller then takes K whole:
  * a chunk's partial sums are not kept in 16 bits).  With `pairs` (builds
  * with VDPBF16PS), Wp holds bfloat16 pairs (fa_pack_weight_pairs), the rows
- * are packed in pairs and the panels multiply by FA(panel_pairs).
+ * are packed in pairs and the panels multiply by fa_panel_pairs (fa_half.h).
  */
 static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, int64_t m1,
                              int64_t K, const REAL *restrict Wp, const REAL *restrict bias,
@@ -273,13 +240,14 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
             if (seg - i % seg < mr) mr = seg - i % seg;
             const REAL *a = X + i * ldx + k0;
             int64_t rs = ldx, ps = 1;
-            const uint32_t *apairs = (const uint32_t *)rows_tail;
-            int64_t ars = 1, aps = FA_MR;
+            /* the rows as fa_panel_pairs reads them: 16-bit elements, rows
+             * ars apart, pair p at element 2 * p */
+            const uint16_t *apairs = (const uint16_t *)rows_tail;
+            int64_t ars = 0;
             if (pairs && mr == FA_MR && xstore == FA_STORE_BF16 && ldx % 2 == 0 && K % 2 == 0) {
                 /* bfloat16 rows of even length are pairs already: read in place */
-                apairs = (const uint32_t *)((const uint16_t *)X + i * ldx + k0);
-                ars = ldx / 2;
-                aps = 1;
+                apairs = (const uint16_t *)X + i * ldx + k0;
+                ars = ldx;
             } else if (pairs) {
                 /* rows in bfloat16 pairs, one packed row after another */
                 uint32_t *w = (uint32_t *)rows_tail;
@@ -292,8 +260,7 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
                     else
                         memset(w + r * kpl, 0, (size_t)kpl * 4);
                 }
-                ars = kpl;
-                aps = 1;
+                ars = 2 * kpl;
             } else if (xstore) {
                 /* 16-bit rows widened, one after another (rows past mr zero) */
                 fa_half_to_f32((float *)rows_tail, kl, (const uint16_t *)X + i * ldx + k0, ldx, mr,
@@ -310,7 +277,7 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
                 rs = 1;
                 ps = FA_MR;
             }
-            (void)apairs, (void)ars, (void)aps;
+            (void)apairs, (void)ars;
             for (int64_t r = 0; r < mr; r++) roff[r] = fa_row_off(lay, i + r);
             for (int64_t qi = q0; qi < q1; qi++) {
                 int64_t q = qlist ? qlist[qi] : qi;
@@ -339,8 +306,8 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
 #if FA_HAS_DPBF16
                 if (pairs) {
                     const uint32_t *bw = (const uint32_t *)Wp + (q * kp_all + k0 / 2) * FA_PAIR_NR;
-                    FA(panel_pairs)((kl + 1) / 2, apairs, ars, aps, bw, (float *)dst, ldd, !first,
-                                    (const float *)bb, mr);
+                    fa_panel_pairs((kl + 1) / 2, apairs, ars, 1, bw, FA_PAIR_NR, (float *)dst, ldd,
+                                   !first, (const float *)bb, mr, NULL, 1.0f);
                 } else
 #endif
                     FA(panel)(NR, kl, a, rs, ps, b, NR, dst, ldd, !first, bb, mr, NULL);

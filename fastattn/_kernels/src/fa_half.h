@@ -236,24 +236,69 @@ static void fa_pack_p_pairs(uint32_t *restrict dst, int64_t ldd, const float *re
 }
 
 /*
+ * One FA_MR x FA_PAIR_NR panel: C[r][0:NR] = scale * sum_p A(r, p) . B[p][0:NR]
+ * (+ C[r] with `accumulate`, + bias), multiplied and added by VDPBF16PS.
+ * A(r, p) is the word at element offset r * rs + 2 * p * ps of `A` (16-bit
+ * elements: rows of x or K in place with ps 1, or packed pairs); rows >= mr
+ * must be readable and are not stored.  colmax (or NULL): as FA(panel)'s.
+ * The one pair micro-kernel: the projections (fa_gemm.h's linear_block) and
+ * the attention tile (fa_gemm_pairs) both run it.
+ */
+static inline __attribute__((always_inline)) void fa_panel_pairs(
+    int64_t kp, const uint16_t *restrict A, int64_t rs, int64_t ps, const uint32_t *restrict B,
+    int64_t ldb, float *restrict C, int64_t ldc, int accumulate, const float *restrict bias,
+    int64_t mr, float *restrict colmax, float scale) {
+    __m512 acc[FA_MR][FA_NV];
+    for (int r = 0; r < FA_MR; r++)
+        for (int v = 0; v < FA_NV; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kp; p++) {
+        __m512bh b[FA_NV];
+        for (int v = 0; v < FA_NV; v++)
+            b[v] = (__m512bh)_mm512_loadu_si512((const void *)(B + p * ldb + v * 16));
+        const uint16_t *ap = A + 2 * p * ps;
+        for (int r = 0; r < FA_MR; r++) {
+            __m512bh ar = (__m512bh)_mm512_set1_epi32((int)*(const fa_word_u *)(ap + r * rs));
+            for (int v = 0; v < FA_NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, b[v]);
+        }
+    }
+    __m512 vscale = _mm512_set1_ps(scale);
+    for (int r = 0; r < FA_MR; r++)
+        for (int v = 0; v < FA_NV; v++) {
+            acc[r][v] = _mm512_mul_ps(acc[r][v], vscale);
+            if (accumulate && r < mr)
+                acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_loadu_ps(C + r * ldc + v * 16));
+            else if (bias)
+                acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_loadu_ps(bias + v * 16));
+        }
+    for (int r = 0; r < FA_MR; r++) {
+        if (r >= mr) break;
+        for (int v = 0; v < FA_NV; v++) _mm512_storeu_ps(C + r * ldc + v * 16, acc[r][v]);
+    }
+    if (colmax)
+        for (int v = 0; v < FA_NV; v++) {
+            __m512 mx = acc[0][v];
+            for (int r = 1; r < mr; r++) mx = _mm512_max_ps(mx, acc[r][v]);
+            float *cm = colmax + v * 16;
+            _mm512_storeu_ps(cm, _mm512_max_ps(_mm512_loadu_ps(cm), mx));
+        }
+}
+
+/*
  * C[M x N] (+)= scale * (A . B) over kp pairs (scale applies to the sums only,
- * not to what C held): A(r, p) is the word at element offset
- * r * rs + 2 * p * ps of `A` (16-bit elements: rows of K in place with ps 1,
- * or packed pairs), B[p][0:N] words (ldb apart, N a multiple of FA_PAIR_NR).
- * A last panel of fewer than FA_MR rows goes through `tail` (FA_MR * kp
- * words).  colmax: as FA(panel)'s (rows < the real ones), or NULL.
+ * not to what C held), A as fa_panel_pairs reads it, B[p][0:N] words (ldb
+ * apart, N a multiple of FA_PAIR_NR).  A last panel of fewer than FA_MR rows
+ * goes through `tail` (FA_MR * kp words), so no read runs past A.
  */
 static void fa_gemm_pairs(int64_t M, int64_t N, int64_t kp, const uint16_t *restrict A,
                           int64_t rs, int64_t ps, const uint32_t *restrict B, int64_t ldb,
                           float *restrict C, int64_t ldc, int accumulate,
                           uint32_t *restrict tail, float *restrict colmax, float scale) {
-    __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t i = 0; i < M; i += FA_MR) {
         int64_t mr = M - i < FA_MR ? M - i : FA_MR;
         const uint16_t *a = A + i * rs;
         int64_t ars = rs, aps = ps;
         if (mr < FA_MR) {
-            /* words [r * kp + p], rows past mr zero, so no read runs past A */
+            /* words [r * kp + p], rows past mr zero */
             for (int64_t r = 0; r < FA_MR; r++)
                 for (int64_t p = 0; p < kp; p++)
                     tail[r * kp + p] = r < mr ? *(const fa_word_u *)(a + r * rs + 2 * p * ps) : 0;
@@ -261,39 +306,9 @@ static void fa_gemm_pairs(int64_t M, int64_t N, int64_t kp, const uint16_t *rest
             ars = 2 * kp;
             aps = 1;
         }
-        for (int64_t j = 0; j < N; j += FA_PAIR_NR) {
-            __m512 acc[FA_MR][FA_NV];
-            for (int r = 0; r < FA_MR; r++)
-                for (int v = 0; v < FA_NV; v++)
-                    acc[r][v] = _mm512_setzero_ps();
-            for (int64_t p = 0; p < kp; p++) {
-                __m512bh b[FA_NV];
-                for (int v = 0; v < FA_NV; v++)
-                    b[v] = (__m512bh)_mm512_loadu_si512((const void *)(B + p * ldb + j + v * 16));
-                const uint16_t *ap = a + 2 * p * aps;
-                for (int r = 0; r < FA_MR; r++) {
-                    __m512bh ar = (__m512bh)_mm512_set1_epi32((int)*(const fa_word_u *)(ap + r * ars));
-                    for (int v = 0; v < FA_NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, b[v]);
-                }
-            }
-            for (int r = 0; r < FA_MR; r++)
-                for (int v = 0; v < FA_NV; v++) {
-                    acc[r][v] = _mm512_mul_ps(acc[r][v], vscale);
-                    if (accumulate && r < mr)
-                        acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_loadu_ps(C + (i + r) * ldc + j + v * 16));
-                }
-            for (int r = 0; r < FA_MR; r++) {
-                if (r >= mr) break;
-                for (int v = 0; v < FA_NV; v++) _mm512_storeu_ps(C + (i + r) * ldc + j + v * 16, acc[r][v]);
-            }
-            if (colmax)
-                for (int v = 0; v < FA_NV; v++) {
-                    __m512 mx = acc[0][v];
-                    for (int r = 1; r < mr; r++) mx = _mm512_max_ps(mx, acc[r][v]);
-                    float *cm = colmax + j + v * 16;
-                    _mm512_storeu_ps(cm, _mm512_max_ps(_mm512_loadu_ps(cm), mx));
-                }
-        }
+        for (int64_t j = 0; j < N; j += FA_PAIR_NR)
+            fa_panel_pairs(kp, a, ars, aps, B + j, ldb, C + i * ldc + j, ldc, accumulate, NULL,
+                           mr, colmax ? colmax + j : NULL, scale);
     }
 }
 #else
