@@ -29,7 +29,8 @@ docs/architecture.md for one call's path through the layers::
 """
 
 from .cache import KVCache
-from .functional import alibi_slopes, scaled_dot_product_attention
+from .functional import alibi_slopes, merge_attention, scaled_dot_product_attention
+from .rotary import Rotary, apply_rotary
 from .info import info
 from .modules import MultiHeadAttention, MultiHeadSelfAttention
 from .threads import get_num_threads, set_num_threads
@@ -43,6 +44,9 @@ __all__ = [
     "KVCache",
     "scaled_dot_product_attention",
     "alibi_slopes",
+    "merge_attention",
+    "Rotary",
+    "apply_rotary",
     "get_num_threads",
     "set_num_threads",
     "info",

@@ -84,7 +84,7 @@ class FastPath:
         # general forward)
         words = np.dtype(np.uint16) if self.dtype == BFLOAT16 else self.dtype
         if (type(x) is not np.ndarray or x.dtype != words or x.ndim != 3
-                or self._act_dtype != self.dtype
+                or self._act_dtype != self.dtype or not self._plannable
                 or not self.fused or not x.flags.c_contiguous or not x.flags.aligned):
             return None
         B, N, D = x.shape
@@ -120,7 +120,7 @@ class FastPath:
         if bufs is None or bufs[0].shape != (B, groups, L, self.head_dim):
             bufs = (
                 np.empty((B, groups, L, self.head_dim), dtype=self._act_dtype),
-                np.empty((B * L, self.embed_dim), dtype=self._act_dtype),
+                np.empty((B * L, self.q_dim), dtype=self._act_dtype),
             )
             ws.bufs = bufs
         return bufs

@@ -27,8 +27,8 @@ from ._validate import cast_checked, ensure_memory, float_param, shape_str
 
 __all__ = ["Params", "Parameters", "param_shapes"]
 
-# which constructor argument is each projection's input width (its fan-in)
-_IN_DIM = {"q": "embed_dim", "k": "kdim", "v": "vdim", "o": "embed_dim"}
+# which width is each projection's input (its fan-in)
+_IN_DIM = {"q": "embed_dim", "k": "kdim", "v": "vdim", "o": "q_dim"}
 
 
 class Params:
@@ -65,10 +65,13 @@ def frozen(parts: Sequence[np.ndarray]) -> np.ndarray:
 def param_shapes(cfg: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
     """Parameter shapes (w_q ... b_o, as torch.nn.Linear lays them out) of a
     checked config (``fastattn._validate.module_config``); allocates nothing."""
-    D, kv = cfg["embed_dim"], cfg["num_kv_heads"] * (cfg["embed_dim"] // cfg["num_heads"])
-    shapes = {"w_q": (D, D), "w_k": (kv, cfg["kdim"]), "w_v": (kv, cfg["vdim"]), "w_o": (D, D)}
+    D, E = cfg["embed_dim"], cfg["head_dim"]
+    qd, kv = cfg["num_heads"] * E, cfg["num_kv_heads"] * E
+    shapes = {"w_q": (qd, D), "w_k": (kv, cfg["kdim"]), "w_v": (kv, cfg["vdim"]), "w_o": (D, qd)}
     if cfg["bias"]:
-        shapes.update({"b_q": (D,), "b_k": (kv,), "b_v": (kv,), "b_o": (D,)})
+        shapes.update({"b_q": (qd,), "b_k": (kv,), "b_v": (kv,), "b_o": (D,)})
+    if cfg.get("sinks"):
+        shapes["sinks"] = (cfg["num_heads"],)
     return shapes
 
 
@@ -84,13 +87,15 @@ class Parameters:
 
     def _init_params(self, embed_dim: int, num_heads: int, num_kv_heads: int, kdim: int,
                      vdim: int, bias: bool, dtype: np.dtype,
-                     precision: Optional[np.dtype] = None) -> None:
+                     precision: Optional[np.dtype] = None, head_dim: Optional[int] = None,
+                     sinks: bool = False) -> None:
         """Config, and no parameters yet: every constructor loads a full set
         (reset_parameters or load_state_dict) before the module is used."""
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
+        self.has_sinks = bool(sinks)
         self.kdim = kdim
         self.vdim = vdim
         self.bias = bool(bias)
@@ -101,13 +106,20 @@ class Parameters:
         self._act_dtype = precision if precision is not None else self.dtype
         self._shapes = param_shapes(dict(embed_dim=embed_dim, num_heads=num_heads,
                                          num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim,
-                                         bias=bias))
+                                         bias=bias, head_dim=self.head_dim,
+                                         sinks=self.has_sinks))
         ensure_memory(list(self._shapes.values()), self.dtype.itemsize,
                       "the module's parameters")
         self._state: Optional[Params] = None
         # serialises weight changes, each of which reads the current state
         # and builds the next; calls never take it
         self._lock = ForkSafeLock()
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the Q projection and of the merged heads: ``num_heads * head_dim``
+        (``embed_dim`` unless ``head_dim`` was given)."""
+        return self.num_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -120,7 +132,7 @@ class Parameters:
         return self.kdim == self.embed_dim and self.vdim == self.embed_dim
 
     def _slices(self) -> Dict[str, slice]:
-        D, kv = self.embed_dim, self.kv_dim
+        D, kv = self.q_dim, self.kv_dim
         return {"q": slice(0, D), "k": slice(D, D + kv), "v": slice(D + kv, D + 2 * kv)}
 
     def _storage(self) -> Dict[str, Tuple[str, ...]]:
@@ -133,6 +145,8 @@ class Parameters:
         layout["w_o"] = ("w_o",)
         if self.bias:
             layout.update(b_qkv=("b_q", "b_k", "b_v"), b_o=("b_o",))
+        if self.has_sinks:
+            layout["sinks"] = ("sinks",)
         return layout
 
     def _param_view(self, name: str, state: Params) -> Optional[np.ndarray]:
@@ -184,7 +198,8 @@ class Parameters:
         if name not in self._shapes:
             if value is None:
                 return
-            raise ValueError(f"{name}: this module was built with bias=False and has no {name}")
+            built = "sinks=False" if name == "sinks" else "bias=False"
+            raise ValueError(f"{name}: this module was built with {built} and has no {name}")
         self._store_params({name: self._staged_param(name, value, name)})
 
     w_q = _param_property("w_q")
@@ -195,6 +210,7 @@ class Parameters:
     b_k = _param_property("b_k")
     b_v = _param_property("b_v")
     b_o = _param_property("b_o")
+    sinks = _param_property("sinks")
 
     def reset_parameters(self, seed: Union[None, int, np.random.Generator] = None) -> None:
         """Draw fresh weights like ``torch.nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -208,9 +224,28 @@ class Parameters:
                                 f"or a numpy Generator, got {seed!r} ({exc})") from None
         staged = {}
         for name, shape in self._shapes.items():
+            if name == "sinks":
+                # a sink of logit 0 weighs as one key of score 0
+                staged[name] = np.zeros(shape, self.dtype)
+                continue
             bound = 1.0 / math.sqrt(getattr(self, _IN_DIM[name[2]]))
             staged[name] = rng.uniform(-bound, bound, size=shape).astype(self.dtype, copy=False)
         self._store_params(staged)
+
+    def _rotary_rows(self, part: str) -> Optional[np.ndarray]:
+        """The order of projection ``part``'s output rows as packed: Q and K
+        heads in rotary pair order where the module rotates a half-split
+        layout, else None (as given)."""
+        rotary = getattr(self, "rotary", None)
+        if rotary is None or rotary.interleaved or part not in ("qkv", "q", "k"):
+            return None
+        E = self.head_dim
+        heads = {"qkv": self.num_heads + self.num_kv_heads, "q": self.num_heads,
+                 "k": self.num_kv_heads}[part]
+        order = (np.arange(heads)[:, None] * E + rotary.pair_order(E)[None, :]).reshape(-1)
+        if part == "qkv":
+            order = np.concatenate([order, np.arange(heads * E, self.q_dim + 2 * self.kv_dim)])
+        return order
 
     def _packed_weight(self, state: Params, part: str):
         """(packed weight, padded bias) of projection ``part`` ("qkv", "q", "k",
@@ -218,10 +253,16 @@ class Parameters:
         entry = state.packed.get(part)
         if entry is None:
             w = self._param_view("w_" + part, state)
+            b = self._param_view("b_" + part, state)
+            order = self._rotary_rows(part)
+            if order is not None:
+                # rotated pairs made adjacent (see fastattn.rotary)
+                w = w[order]
+                b = None if b is None else b[order]
             if w.dtype != self._act_dtype:
                 w = w.astype(self._act_dtype)  # mixed precision: rounded once, here
-            entry = kernels.pack_weight(kernel_view(w),
-                                        kernel_view(self._param_view("b_" + part, state)),
+            entry = kernels.pack_weight(kernel_view(np.ascontiguousarray(w)),
+                                        kernel_view(None if b is None else np.ascontiguousarray(b)),
                                         _policy.weight_pairs(kernels, w.dtype))
             entry = state.packed.setdefault(part, entry)
         return entry

@@ -35,6 +35,8 @@ MIN_KEYS_PER_SPLIT = 512
 # Rows x output panels per projection work item: a block of packed weights
 # (K x 2 panels) stays in L2 while the rows stream past it.
 LINEAR_ROWS = 128
+# Rows of one work item of apply_rotary's pass (a few microseconds of work each).
+ROTATE_ROWS = 256
 LINEAR_PANELS = 2
 # The inner dimension is taken whole up to KC_WHOLE, else in chunks of KC, so
 # that one panel's chunk and the rows reading it stay in L1/L2.

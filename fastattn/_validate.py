@@ -344,6 +344,38 @@ def check_alibi_slopes(slopes, num_heads: int,
     return arr
 
 
+def check_softcap(softcap, dtype: np.dtype = np.dtype(np.float64)) -> float:
+    """Logit soft-capping: None (off, returned as 0.0) or a finite cap > 0."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.integer, np.floating)):
+        raise TypeError(f"softcap must be a positive real number or None, got {softcap!r}")
+    value = float(softcap)
+    if not (value > 0 and value <= float(np.finfo(dtype).max)):
+        raise ValueError(f"softcap must be > 0 and finite in {np.dtype(dtype).name} (or None "
+                         f"for no capping), got {softcap!r}")
+    return value
+
+
+def check_sinks(sinks, num_heads: int,
+                dtype: np.dtype = np.dtype(np.float64)) -> Optional[np.ndarray]:
+    """Attention sinks as float64, one logit per query head; None for None.
+    -inf is allowed (that head has no sink); NaN and +inf are not."""
+    if sinks is None:
+        return None
+    arr = to_array(sinks, "sinks")
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"sinks must be a real array, got dtype {arr.dtype}")
+    if arr.shape != (num_heads,):
+        raise ValueError(f"sinks must have shape ({num_heads},) (one logit per query head), "
+                         f"got {shape_str(arr.shape)}")
+    arr = arr.astype(np.float64)
+    if np.any(np.isnan(arr)) or np.any(arr > float(np.finfo(dtype).max)):
+        raise ValueError(f"sinks must be finite in {np.dtype(dtype).name} or -inf (no sink), "
+                         f"got {arr[np.isnan(arr) | (arr > float(np.finfo(dtype).max))][0]}")
+    return arr
+
+
 # ALiBi's bias may take at most this fraction of the dtype's range; the rest
 # is left to the scores (and a float mask) it is added to, so a score plus
 # its bias overflows only when the score is already beyond three quarters of
@@ -417,17 +449,23 @@ def check_flag(value, name: str) -> bool:
 
 
 def module_config(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
-                  dim_name: str = "embed_dim", precision=None) -> dict:
+                  dim_name: str = "embed_dim", precision=None, head_dim=None,
+                  sinks=False) -> dict:
     """A module's constructor arguments, checked, with the defaults filled in
-    (``num_kv_heads = num_heads``, ``kdim = vdim = embed_dim``); ``dim_name``
-    is what messages call the first argument."""
+    (``num_kv_heads = num_heads``, ``kdim = vdim = embed_dim``,
+    ``head_dim = embed_dim // num_heads``); ``dim_name`` is what messages call
+    the first argument."""
     embed_dim = positive_int(embed_dim, dim_name)
     num_heads = positive_int(num_heads, "num_heads")
-    if embed_dim % num_heads:
+    if head_dim is not None:
+        head_dim = positive_int(head_dim, "head_dim")
+    elif embed_dim % num_heads:
         raise ValueError(
             f"{dim_name} ({embed_dim}) must be divisible by num_heads ({num_heads}): "
-            f"each head gets {dim_name} // num_heads features"
+            f"each head gets {dim_name} // num_heads features (or give head_dim)"
         )
+    else:
+        head_dim = embed_dim // num_heads
     num_kv_heads = num_heads if num_kv_heads is None else positive_int(num_kv_heads, "num_kv_heads")
     if num_heads % num_kv_heads:
         raise ValueError(
@@ -439,7 +477,8 @@ def module_config(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
     dtype = float_dtype(dtype)
     return dict(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
                 kdim=kdim, vdim=vdim, bias=bool(bias), dtype=dtype,
-                precision=check_precision(precision, dtype))
+                precision=check_precision(precision, dtype), head_dim=head_dim,
+                sinks=check_flag(sinks, "sinks"))
 
 
 def check_precision(precision, dtype: np.dtype) -> Optional[np.dtype]:
@@ -469,6 +508,7 @@ class CallOptions(TypedDict, total=False):
     window: Optional[Tuple[Optional[int], Optional[int]]]
     alibi: bool
     alibi_slopes: Any
+    positions: Any
 
 
 # Their defaults.  A call that passes none of them, or only these very
@@ -476,7 +516,7 @@ class CallOptions(TypedDict, total=False):
 CALL_DEFAULTS: Dict[str, Any] = {
     "attn_mask": None, "key_padding_mask": None, "is_causal": False, "need_weights": False,
     "average_attn_weights": True, "cache": None, "window": None, "alibi": False,
-    "alibi_slopes": None,
+    "alibi_slopes": None, "positions": None,
 }
 _UNSET = object()
 

@@ -32,14 +32,19 @@ from ._validate import (
     check_flag,
     check_qkv,
     check_scale,
+    check_sinks,
+    check_softcap,
     check_window,
     ensure_memory,
     kernel_ready,
     float_dtype,
     prepare_mask,
+    shape_str,
+    to_array,
+    float_array,
 )
 
-__all__ = ["scaled_dot_product_attention", "alibi_slopes"]
+__all__ = ["scaled_dot_product_attention", "alibi_slopes", "merge_attention"]
 
 
 def _offset_table_bytes(lead: Tuple[int, ...], operands: int) -> int:
@@ -88,6 +93,9 @@ def attention_into(
     weights: Optional[np.ndarray] = None,
     window=None,
     slopes: Optional[np.ndarray] = None,
+    softcap: float = 0.0,
+    sinks: Optional[np.ndarray] = None,
+    lse: Optional[np.ndarray] = None,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
     num_threads: Optional[int] = None,
@@ -96,11 +104,19 @@ def attention_into(
 
     ``out`` may be any view with a unit last stride (the modules pass the
     head-merged layout, so no transpose copy follows).  Masks are the broadcast
-    views of :func:`prepare_mask`; at most two bool masks.
+    views of :func:`prepare_mask`; at most two bool masks.  ``softcap`` (0:
+    off) and ``sinks`` (float64 per query head) as checked by _validate;
+    ``lse``, a C-contiguous (*lead, H, Lq) array of the computation's dtype,
+    gets each query row's log-sum-exp.
     """
     if slopes is not None:
         # here, where both lengths are known (k holds every cached key)
         check_alibi_range(slopes, q.shape[-2], k.shape[-2], compute_dtype(q.dtype))
+    if lse is not None and lse.size and v.shape[-1] == 0:
+        # no value columns, yet each row's log-sum-exp is asked for: the
+        # kernel computes it beside one column of zeros
+        v = np.zeros(v.shape[:-1] + (1,), v.dtype)
+        out = np.empty(out.shape[:-1] + (1,), out.dtype)
     if out.size == 0 and (weights is None or weights.size == 0):
         return  # nothing to compute (zero batch, heads, queries or value width)
     masks = [m for m in bool_masks if m is not None]
@@ -127,6 +143,9 @@ def attention_into(
         num_threads,
         window,
         slopes,
+        softcap,
+        sinks,
+        lse,
     )
 
 
@@ -143,7 +162,10 @@ def scaled_dot_product_attention(
     alibi: bool = False,
     alibi_slopes: Optional[np.ndarray] = None,
     precision=None,
-) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    softcap: Optional[float] = None,
+    sinks: Optional[np.ndarray] = None,
+    return_lse: bool = False,
+) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``, per head.
 
     Parameters
@@ -183,6 +205,19 @@ def scaled_dot_product_attention(
         torch's autocast): q, k and v are rounded to this type for the
         products, the result is returned in q's dtype.  None: the inputs'
         own type.
+    softcap : float > 0, optional
+        Logit soft-capping (Gemma 2): the scaled scores ``s`` become
+        ``softcap * tanh(s / softcap)`` before masks, ALiBi and the softmax.
+    sinks : array of shape (H,), optional
+        Attention sinks (GPT-OSS): one logit per query head that joins each
+        row's softmax denominator, ``exp(sinks[h])``, with no value; the
+        weights then sum to less than 1.  ``-inf``: no sink for that head.
+    return_lse : bool
+        Also return each query row's log-sum-exp of its scaled, capped,
+        masked scores (the log of the softmax's denominator, sink included):
+        ``-inf`` for a row that may attend no key (and has no sink).  With
+        it, results over disjoint key sets merge exactly
+        (:func:`merge_attention`).
 
     Returns
     -------
@@ -191,6 +226,9 @@ def scaled_dot_product_attention(
     weights : ndarray, shape (..., H, Lq, Lk)
         Only with ``need_weights=True``, in q's dtype.  Rows sum to 1, or are
         all zero for a query that may attend no key.
+    lse : ndarray, shape (..., H, Lq)
+        Only with ``return_lse=True``: float32 (float64 for float64 inputs).
+        Returned last: ``(out, lse)`` or ``(out, weights, lse)``.
 
     Raises
     ------
@@ -214,6 +252,7 @@ def scaled_dot_product_attention(
     cdtype = compute_dtype(q.dtype)
     is_causal = check_flag(is_causal, "is_causal")
     need_weights = check_flag(need_weights, "need_weights")
+    return_lse = check_flag(return_lse, "return_lse")
     alibi = check_flag(alibi, "alibi")
     lead = q.shape[:-3]
     H, Lq, E = q.shape[-3:]
@@ -223,6 +262,8 @@ def scaled_dot_product_attention(
     scale = check_scale(scale, E, cdtype)
     window = check_window(window)
     slopes = resolve_alibi(alibi, alibi_slopes, H, cdtype)
+    softcap = check_softcap(softcap, cdtype)
+    sinks = check_sinks(sinks, H, cdtype)
     tables = _offset_table_bytes(lead, 4 + need_weights + (attn_mask is not None))
     ensure_memory([lead + (H, Lq, Ev)] + ([full] if need_weights else []), cdtype.itemsize,
                   "the output" + (" and attention weights" if need_weights else "")
@@ -230,13 +271,87 @@ def scaled_dot_product_attention(
     out = np.empty(lead + (H, Lq, Ev), dtype=q.dtype)
     # the kernels hand weights back in the type they compute in
     weights = np.empty(full, dtype=cdtype) if need_weights else None
+    lse = np.empty(lead + (H, Lq), dtype=cdtype) if return_lse else None
     attention_into(
         q, k, v, out,
         bool_masks=(bmask,), float_mask=fmask, is_causal=is_causal, scale=scale,
-        weights=weights, window=window, slopes=slopes,
+        weights=weights, window=window, slopes=slopes, softcap=softcap, sinks=sinks, lse=lse,
     )
     if out.dtype != out_dtype:
         out = out.astype(out_dtype)
+    result = (out,)
     if need_weights:
-        return out, weights.astype(out_dtype, copy=False)
-    return out
+        result += (weights.astype(out_dtype, copy=False),)
+    if return_lse:
+        result += (lse,)
+    return result[0] if len(result) == 1 else result
+
+
+def merge_attention(outs: Sequence[np.ndarray], lses: Sequence[np.ndarray]
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+    """Merges attention results over disjoint key sets into the result over
+    their union, exactly (up to rounding).
+
+    Each part ``s`` is ``(out_s, lse_s)`` from
+    ``scaled_dot_product_attention(..., return_lse=True)`` over its own keys
+    (a chunk of a long prompt, a shared prefix and a suffix, keys held on
+    another machine).  With ``w_s = exp(lse_s - max_s lse_s)``, the merged
+    output is ``sum_s w_s out_s / sum_s w_s`` and its log-sum-exp
+    ``log(sum_s exp(lse_s))``.  A part whose row attended no key
+    (``lse = -inf``) weighs nothing; a row no part attended gets zeros and
+    ``-inf``.  Attention sinks belong in the denominator once: give them to
+    one part only.
+
+    Parameters
+    ----------
+    outs : sequence of ndarray, each (..., H, Lq, Ev)
+        Partial outputs, one dtype and shape.
+    lses : sequence of ndarray, each (..., H, Lq)
+        Their log-sum-exps, real arrays of the outputs' leading shape.
+
+    Returns
+    -------
+    out : ndarray (..., H, Lq, Ev)
+        In the parts' dtype (computed in float32, float64 for float64).
+    lse : ndarray (..., H, Lq)
+        float32 (float64 for float64 parts).
+    """
+    if isinstance(outs, np.ndarray) or isinstance(lses, np.ndarray):
+        raise TypeError("merge_attention takes sequences (a list or tuple) of outputs and of "
+                        "log-sum-exps, one entry per part, not single arrays")
+    outs, lses = list(outs), list(lses)
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"merge_attention needs as many outs as lses, at least one: got "
+                         f"{len(outs)} outs and {len(lses)} lses")
+    outs = [float_array(o, f"outs[{i}]") for i, o in enumerate(outs)]
+    dtype = outs[0].dtype
+    cdtype = compute_dtype(dtype)
+    arrays = []
+    for i, (o, l) in enumerate(zip(outs, lses)):
+        if o.dtype != dtype or o.shape != outs[0].shape or o.ndim < 3:
+            raise ValueError(f"outs[{i}]: every part must be (..., H, Lq, Ev) of one dtype and "
+                             f"shape, got {shape_str(o.shape)} {o.dtype} beside "
+                             f"{shape_str(outs[0].shape)} {dtype}")
+        l = to_array(l, f"lses[{i}]")
+        if l.dtype.kind != "f":
+            raise TypeError(f"lses[{i}] must be a float array, got dtype {l.dtype}")
+        if l.shape != o.shape[:-1]:
+            raise ValueError(f"lses[{i}] must have shape {shape_str(o.shape[:-1])} (outs[{i}] "
+                             f"without its last axis), got {shape_str(l.shape)}")
+        arrays.append((o.astype(cdtype, copy=False), l.astype(cdtype, copy=False)))
+    stacked = np.stack([l for _, l in arrays])
+    if np.any(stacked == np.inf):
+        raise ValueError("lses hold +inf: a log-sum-exp is finite, -inf or NaN")
+    top = stacked.max(axis=0)
+    shift = np.where(top == -np.inf, 0, top)
+    total = np.zeros(top.shape, cdtype)
+    out = np.zeros(outs[0].shape, cdtype)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for o, l in arrays:
+            w = np.exp(l - shift)
+            total += w
+            # a part of weight 0 is left out, not multiplied: its out may be 0 * inf
+            out += np.where(w[..., None] == 0, 0, w[..., None] * o)
+        out = np.where(total[..., None] == 0, 0, out / total[..., None])
+        lse = shift + np.log(total)
+    return out.astype(dtype, copy=False), lse.astype(cdtype, copy=False)

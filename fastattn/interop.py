@@ -42,8 +42,9 @@ def _shape(value: Any) -> tuple:
 
 
 def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool,
-                 embed_dim: int) -> Dict[str, Any]:
-    """Rename ``state`` to w_q ... b_o, splitting torch's stacked in_proj tensors.
+                 embed_dim: int, sinks: bool = False) -> Dict[str, Any]:
+    """Rename ``state`` to w_q ... b_o (and ``sinks``, which a module with
+    sinks needs), splitting torch's stacked in_proj tensors.
 
     Raises ValueError for unknown keys, keys missing for a complete module,
     and stacked tensors whose first axis is not D + 2*Dkv.
@@ -64,7 +65,7 @@ def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool,
         out[name] = value
 
     for key, value in state.items():
-        if key in _OWN:
+        if key in _OWN or (sinks and key == "sinks"):
             put(key, value, key)
         elif key in _SEED:
             put(_SEED[key], value, key)
@@ -88,7 +89,7 @@ def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool,
             f"unexpected keys in state dict: {', '.join(sorted(map(repr, unknown)))}; expected fastattn names "
             f"{list(_OWN)}, torch.nn.MultiheadAttention names or the seed class's names"
         )
-    needed = _OWN if bias else _OWN[:4]
+    needed = (_OWN if bias else _OWN[:4]) + (("sinks",) if sinks else ())
     missing = [name for name in needed if name not in out]
     if missing:
         raise ValueError(f"missing parameters in state dict: {missing}")

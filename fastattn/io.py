@@ -216,9 +216,15 @@ class Persistence:
         defaults filled in; its first width may be spelled ``d_model``."""
         name = DIM_ALIASES[1] if DIM_ALIASES[1] in cfg else DIM_ALIASES[0]
         cross = "kdim" in cls._DIMS
-        return module_config(cfg[name], cfg["num_heads"], cfg["num_kv_heads"],
-                             cfg["kdim"] if cross else None, cfg["vdim"] if cross else None,
-                             cfg["bias"], cfg["dtype"], name, cfg.get("precision"))
+        out = module_config(cfg[name], cfg["num_heads"], cfg["num_kv_heads"],
+                            cfg["kdim"] if cross else None, cfg["vdim"] if cross else None,
+                            cfg["bias"], cfg["dtype"], name, cfg.get("precision"),
+                            cfg.get("head_dim"), cfg.get("sinks", False))
+        # the decoder settings, checked by the constructor they go to
+        for key in ("rotary", "scale", "softcap", "window"):
+            if cfg.get(key) is not None:
+                out[key] = tuple(cfg[key]) if key == "window" else cfg[key]
+        return out
 
     @classmethod
     def _param_shapes(cls, cfg: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
@@ -244,7 +250,8 @@ class Persistence:
             Unknown or missing keys, or a shape that does not fit (the message
             names the key and both shapes).  A failed load changes nothing.
         """
-        params = interop.to_own_names(state, self._slices(), self.bias, self.embed_dim)
+        params = interop.to_own_names(state, self._slices(), self.bias, self.embed_dim,
+                                      self.has_sinks)
         staged = {}
         for name, value in params.items():
             if name not in self._shapes:

@@ -45,6 +45,8 @@ from ._validate import (
     CallOptions,
     call_options,
     check_flag,
+    check_scale,
+    check_softcap,
     check_window,
     ensure_memory,
     float_array,
@@ -59,6 +61,7 @@ from .cache import KVCache
 from ._dtypes import compute_dtype, kernel_view
 from .functional import attention_into, resolve_alibi
 from .interop import TorchExport
+from .rotary import Rotary, check_positions, check_rotary
 from .io import Persistence
 
 if TYPE_CHECKING:
@@ -101,21 +104,38 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
     _QUERY_ARG = ""  # set by each subclass: what its first call argument is called
 
     def _build(self, embed_dim, d_model, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
-               seed: Seed, precision=None) -> None:
+               seed: Seed, precision=None, head_dim=None, sinks=False,
+               **settings: Any) -> None:
         """The constructors' work: the first argument under either name, the
-        config checked, the parameters drawn."""
+        config checked, the parameters drawn.  ``settings``: the attention
+        settings (rotary, scale, softcap, window)."""
         dim, dim_name = _first_dim(type(self).__name__, embed_dim, d_model, num_heads)
         self._allocate(**module_config(dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
-                                       dim_name, precision))
+                                       dim_name, precision, head_dim, sinks), **settings)
         self.reset_parameters(seed)
 
     def _allocate(self, embed_dim: int, num_heads: int, num_kv_heads: int, kdim: int,
-                  vdim: int, bias: bool, dtype: np.dtype, precision=None) -> None:
+                  vdim: int, bias: bool, dtype: np.dtype, precision=None, head_dim=None,
+                  sinks: bool = False, rotary=None, scale=None, softcap=None,
+                  window=None) -> None:
         """Config, and no parameters yet: every constructor loads a full set
         (reset_parameters or load_state_dict) before the module is used."""
         self._init_params(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
-                          precision)
+                          precision, head_dim, sinks)
+        cdtype = compute_dtype(self._act_dtype)
+        self.rotary = check_rotary(rotary, self.head_dim)
+        self.scale = None if scale is None else check_scale(scale, self.head_dim, cdtype)
+        self.softcap = None if softcap is None else check_softcap(softcap, cdtype)
+        self.window = check_window(window)
         self._init_fastpath()
+
+    @property
+    def _plannable(self) -> bool:
+        """Whether a plain call m(x) may run through a ForwardPlan, which
+        knows none of the decoder settings and needs head widths adding up to
+        embed_dim."""
+        return (self.rotary is None and self.softcap is None and not self.has_sinks
+                and self.window is None and self.q_dim == self.embed_dim)
 
     @classmethod
     def _from_config(cls, cfg: Mapping[str, Any]):
@@ -132,6 +152,17 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         cfg.update(bias=self.bias, dtype=self.dtype.name)
         if self.precision is not None:
             cfg.update(precision=self.precision.name)
+        # the decoder settings only where given, so older configs read the same
+        if self.head_dim * self.num_heads != self.embed_dim:
+            cfg.update(head_dim=self.head_dim)
+        if self.has_sinks:
+            cfg.update(sinks=True)
+        if self.rotary is not None:
+            cfg.update(rotary=self.rotary.config())
+        for name in ("scale", "softcap", "window"):
+            value = getattr(self, name)
+            if value is not None:
+                cfg[name] = list(value) if name == "window" else value
         return cfg
 
     @property
@@ -167,18 +198,26 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
 
     def _project(self, state: Params, x2d: np.ndarray, part: str, n_out: int,
                  out: Optional[np.ndarray] = None, num_threads: int = 1,
-                 head_major: bool = False) -> np.ndarray:
+                 head_major: bool = False, positions: Optional[np.ndarray] = None
+                 ) -> np.ndarray:
+        """x2d @ W.T + b for projection ``part``; with ``positions`` (one per
+        row) the Q and K heads it writes are rotated as they are written."""
         w, b = self._packed_weight(state, part)
         if out is None:
             # between kernels, activations are held in the products' type
             out = np.empty((x2d.shape[0], n_out), dtype=self._act_dtype)
+        rot = None
+        if positions is not None and self.rotary is not None:
+            table, index = self.rotary.rows(positions, compute_dtype(self._act_dtype))
+            cols = {"qkv": self.q_dim + self.kv_dim, "q": self.q_dim, "k": self.kv_dim}[part]
+            rot = (table, index, cols, self.head_dim, self.rotary.dim)
         kernels.linear(kernel_view(kernel_ready(x2d)), w, b, n_out, kernel_view(out),
-                       _policy.linear_blocking(x2d.shape[1]), num_threads, head_major)
+                       _policy.linear_blocking(x2d.shape[1]), num_threads, head_major, rot)
         return out
 
     def _forward(self, query, key, value, *, self_attention: bool, attn_mask, key_padding_mask,
                  is_causal: bool, need_weights: bool, average_attn_weights: bool,
-                 cache: Optional[KVCache], window, alibi: bool, alibi_slopes):
+                 cache: Optional[KVCache], window, alibi: bool, alibi_slopes, positions=None):
         qname = self._QUERY_ARG
         q_in = float_array(query, qname, self.dtype, KEYS_HINT)
         unbatched = q_in.ndim == 2
@@ -190,7 +229,8 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         if unbatched:
             q_in = q_in[None]
         B, Lq, D = q_in.shape
-        H, Hkv, E, kv = self.num_heads, self.num_kv_heads, self.head_dim, self.kv_dim
+        H, Hkv, E, kv, QD = (self.num_heads, self.num_kv_heads, self.head_dim, self.kv_dim,
+                             self.q_dim)
         if not self_attention:
             k_in = source_array(key, "key", self.kdim, B, unbatched, self.dtype)
             v_in = source_array(value, "value", self.vdim, B, unbatched, self.dtype)
@@ -208,6 +248,11 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         need_weights = check_flag(need_weights, "need_weights")
         average_attn_weights = check_flag(average_attn_weights, "average_attn_weights")
         window = check_window(window)
+        if window is None:
+            window = self.window
+        if positions is not None and self.rotary is None:
+            raise ValueError("positions are for modules with rotary embeddings (rotary=...); "
+                             "this one has none")
         cdtype = compute_dtype(self._act_dtype)
         slopes = resolve_alibi(alibi, alibi_slopes, H, cdtype)
         if cache is not None:
@@ -226,7 +271,7 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
                 Lk = len(cache) + Lq
             # (the K and V projections of cross-attention are as long as key)
             Lk_new = Lq if self_attention or cache is not None else Lk
-            ensure_memory([(B * Lq, D + 2 * kv), (B * Lq, D), (B * Lq, D), (B * Lk_new, 2 * kv)]
+            ensure_memory([(B * Lq, QD + 2 * kv), (B * Lq, QD), (B * Lq, D), (B * Lk_new, 2 * kv)]
                           + ([(B, H, Lq, Lk)] if need_weights else []), self.dtype.itemsize,
                           "the forward pass's buffers" + (" and weights" if need_weights else ""))
             # 1. masks as broadcast views, checked before anything is computed or
@@ -234,6 +279,10 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
             full = (B, H, Lq, Lk)
             bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, cdtype)
             pad = padding_mask(key_padding_mask, B, H, Lq, Lk, unbatched)
+            # the position of each projected row, which rotary turns Q and K by
+            pos = None
+            if self.rotary is not None:
+                pos = check_positions(positions, B, Lq, len(cache) if cache is not None else 0)
 
             # 2. projections, straight into the head-major blocks the kernel reads
             merged = None
@@ -242,13 +291,13 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
             if cache is None:
                 if self_attention and self.fused:
                     qkv, merged = self._buffers(B, Lq)
-                    self._project(state, q_in.reshape(B * Lq, D), "qkv", D + 2 * kv, qkv, nt,
-                                  head_major=True)
+                    self._project(state, q_in.reshape(B * Lq, D), "qkv", QD + 2 * kv, qkv, nt,
+                                  head_major=True, positions=pos)
                     q, k, v = qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:]
                 else:
                     Lk_new = src_k.shape[1]
                     act = self._act_dtype
-                    q = self._project(state, q_in.reshape(B * Lq, D), "q", D,
+                    q = self._project(state, q_in.reshape(B * Lq, D), "q", QD,
                                       np.empty((B, H, Lq, E), act), nt, head_major=True)
                     k = self._project(state, src_k.reshape(B * Lk_new, src_k.shape[2]), "k", kv,
                                       np.empty((B, Hkv, Lk_new, E), act), nt,
@@ -259,12 +308,12 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
             else:
                 # decoding: the new positions' K and V go into the cache's layout
                 if self_attention and self.fused:
-                    qkv = self._project(state, q_in.reshape(B * Lq, D), "qkv", D + 2 * kv,
-                                        num_threads=nt)
+                    qkv = self._project(state, q_in.reshape(B * Lq, D), "qkv", QD + 2 * kv,
+                                        num_threads=nt, positions=pos)
                     sl = self._slices()
                     q2, k2, v2 = qkv[:, sl["q"]], qkv[:, sl["k"]], qkv[:, sl["v"]]
                 else:
-                    q2 = self._project(state, q_in.reshape(B * Lq, D), "q", D, num_threads=nt)
+                    q2 = self._project(state, q_in.reshape(B * Lq, D), "q", QD, num_threads=nt)
                     k2 = self._project(state, src_k.reshape(B * Lq, src_k.shape[2]), "k", kv,
                                        num_threads=nt)
                     v2 = self._project(state, src_v.reshape(B * Lq, src_v.shape[2]), "v", kv,
@@ -289,7 +338,7 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         H, E, D = self.num_heads, self.head_dim, self.embed_dim
         full = (B, H, Lq, k.shape[2])
         if merged is None:
-            merged = np.empty((B * Lq, D), dtype=self._act_dtype)
+            merged = np.empty((B * Lq, self.q_dim), dtype=self._act_dtype)
         out = merged.reshape(B, Lq, H, E).transpose(0, 2, 1, 3)
         # the kernels hand weights back in the type they compute in
         weights = np.empty(full, dtype=compute_dtype(self._act_dtype)) if need_weights else None
@@ -297,7 +346,9 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         attention_into(
             q, k, v, out,
             bool_masks=(bmask, pad), float_mask=fmask, is_causal=is_causal,
-            scale=1.0 / math.sqrt(E), weights=weights, window=window, slopes=slopes,
+            scale=1.0 / math.sqrt(E) if self.scale is None else self.scale, weights=weights,
+            window=window, slopes=slopes, softcap=self.softcap or 0.0,
+            sinks=state.arrays["sinks"].astype(np.float64) if self.has_sinks else None,
             num_threads=nt,
         )
         # 4. output projection
@@ -339,6 +390,10 @@ _FORWARD_DOC = """
             :func:`fastattn.scaled_dot_product_attention`).
         alibi : bool, alibi_slopes : array of shape (H,), optional
             ALiBi linear distance biases, computed inside the kernel.
+        positions : int array of shape (Lq,) or (B, Lq), optional
+            With rotary embeddings: the position of each query (and new key)
+            row; by default 0..Lq-1, or with a cache the Lq positions after
+            the cached ones.
 """
 
 
@@ -375,6 +430,29 @@ class MultiHeadSelfAttention(_MultiHeadBase):
     seed : int or numpy.random.Generator, optional
         Source of the initial weights, drawn like ``torch.nn.Linear``'s
         default: uniform in ``[-1/sqrt(embed_dim), 1/sqrt(embed_dim)]``.
+    rotary : fastattn.Rotary, optional
+        Rotary position embeddings for Q and K, applied inside the Q/K/V
+        projection as it writes them; each call's positions are 0..N-1, its
+        ``positions=``, or, with a cache, those after the cached ones.
+    head_dim : int, optional
+        Features per head E; by default ``embed_dim // num_heads``.  Given,
+        the Q projection is ``num_heads * head_dim`` wide, which need not be
+        ``embed_dim`` (Gemma 2, GPT-OSS), and ``w_o`` maps it back to
+        ``embed_dim``.
+    scale : float, optional
+        Factor on ``q . k``; by default ``1 / sqrt(head_dim)`` (Gemma 2 uses
+        ``query_pre_attn_scalar ** -0.5``).
+    softcap : float > 0, optional
+        Logit soft-capping (Gemma 2): scaled scores ``s`` become
+        ``softcap * tanh(s / softcap)`` before masks and the softmax.
+    sinks : bool
+        Give the module attention sinks (GPT-OSS): a parameter ``sinks`` of
+        shape (num_heads,), one logit per head that joins the softmax's
+        denominator (initially 0; assign ``m.sinks = ...`` or load it).
+    window : (int or None, int or None), optional
+        The sliding window every call uses unless it passes its own (see
+        :func:`fastattn.scaled_dot_product_attention`); a model whose layer
+        attends the last W positions takes ``window=(W - 1, 0)``.
 
     Attributes
     ----------
@@ -402,10 +480,13 @@ class MultiHeadSelfAttention(_MultiHeadBase):
 
     def __init__(self, embed_dim: int = _REQUIRED, num_heads: int = _REQUIRED, *,
                  d_model: int = _REQUIRED, num_kv_heads: Optional[int] = None,
-                 bias: bool = True, dtype: Any = np.float32, seed: Seed = None,
-                 precision: Any = None) -> None:
+                 head_dim: Optional[int] = None, bias: bool = True, dtype: Any = np.float32,
+                 seed: Seed = None, precision: Any = None, rotary: Optional[Rotary] = None,
+                 scale: Optional[float] = None, softcap: Optional[float] = None,
+                 sinks: bool = False, window=None) -> None:
         self._build(embed_dim, d_model, num_heads, num_kv_heads, None, None, bias, dtype, seed,
-                    precision)
+                    precision, head_dim, sinks, rotary=rotary, scale=scale, softcap=softcap,
+                    window=window)
 
     @classmethod
     def from_torch(cls, module, *, dtype: Any = None) -> "MultiHeadSelfAttention":
@@ -466,8 +547,9 @@ class MultiHeadAttention(_MultiHeadBase):
         Widths of the key and value inputs (default ``embed_dim``).
     num_kv_heads : int, optional
         Key/value heads (grouped-query attention); must divide ``num_heads``.
-    bias, dtype, seed, precision
-        As for :class:`MultiHeadSelfAttention`.
+    bias, dtype, seed, precision, head_dim, scale, softcap, sinks, window
+        As for :class:`MultiHeadSelfAttention` (rotary embeddings are for
+        self-attention only).
 
     Attributes
     ----------
@@ -484,10 +566,11 @@ class MultiHeadAttention(_MultiHeadBase):
     def __init__(self, embed_dim: int = _REQUIRED, num_heads: int = _REQUIRED, *,
                  d_model: int = _REQUIRED, kdim: Optional[int] = None,
                  vdim: Optional[int] = None, num_kv_heads: Optional[int] = None,
-                 bias: bool = True, dtype: Any = np.float32, seed: Seed = None,
-                 precision: Any = None) -> None:
+                 head_dim: Optional[int] = None, bias: bool = True, dtype: Any = np.float32,
+                 seed: Seed = None, precision: Any = None, scale: Optional[float] = None,
+                 softcap: Optional[float] = None, sinks: bool = False, window=None) -> None:
         self._build(embed_dim, d_model, num_heads, num_kv_heads, kdim, vdim, bias, dtype, seed,
-                    precision)
+                    precision, head_dim, sinks, scale=scale, softcap=softcap, window=window)
 
     @classmethod
     def from_torch(cls, module, *, dtype: Any = None) -> "MultiHeadAttention":

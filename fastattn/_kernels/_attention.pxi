@@ -24,12 +24,51 @@ cdef bint _scores_block(const Problem* P, floating* ST, const floating* QT, cons
             bmax[r] = -INFINITY
     _gemm(bk, L, P.dim, kb, ks, 1, QT, L, ST, L, 0, tail,
           bmax if clean else <floating*>NULL)
+    _cap_scores(P, ST, bk * L, bmax if clean else <floating*>NULL)
     # masks index (query i, key j), which sits at ST[i * 1 + j * L]
     # scores of the block as the GEMM left them: one pass tells whether a
     # float mask must take the exact (slower) route
     _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk,
                  P.has_fmask and not _all_finite(ST, L, bk, L))
     return clean
+
+
+cdef inline void _cap_scores(const Problem* P, floating* S, int64_t n,
+                             floating* bmax) noexcept nogil:
+    """Soft-capping of n scores (a multiple of the vector width), and of the
+    block max the GEMM took, where one was taken (tanh is increasing, so the
+    capped max is the max of the capped scores)."""
+    if P.softcap != 0:
+        _softcap(S, n, <floating>P.softcap)
+        if bmax != NULL:
+            _softcap(bmax, P.lanes, <floating>P.softcap)
+
+
+cdef inline void _start_rows(const Problem* P, int64_t h, floating* m, floating* l,
+                             int64_t n, bint sink) noexcept nogil:
+    """The online softmax's state before any key: nothing seen (m = -inf,
+    l = 0), or, with an attention sink, its logit seen once with a zero value
+    (m = sink, l = 1), which puts exp(sink) in the denominator at no cost
+    per key."""
+    cdef floating s = -INFINITY
+    cdef int64_t r
+    if sink and P.sinks != NULL:
+        s = <floating>P.sinks[h]
+    for r in range(n):
+        m[r] = s
+        l[r] = 0 if s == -INFINITY else 1
+
+
+cdef inline void _store_lse(const Problem* P, int64_t bh, int64_t i0, const floating* m,
+                            const floating* l, int64_t rows) noexcept nogil:
+    """Each row's log-sum-exp, from its running max and sum (l NULL: m holds
+    the log-sum-exp itself), where asked for."""
+    cdef floating* lse
+    cdef int64_t r
+    if P.lse != NULL:
+        lse = (<floating*>P.lse) + bh * P.len_q + i0
+        for r in range(rows):
+            lse[r] = m[r] if l == NULL else _lse_of(m[r], l[r])
 
 
 cdef inline bint _band_cuts(const Problem* P, int64_t i0, int64_t rows, int64_t j0,
@@ -206,9 +245,7 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
         qs = P.dim
     _pack_qt(QT, L, q, qs, rows, P.dim, <floating>P.scale)
     memset(OT, 0, P.dim_v * L * isz)
-    for r in range(L):
-        m[r] = -INFINITY
-        l[r] = 0
+    _start_rows(P, h, m, l, L, True)
     _key_range(P, i0, rows, &j_start, &j_end)
 
     if not P.has_weights:
@@ -237,7 +274,9 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
             _scores_block(P, ST, QT, kb, ks, tail, b, h, i0, rows, j0, bk, NULL)
             _copy_strided(W + j0, P.len_k, 1, ST, 1, L, rows, bk)
             j0 += P.block_k
-        _softmax_rows(W, P.len_k, rows, P.len_k)
+        # (m, free in this path, takes each row's log-sum-exp)
+        _softmax_rows(W, P.len_k, rows, P.len_k,
+                      <floating>P.sinks[h] if P.sinks != NULL else <floating>-INFINITY, m)
         memset(ST, 0, P.block_k * L * isz)  # lanes past `rows` stay zero
         j0 = j_start
         while j0 < j_end:
@@ -247,8 +286,11 @@ cdef void _tile(const Problem* P, int64_t work, floating* scratch) noexcept nogi
             _accumulate_block(P, vb, vs, bk, ST, L, OT, OB, tail, j0 == j_start,
                               _block_masked(P, i0, rows, j0, bk), b, h, i0, rows, j0)
             j0 += P.block_k
+        _store_lse(P, bh, i0, m, <floating*>NULL, rows)
         for r in range(rows):
             l[r] = 1
+    if not P.has_weights:
+        _store_lse(P, bh, i0, m, l, rows)
     if P.q_store:
         # finished rows through `half` (free now), then rounded
         _finalize(OT, L, l, rows, P.dim_v, half, P.dim_v)
@@ -292,9 +334,7 @@ cdef void _tile_pairs(const Problem* P, int64_t work, floating* scratch) noexcep
     fa_pack_qt_pairs(QP, L, <const uint16_t*>_at(&P.q, b, h, i0, 0, 2), P.q.s_row, rows,
                      P.dim)
     memset(OT, 0, P.dim_v * L * sizeof(float))
-    for r in range(L):
-        m[r] = -INFINITY
-        l[r] = 0
+    _start_rows(P, h, m, l, L, True)
     _key_range(P, i0, rows, &j_start, &j_end)
     j0 = j_start
     while j0 < j_end:
@@ -306,6 +346,7 @@ cdef void _tile_pairs(const Problem* P, int64_t work, floating* scratch) noexcep
         # the scale multiplies the float32 sums (the query stays as given)
         fa_gemm_pairs(bk, L, kp, k + j0 * P.k.s_row, P.k.s_row, 1, QP, L, ST, L, 0,
                       <uint32_t*>tail, bm if clean else <float*>NULL, <float>P.scale)
+        _cap_scores(P, ST, bk * L, bm if clean else <float*>NULL)
         _mask_scores(P, ST, L, 1, b, h, i0, rows, j0, bk,
                      P.has_fmask and not _all_finite(ST, L, bk, L))
         _online_softmax(ST, L, bk, L, m, l, OT, L, P.dim_v, bm if clean else <float*>NULL)
@@ -322,6 +363,7 @@ cdef void _tile_pairs(const Problem* P, int64_t work, floating* scratch) noexcep
             fa_gemm_pairs(P.dim_v, L, (bk + 1) // 2, <const uint16_t*>VP, 2, P.dim_v, PP, L,
                           OT, L, 1, <uint32_t*>tail, <float*>NULL, 1.0)
         j0 += P.block_k
+    _store_lse(P, bh, i0, m, l, rows)
     _finalize(OT, L, l, rows, P.dim_v, half, P.dim_v)
     fa_f32_to_half(out, P.out.s_row, half, P.dim_v, rows, P.dim_v, STORE_BF16)
 
@@ -364,8 +406,8 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
             for c in range(P.dim):
                 qs[c] = <floating>P.scale * q[c]
         memset(o, 0, P.dimv_pad * isz)
-        m = -INFINITY
-        l = 0
+        # (one split holds the sink, or the merge would count it once per split)
+        _start_rows(P, h, &m, &l, 1, split == 0)
         _key_range(P, i, 1, &j_start, &j_end)
         j0 = j_first = max(j_start, s0)
         j_end = min(j_end, s1)
@@ -377,6 +419,7 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
                              P.kv_store)
             else:
                 _dots(s, qs, P.dim, <const floating*>_at(&P.k, b, hk, j0, 0, isz), P.k.s_row, bk)
+            _cap_scores(P, s, P.keys_pad, <floating*>NULL)
             _mask_scores(P, s, 1, 0, b, h, i, 1, j0, bk, True)
             for c in range(bk, P.keys_pad):
                 s[c] = -INFINITY
@@ -402,6 +445,7 @@ cdef void _row_tile(const Problem* P, int64_t work, floating* scratch) noexcept 
             part[1] = l
             memcpy(part + 2, o, P.dim_v * isz)
             continue
+        _store_lse(P, bh, i, &m, &l, 1)
         out = <floating*>_at(&P.out, b, h, i, 0, qsz)
         if P.q_store:
             _finalize(o, 1, &l, 1, P.dim_v, ob, 1)
@@ -418,11 +462,12 @@ cdef void _merge_row(const Problem* P, int64_t row, floating* scratch) noexcept 
     cdef int64_t i = row % P.len_q
     cdef floating* out = <floating*>_at(&P.out, bh // P.heads, bh % P.heads, i, 0, isz)
     cdef const floating* parts = (<const floating*>P.parts) + row * P.n_splits * P.parts_stride
+    cdef floating* lse = (<floating*>P.lse) + row if P.lse != NULL else <floating*>NULL
     if P.q_store:
-        _merge_splits(scratch, P.dim_v, parts, P.parts_stride, P.n_splits)
+        _merge_splits(scratch, P.dim_v, parts, P.parts_stride, P.n_splits, lse)
         _store_rows(P, out, scratch, P.dim_v, 1, P.dim_v)
     else:
-        _merge_splits(out, P.dim_v, parts, P.parts_stride, P.n_splits)
+        _merge_splits(out, P.dim_v, parts, P.parts_stride, P.n_splits, lse)
 
 
 cdef void _attention_item(const Problem* P, int64_t work, floating* scratch) noexcept nogil:

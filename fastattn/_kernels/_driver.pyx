@@ -14,6 +14,8 @@ cimport numpy as cnp
 import numpy as np
 
 from fastattn._kernels._table cimport (KernelTable, LinearJob, Operand, PerHeadJob, Problem,
+                                       RotateJob,
+                                      fa_rotary,
                                        STORE_BF16, STORE_F16, STORE_SAME, TABLE_CAPSULE, _at, fa_out_layout, item_fn)
 
 cnp.import_array()
@@ -69,13 +71,16 @@ cdef class Kernels:
         return self.table.isa.decode()
 
     def attention(self, q, k, v, out, weights, bmask1, bmask2, fmask, bint causal, double scale,
-                      tuple schedule, int num_threads, window=None, slopes=None):
+                      tuple schedule, int num_threads, window=None, slopes=None,
+                      double softcap=0.0, sinks=None, lse=None):
         """Fills `out` (and `weights`, when given) with softmax(scale q k^T + bias + masks) v.
 
         schedule: (block_q, block_k, row_mode, n_splits) from
         fastattn._policy.attention_schedule; window: (left, right) of the key band
         around each query's position (None on a side: unbounded); slopes: float64
-        ALiBi slope per query head.
+        ALiBi slope per query head; softcap: 0 or the cap on the scaled scores;
+        sinks: float64 logit per query head added to each row's denominator;
+        lse: (*lead, H, Lq) array that gets each row's log-sum-exp.
         Private: fastattn.functional validates shapes, dtypes and layouts first.
         """
         cdef Problem P
@@ -84,7 +89,8 @@ cdef class Kernels:
         if num_threads < 1:
             raise ValueError("the thread count must be positive")
         if not _attention_setup(self.table, &P, keep, q, k, v, out, weights, bmask1, bmask2,
-                                fmask, causal, scale, schedule, window, slopes):
+                                fmask, causal, scale, schedule, window, slopes, softcap,
+                                sinks, lse):
             return
         with nogil:
             rc = _attention_run(self.table, &P, num_threads)
@@ -138,8 +144,39 @@ cdef class Kernels:
         return bool(self.table.pairs)
 
 
+    def rotate(self, x, rotary, Py_ssize_t rows_per_item, int num_threads):
+        """Rotates the rows of x (m, n), C-contiguous float32 or float64, in
+        place, as the projection's epilogue does (``rotary`` as for
+        :func:`linear`, its columns and head width within n)."""
+        cdef cnp.ndarray X = <cnp.ndarray?>x
+        cdef RotateJob J
+        cdef Team T
+        cdef int rc
+        if num_threads < 1 or rows_per_item < 1:
+            raise ValueError("rotate: the thread count and rows per item must be positive")
+        if X.ndim != 2 or not X.flags.c_contiguous or not X.flags.writeable:
+            raise ValueError("rotate: x must be a writeable C-contiguous (m, n) array")
+        J.elem = _dtype_elem(self.table, X.dtype)
+        _rotary_setup(&J.rot, rotary, X.shape[0], X.shape[1], cnp.PyArray_TYPE(X))
+        if X.shape[0] == 0 or J.rot.table == NULL:
+            return
+        J.x = <char*>cnp.PyArray_DATA(X)
+        J.m = X.shape[0]
+        J.n = X.shape[1]
+        J.rows_per_item = rows_per_item
+        T.job = &J
+        T.item = self.table.rotate_item(J.elem)
+        T.after = NULL
+        T.n_items = (J.m + rows_per_item - 1) // rows_per_item
+        T.n_after = 0
+        T.scratch_bytes = 64
+        with nogil:
+            rc = run_team(&T, num_threads)
+        if rc != 0:
+            raise MemoryError("could not allocate the rotation's scratch")
+
     def linear(self, x, packed, bias, Py_ssize_t n_out, out, tuple blocking, int num_threads,
-                   bint head_major=False):
+                   bint head_major=False, rotary=None):
         """out[...] = x @ W.T + bias, W as packed by :func:`pack_weight`.
 
         x (m, k) and out (m, n_out) need a unit stride on their last axis; the
@@ -151,12 +188,17 @@ cdef class Kernels:
         B * N == m and G * E == n_out: row b * N + n, column g * E + e of the
         product lands at out[b, g, n, e], so each head's rows are contiguous for
         the attention kernel (no transposing copy, no strided K/V reads).
+
+        ``rotary`` = (table, positions, cols, head_dim, rot_dim) rotates the
+        first ``cols`` output columns as they are written (see fa_rotary in
+        fa_common.h; fastattn.rotary builds these).
         """
         cdef LinearJob J
         cdef int rc
         if num_threads < 1:
             raise ValueError("the thread count must be positive")
-        if not _linear_setup(self.table, &J, x, packed, bias, n_out, out, head_major, blocking):
+        if not _linear_setup(self.table, &J, x, packed, bias, n_out, out, head_major, blocking,
+                             rotary):
             return out
         with nogil:
             rc = _linear_run(self.table, &J, num_threads)

@@ -13,7 +13,14 @@ cdef void _linear_item(const LinearJob* J, int64_t w, floating* scratch) noexcep
     cdef int64_t q1 = min(q0 + J.panels_per_item, J.panels)
     _linear_block(<const floating*>J.x, J.ldx, m0, m1, J.k, <const floating*>J.w,
                   <const floating*>J.bias, J.n_out, q0, q1, <floating*>J.y, &J.lay, J.kc,
-                  scratch, <const int64_t*>NULL, J.x_store, J.y_store, J.pairs)
+                  scratch, <const int64_t*>NULL, J.x_store, J.y_store, J.pairs, &J.rot)
+
+
+cdef void _rotate_item(const RotateJob* J, int64_t w, floating* scratch) noexcept nogil:
+    """Rows of a block of J's array rotated in place, by the projection's epilogue."""
+    cdef int64_t r0 = w * J.rows_per_item
+    _rotate_tile(<floating*>J.x + r0 * J.n, J.n, min(J.rows_per_item, J.m - r0), r0, 0, J.n,
+                 &J.rot)
 
 
 cdef void _per_head_item(const PerHeadJob* J, int64_t u, floating* scratch) noexcept nogil:
@@ -27,7 +34,8 @@ cdef void _per_head_item(const PerHeadJob* J, int64_t u, floating* scratch) noex
     cdef int64_t n = P.len_q, b = u // hkv, hk = u % hkv, h, t
     _linear_block(<const floating*>L.x, L.ldx, b * n, (b + 1) * n, L.k, <const floating*>L.w,
                   <const floating*>L.bias, L.n_out, 0, J.per_unit, <floating*>L.y, &L.lay,
-                  L.kc, scratch, J.panels + hk * J.per_unit, L.x_store, L.y_store, L.pairs)
+                  L.kc, scratch, J.panels + hk * J.per_unit, L.x_store, L.y_store, L.pairs,
+                  &L.rot)
     for h in range(hk * P.kv_group, (hk + 1) * P.kv_group):
         for t in range(P.n_qblocks):
             if P.pairs:

@@ -14,7 +14,8 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels._table cimport (KernelTable, LinearJob, Operand, PerHeadJob, Problem,
-                                       STORE_BF16, STORE_F16, STORE_SAME, TABLE_CAPSULE, _at, fa_out_layout, item_fn)
+                                       RotateJob,
+                                       STORE_BF16, STORE_F16, STORE_SAME, TABLE_CAPSULE, _at, fa_out_layout, fa_rotary, item_fn)
 
 # the generated declarations and typed wrappers first: they define the fused
 # type `floating` that the items are written over
@@ -39,6 +40,7 @@ _kernels = _driver.Kernels(_table, __name__)
 
 attention = _kernels.attention
 linear = _kernels.linear
+rotate = _kernels.rotate
 pack_weight = _kernels.pack_weight
 panel_width = _kernels.panel_width
 ForwardPlan = _kernels.ForwardPlan

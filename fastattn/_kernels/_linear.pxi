@@ -37,10 +37,44 @@ cdef int _linear_run(const KernelTable* t, const LinearJob* J, int num_threads) 
     return run_team(&T, num_threads)
 
 
+cdef int _rotary_setup(fa_rotary* R, rotary, int64_t m, int64_t n_out, int wtyp) except -1:
+    """Fills R from ``rotary`` = (table, positions, cols, head_dim, rot_dim), as
+    fa_rotary describes, or empties it for None.  Every table row the
+    positions name is checked to exist: the epilogue reads them unchecked."""
+    memset(R, 0, sizeof(fa_rotary))
+    if rotary is None:
+        return 0
+    table, pos, cols, head_dim, rot_dim = rotary
+    cdef cnp.ndarray T = <cnp.ndarray?>table, Pn = <cnp.ndarray?>pos
+    if (T.ndim != 2 or not T.flags.c_contiguous or cnp.PyArray_TYPE(T) != wtyp
+            or T.shape[1] != rot_dim or not T.flags.aligned):
+        raise ValueError("linear: the rotary table must be a C-contiguous (positions, rot_dim) "
+                         "array of the weights' dtype")
+    if (Pn.ndim != 1 or Pn.shape[0] != m or not Pn.flags.c_contiguous
+            or cnp.PyArray_TYPE(Pn) != cnp.NPY_INT64 or not Pn.flags.aligned):
+        raise ValueError("linear: rotary positions must be one int64 table row per x row")
+    if (head_dim < 2 or head_dim % 2 or rot_dim < 2 or rot_dim % 2 or rot_dim > head_dim
+            or cols < 0 or cols > n_out or cols % head_dim):
+        raise ValueError("linear: rotary needs even head and rotary widths and whole heads")
+    cdef const int64_t* p = <const int64_t*>cnp.PyArray_DATA(Pn)
+    cdef int64_t i, n = T.shape[0]
+    for i in range(m):
+        if p[i] < 0 or p[i] >= n:
+            raise ValueError("linear: a rotary position names no table row")
+    R.table = cnp.PyArray_DATA(T)
+    R.pos = p
+    R.cols = cols
+    R.head_dim = head_dim
+    R.rot_dim = rot_dim
+    return 0
+
+
 cdef bint _linear_setup(const KernelTable* t, LinearJob* J_, x, packed, bias,
-                        Py_ssize_t n_out, out, bint head_major, tuple blocking) except -1:
+                        Py_ssize_t n_out, out, bint head_major, tuple blocking,
+                        rotary=None) except -1:
     """Validates the operands of :func:`linear` and fills J_; False when the
-    product was trivial and is already written (no rows, no columns, k == 0)."""
+    product was trivial and is already written (no rows, no columns, k == 0).
+    rotary: see _rotary_setup."""
     cdef cnp.ndarray X = <cnp.ndarray?>x, Y = <cnp.ndarray?>out, Wp = <cnp.ndarray?>packed
     cdef cnp.ndarray Bp
     cdef Py_ssize_t rows_per_item, panels_per_item, kc
@@ -94,6 +128,7 @@ cdef bint _linear_setup(const KernelTable* t, LinearJob* J_, x, packed, bias,
             out[...] = bias[:n_out]
         return False
     cdef LinearJob J
+    _rotary_setup(&J.rot, rotary, m, n_out, wtyp)
     J.elem = elem
     J.x = <char*>cnp.PyArray_DATA(X)
     J.ldx = X.strides[0] // isz

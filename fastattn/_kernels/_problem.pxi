@@ -81,12 +81,14 @@ cdef int64_t _fill(Operand* op, object arr, int nlead, list keep) except -1:
 
 cdef bint _attention_setup(const KernelTable* t, Problem* P_, list keep, q, k, v, out, weights, bmask1, bmask2,
                            fmask, bint causal, double scale, tuple schedule, window,
-                           slopes) except -1:
+                           slopes, double softcap=0.0, sinks=None, lse=None) except -1:
     """Validates the operands and the schedule and fills P_ (arrays it points
     into go to `keep`); False when there is nothing to compute.
 
     schedule: (block_q, block_k, row_mode, n_splits[, pairs]), as fastattn._policy's
-    attention_schedule returns it.
+    attention_schedule returns it.  softcap: 0 (off) or the cap; sinks: float64,
+    one per query head, or None; lse: a C-contiguous (*lead, H, Lq) array of the
+    computation's dtype for each row's log-sum-exp, or None.
     """
     cdef Problem P
     cdef cnp.ndarray slope_arr
@@ -201,6 +203,23 @@ cdef bint _attention_setup(const KernelTable* t, Problem* P_, list keep, q, k, v
         keep.append(slope_arr)
         P.slopes = <const double*>cnp.PyArray_DATA(slope_arr)
     P.scale = scale
+    if not softcap >= 0:
+        raise ValueError("kernel softcap must be 0 (off) or positive")
+    P.softcap = softcap
+    P.sinks = NULL
+    if sinks is not None:
+        sink_arr = np.ascontiguousarray(sinks, dtype=np.float64)
+        if sink_arr.ndim != 1 or sink_arr.shape[0] != P.heads:
+            raise ValueError("kernel sinks must have one entry per query head")
+        keep.append(sink_arr)
+        P.sinks = <const double*>cnp.PyArray_DATA(<cnp.ndarray>sink_arr)
+    P.lse = NULL
+    if lse is not None:
+        if (lse.shape != q.shape[:nlead] + (P.heads, P.len_q) or not lse.flags.c_contiguous
+                or lse.dtype != cdtype):
+            raise ValueError("kernel lse must be a C-contiguous (*lead, H, Lq) array of the "
+                             "computation's dtype")
+        P.lse = <char*>cnp.PyArray_DATA(<cnp.ndarray?>lse)
     if P.lead_count == 0 or P.heads == 0 or P.len_q == 0 or (P.dim_v == 0 and not P.has_weights):
         return False
     P.row_mode = row_mode

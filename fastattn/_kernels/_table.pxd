@@ -9,6 +9,10 @@ from libc.stdint cimport int64_t
 cdef extern from "fa_common.h" nogil:
     ctypedef struct fa_out_layout:
         int64_t ldy, head_dim, seq_len, g_stride, b_stride
+    ctypedef struct fa_rotary:
+        const void* table
+        const int64_t* pos
+        int64_t cols, head_dim, rot_dim
 
 
 # One work item of a team (see _skeleton.pxi): job, item index, this thread's scratch.
@@ -28,6 +32,7 @@ cdef struct KernelTable:
     item_fn (*merge_row)(int elem) noexcept nogil
     item_fn (*linear_item)(int elem) noexcept nogil
     item_fn (*per_head_item)(int elem) noexcept nogil
+    item_fn (*rotate_item)(int elem) noexcept nogil
     # the build's layout facts, which the driver's setup and checks read
     int64_t (*col_align)(int elem) noexcept nogil
     int64_t (*row_align)(int elem) noexcept nogil
@@ -92,6 +97,9 @@ cdef struct Problem:
     int64_t half_len            # elements of the scratch those conversions use
     int64_t keys_pad, dimv_pad  # row mode: block_k and dim_v rounded to NR
     double scale
+    double softcap              # scores become softcap * tanh(s / softcap); 0: off
+    const double* sinks         # one logit per query head in the softmax's denominator, or NULL
+    char* lse                   # (lead, heads, len_q) log-sum-exp per query row, or NULL
 
 
 # A projection y = x @ W.T + bias, set up by _linear.pxi, read by _items.pxi.
@@ -110,6 +118,15 @@ cdef struct LinearJob:
     # whether w holds bfloat16 pairs for the build's VDPBF16PS panels
     int x_store, y_store
     bint pairs
+    fa_rotary rot               # rotary embedding of Q and K columns (table NULL: none)
+
+
+# Rotary embedding of rows a user holds, in place (see fastattn.rotary.apply_rotary).
+cdef struct RotateJob:
+    char* x                     # (m, n) C-contiguous
+    int64_t m, n, rows_per_item
+    int elem
+    fa_rotary rot
 
 
 # The plan's one-head-at-a-time schedule (see _plan.pxi and _items.pxi).

@@ -203,6 +203,27 @@ static void FA(pack_weight)(REAL *restrict dst, const REAL *restrict W, int64_t 
 /* Bias padded to whole panels (so the last panel's vector loads stay inside). */
 static inline int64_t FA(padded_bias_len)(int64_t n_out) { return ((n_out + NR - 1) / NR) * NR; }
 
+/* Rotary embedding of a finished tile: rows row0 .. row0+rows of the
+ * projection (ldt apart), columns col0 .. col0+nc (contiguous), as fa_rotary
+ * describes.  Pairs never straddle the tile: heads have an even width and
+ * tiles start on even columns. */
+static void FA(rotate_tile)(REAL *restrict t, int64_t ldt, int64_t rows, int64_t row0,
+                            int64_t col0, int64_t nc, const fa_rotary *rot) {
+    const REAL *table = (const REAL *)rot->table;
+    int64_t end = col0 + nc < rot->cols ? col0 + nc : rot->cols;
+    for (int64_t r = 0; r < rows; r++) {
+        const REAL *cs = table + rot->pos[row0 + r] * rot->rot_dim;
+        REAL *x = t + r * ldt - col0;
+        for (int64_t c = col0; c + 1 < end; c += 2) {
+            int64_t e = c % rot->head_dim;
+            if (e >= rot->rot_dim) continue;
+            REAL a = x[c], b = x[c + 1], co = cs[e], si = cs[e + 1];
+            x[c] = a * co - b * si;
+            x[c + 1] = b * co + a * si;
+        }
+    }
+}
+
 /*
  * Rows [m0, m1) x output panels [q0, q1) of Y = X Wp^T (+ bias): the unit of
  * work one thread takes.  With `qlist`, the panels are qlist[q0 .. q1)
@@ -223,7 +244,8 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
                              int64_t K, const REAL *restrict Wp, const REAL *restrict bias,
                              int64_t n_out, int64_t q0, int64_t q1, REAL *restrict Y,
                              const fa_out_layout *lay, int64_t kc, REAL *restrict scratch,
-                             const int64_t *restrict qlist, int xstore, int ystore, int pairs) {
+                             const int64_t *restrict qlist, int xstore, int ystore, int pairs,
+                             const fa_rotary *rot) {
     REAL *tile = scratch;               /* FA_MR x NR, aligned */
     REAL *rows_tail = scratch + FA_MR * NR;
     /* a panel of rows is written with one row stride: in the head-major
@@ -311,6 +333,10 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
                 } else
 #endif
                     FA(panel)(NR, kl, a, rs, ps, b, NR, dst, ldd, !first, bb, mr, NULL);
+                /* the epilogue: a finished tile of Q or K columns is rotated
+                 * while it is in registers' reach, never in a pass of its own */
+                if (rot && rot->table && col < rot->cols && k0 + kl >= K)
+                    FA(rotate_tile)(dst, ldd, mr, i, col, nr, rot);
                 if (!direct) {
                     if (ystore && nr == NR && within)
                         /* a whole panel: each row's NR columns are adjacent */

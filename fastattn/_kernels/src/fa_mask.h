@@ -119,6 +119,24 @@ static void FA(mask_band)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t 
     }
 }
 
+/* Logit soft-capping: s = cap * tanh(s / cap) for the n scores at s (n a
+ * multiple of VLEN, s aligned), before any mask, so a capped score never
+ * exceeds cap.  tanh(|t|) = (1 - e) / (1 + e) with e = exp(-2|t|) <= 1 keeps
+ * vexp on the side it serves (x <= 0); the absolute error is a few ulp of 1,
+ * so cap * that in the score, like rounding a score of size cap.  -inf and
+ * +inf scores become -cap and cap; NaN stays NaN. */
+static void FA(softcap)(REAL *restrict s, int64_t n, REAL cap) {
+    const VEC inv = FA(vsplat)((REAL)1 / cap), c = FA(vsplat)(cap);
+    const VEC one = FA(vsplat)(1), m2 = FA(vsplat)(-2), zero = FA(vsplat)(0);
+    for (int64_t j = 0; j < n; j += VLEN) {
+        VEC t = *(VEC *)(s + j) * inv;
+        VEC a = FA(vselect)(t < zero, -t, t);
+        VEC e = FA(vexp)(a * m2);
+        VEC th = (one - e) / (one + e);
+        *(VEC *)(s + j) = FA(vselect)(t < zero, -th, th) * c;
+    }
+}
+
 /* ALiBi: S(i, j) -= slope * |rel + j - i|, rel the key-minus-query distance
  * of (0, 0); a linear penalty on distance, no bias matrix in memory. */
 static void FA(add_alibi)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t rows,

@@ -58,6 +58,12 @@ static inline VEC FA(sm_exp_sum)(REAL *restrict s, int64_t stride, int64_t n, VE
     return sum;
 }
 
+/* A row's log-sum-exp from its running max m and its sum l under shift(m):
+ * -inf for a row that saw only -inf (l = 0, log 0 = -inf), NaN for NaN. */
+static inline REAL FA(lse_of)(REAL m, REAL l) {
+    return l == 0 ? (REAL)-INFINITY : FA(sm_shift)(m) + (REAL)log((double)l);
+}
+
 /* 1 / l, or 0 for a row whose l is 0 (it saw only -inf). */
 static inline REAL FA(sm_inv)(REAL l) { return l == 0 ? 0 : (REAL)1 / l; }
 
@@ -138,8 +144,12 @@ static void FA(row_update)(REAL *restrict s, int64_t n_pad, REAL *restrict m, RE
 }
 
 /* Full softmax of `rows` rows of length n (any stride, any alignment), in
- * place. */
-static void FA(softmax_rows)(REAL *restrict W, int64_t ldw, int64_t rows, int64_t n) {
+ * place.  `sink` (-inf: none) is one more logit in every row's denominator
+ * whose weight is not kept (attention sinks: the row's weights then sum to
+ * less than 1).  lse (or NULL) gets each row's log-sum-exp, sink included:
+ * -inf for a row that saw only -inf and no sink. */
+static void FA(softmax_rows)(REAL *restrict W, int64_t ldw, int64_t rows, int64_t n, REAL sink,
+                             REAL *restrict lse) {
     int64_t nv = n - n % VLEN;
     for (int64_t r = 0; r < rows; r++) {
         REAL *w = W + r * ldw;
@@ -153,8 +163,10 @@ static void FA(softmax_rows)(REAL *restrict W, int64_t ldw, int64_t rows, int64_
             for (int64_t c = 0; c < n; c++)
                 if (w[c] != w[c]) fill = w[c];
             for (int64_t c = 0; c < n; c++) w[c] = fill;
+            if (lse) lse[r] = fill != fill ? fill : sink;
             continue;
         }
+        mx = FA(smax)(sink, mx);
         VEC shift = FA(vsplat)(FA(sm_shift)(mx));
         REAL sum = FA(hsum)(FA(sm_exp_sum)(w, VLEN, nv / VLEN, shift));
         if (nv < n) {
@@ -167,7 +179,9 @@ static void FA(softmax_rows)(REAL *restrict W, int64_t ldw, int64_t rows, int64_
                 sum += t[c - nv];
             }
         }
+        if (sink != (REAL)-INFINITY) sum += (REAL)exp((double)(sink - mx));
         FA(sm_normalize)(w, w, 1, n, sum);
+        if (lse) lse[r] = mx + (REAL)log((double)sum);
     }
 }
 
@@ -177,10 +191,11 @@ static void FA(softmax_rows)(REAL *restrict W, int64_t ldw, int64_t rows, int64_
  * c_s = exp(m_s - shift(max_s m_s)), the rule's correction factor.  It is
  * computed here with libm's exp in double on a scalar, not FA(sm_vcorr): a
  * handful of parts per row, and the split path's outputs are kept as they
- * were.  A part with l = 0 (it saw only -inf) weighs 0.
+ * were.  A part with l = 0 (it saw only -inf) weighs 0.  lse (or NULL) gets
+ * the row's log-sum-exp.
  */
 static void FA(merge_splits)(REAL *restrict out, int64_t ev, const REAL *restrict parts,
-                             int64_t stride, int64_t n) {
+                             int64_t stride, int64_t n, REAL *restrict lse) {
     REAL m = (REAL)-INFINITY;
     for (int64_t s = 0; s < n; s++) m = FA(smax)(parts[s * stride], m);
     REAL shift = FA(sm_shift)(m), l = 0;
@@ -192,6 +207,7 @@ static void FA(merge_splits)(REAL *restrict out, int64_t ev, const REAL *restric
         for (int64_t c = 0; c < ev; c++) out[c] += w * p[2 + c];
     }
     FA(sm_normalize)(out, out, 1, ev, l);
+    if (lse) *lse = FA(lse_of)(m, l);
 }
 
 /* out[i * ors + e] = O^T[e][i] / l[i] for i < rows, e < ev, by the rule's
