@@ -173,6 +173,13 @@ class TorchExport:
                 f"to_torch: torch.nn.MultiheadAttention has no grouped-query attention "
                 f"(num_kv_heads {self.num_kv_heads} != num_heads {self.num_heads})"
             )
+        extras = [name for name in ("rotary", "scale", "softcap", "window")
+                  if getattr(self, name) is not None]
+        extras += ["sinks"] * self.has_sinks
+        extras += ["head_dim"] * (self.q_dim != self.embed_dim)
+        if extras:
+            raise ValueError(f"to_torch: torch.nn.MultiheadAttention cannot express this "
+                             f"module's {', '.join(extras)}")
         tdtype = {np.dtype(np.float64): torch.float64, BFLOAT16: torch.bfloat16,
                   np.dtype(np.float16): torch.float16}.get(self.dtype, torch.float32)
 

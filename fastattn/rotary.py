@@ -145,7 +145,8 @@ class Rotary:
                     raise TypeError(f"scaling truncate must be True or False, got {value!r}")
                 out[key] = bool(value)
             else:
-                out[key] = _real(value, f"scaling {key}")
+                # (an mscale of 0 is meaningful: it turns that factor off)
+                out[key] = _real(value, f"scaling {key}", positive=not key.startswith("mscale"))
         if kind == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
             raise ValueError("scaling high_freq_factor must exceed low_freq_factor")
         return out if kind != "default" else None
@@ -193,7 +194,7 @@ class Rotary:
 
         if "attention_factor" in s:
             att = s["attention_factor"]
-        elif "mscale" in s and "mscale_all_dim" in s:
+        elif s.get("mscale") and s.get("mscale_all_dim"):
             att = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
         else:
             att = mscale(factor)
