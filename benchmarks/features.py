@@ -11,6 +11,12 @@
 3. One decoding step over 16384 cached positions (B=1, D=512, H=8) with the
    cache in float32, bfloat16 and float16 (the same float32 module): decoding
    reads the whole cache once per token, so half the bytes should show.
+4. What the decoder settings cost, at the bench presets bert (8, 512, 768, 12)
+   and long (1, 4096, 512, 8): the causal forward with and without rotary
+   embeddings (same weights), and the causal attention core (SDPA) with and
+   without soft-capping, with sinks, with the log-sum-exp returned.
+
+Run one part with --part decode|window|cache|decoder.
 """
 
 import argparse
@@ -104,15 +110,58 @@ def cache_dtypes(rounds, threads, L=16384):
           f"(bfloat16 output within {err:.1e} of float32's, relative)")
 
 
+def _cost_line(label, t, base):
+    """Median and quiet-round (minimum) overheads of each entry of t over t[base]."""
+    med = {k: float(np.median(v)) for k, v in t.items()}
+    low = {k: float(np.min(v)) for k, v in t.items()}
+    parts = [f"{base} {1e3 * med[base]:.2f} ms"]
+    for k in t:
+        if k != base:
+            parts.append(f"{k} {100 * (med[k] / med[base] - 1):+.1f}% "
+                         f"(min {100 * (low[k] / low[base] - 1):+.1f}%)")
+    print(f"{label:<34} " + ", ".join(parts))
+
+
+def decoder_costs(rounds, threads):
+    print(f"\ndecoder settings, {threads} threads: median over {rounds} interleaved rounds, "
+          f"overhead against the plain run")
+    rng = np.random.default_rng(0)
+    for name, (B, N, D, H) in (("bert", (8, 512, 768, 12)), ("long", (1, 4096, 512, 8))):
+        E = D // H
+        plain = fastattn.MultiHeadSelfAttention(D, H, seed=0)
+        rope = fastattn.MultiHeadSelfAttention(D, H, seed=0, rotary=fastattn.Rotary(E))
+        rope.load_state_dict(plain.state_dict())
+        x = rng.standard_normal((B, N, D), dtype=np.float32)
+        t = time_interleaved({"forward": lambda: plain(x, is_causal=True),
+                              "rotary": lambda: rope(x, is_causal=True)}, rounds, 0.05)
+        _cost_line(f"{name} causal forward", t, "forward")
+        q, k, v = (rng.standard_normal((B, H, N, E), dtype=np.float32) for _ in range(3))
+        sinks = rng.standard_normal(H)
+        sdpa = fastattn.scaled_dot_product_attention
+        t = time_interleaved({
+            "core": lambda: sdpa(q, k, v, is_causal=True),
+            "softcap": lambda: sdpa(q, k, v, is_causal=True, softcap=30.0),
+            "sinks": lambda: sdpa(q, k, v, is_causal=True, sinks=sinks),
+            "lse": lambda: sdpa(q, k, v, is_causal=True, return_lse=True),
+        }, rounds, 0.05)
+        _cost_line(f"{name} causal core (SDPA)", t, "core")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=fastattn.get_num_threads())
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--part", choices=("decode", "window", "cache", "decoder"), default=None)
     args = p.parse_args()
     fastattn.set_num_threads(args.threads)
-    decode_steps((1024, 4096, 16384), args.rounds, args.threads)
-    window_cost(max(3, args.rounds // 2), args.threads)
-    cache_dtypes(args.rounds, args.threads)
+    if args.part in (None, "decode"):
+        decode_steps((1024, 4096, 16384), args.rounds, args.threads)
+    if args.part in (None, "window"):
+        window_cost(max(3, args.rounds // 2), args.threads)
+    if args.part in (None, "cache"):
+        cache_dtypes(args.rounds, args.threads)
+    if args.part in (None, "decoder"):
+        decoder_costs(args.rounds, args.threads)
 
 
 if __name__ == "__main__":

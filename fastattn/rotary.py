@@ -224,12 +224,16 @@ class Rotary:
     # ---- tables ------------------------------------------------------------------------
 
     def _table_for(self, positions: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        """(n, dim) of dtype: cos and sin of pair f at 2f and 2f + 1, times the
-        attention factor, for each of ``positions`` (float64 angles)."""
+        """(n, 2 * dim) of dtype, for each of ``positions`` (float64 angles,
+        times the attention factor): cos of pair f at 2f and 2f + 1, then
+        -sin and sin at dim + 2f and dim + 2f + 1 (fa_rotary's layout)."""
         angles = positions.astype(np.float64)[:, None] * self.inv_freq[None, :]
-        table = np.empty((len(positions), self.dim), dtype)
-        table[:, 0::2] = np.cos(angles) * self.attention_factor
-        table[:, 1::2] = np.sin(angles) * self.attention_factor
+        cos, sin = np.cos(angles) * self.attention_factor, np.sin(angles) * self.attention_factor
+        table = np.empty((len(positions), 2 * self.dim), dtype)
+        table[:, 0:self.dim:2] = cos
+        table[:, 1:self.dim:2] = cos
+        table[:, self.dim::2] = -sin
+        table[:, self.dim + 1::2] = sin
         return table
 
     def rows(self, positions: np.ndarray, dtype) -> Tuple[np.ndarray, np.ndarray]:

@@ -47,9 +47,9 @@ cdef int _rotary_setup(fa_rotary* R, rotary, int64_t m, int64_t n_out, int wtyp)
     table, pos, cols, head_dim, rot_dim = rotary
     cdef cnp.ndarray T = <cnp.ndarray?>table, Pn = <cnp.ndarray?>pos
     if (T.ndim != 2 or not T.flags.c_contiguous or cnp.PyArray_TYPE(T) != wtyp
-            or T.shape[1] != rot_dim or not T.flags.aligned):
-        raise ValueError("linear: the rotary table must be a C-contiguous (positions, rot_dim) "
-                         "array of the weights' dtype")
+            or T.shape[1] != 2 * rot_dim or not T.flags.aligned):
+        raise ValueError("linear: the rotary table must be a C-contiguous (positions, "
+                         "2 * rot_dim) array of the weights' dtype")
     if (Pn.ndim != 1 or Pn.shape[0] != m or not Pn.flags.c_contiguous
             or cnp.PyArray_TYPE(Pn) != cnp.NPY_INT64 or not Pn.flags.aligned):
         raise ValueError("linear: rotary positions must be one int64 table row per x row")

@@ -40,9 +40,10 @@ static inline int64_t fa_col_off(const fa_out_layout *o, int64_t c) {
  * Rotary position embeddings applied where a projection writes Q and K: the
  * output columns below `cols` are heads of head_dim features whose first
  * rot_dim (even) are rotated in adjacent pairs (2f, 2f + 1) by the angle of
- * the row's position.  `table` holds, per position, rot_dim elements of the
- * projection's element type: cos and sin of pair f at 2f and 2f + 1; row i
- * of the projection uses table row pos[i].  table NULL: no rotation.  (A
+ * the row's position.  `table` holds, per position, 2 * rot_dim elements of
+ * the projection's element type: cos of pair f at 2f and 2f + 1, then -sin
+ * at rot_dim + 2f and sin at rot_dim + 2f + 1; row i of the projection uses
+ * table row pos[i].  table NULL: no rotation.  (A
  * half-split layout is brought to pairs by permuting the weights' rows, see
  * fastattn/rotary.py: the scores q.k do not change when q and k are
  * permuted alike.)

@@ -206,20 +206,43 @@ static inline int64_t FA(padded_bias_len)(int64_t n_out) { return ((n_out + NR -
 /* Rotary embedding of a finished tile: rows row0 .. row0+rows of the
  * projection (ldt apart), columns col0 .. col0+nc (contiguous), as fa_rotary
  * describes.  Pairs never straddle the tile: heads have an even width and
- * tiles start on even columns. */
+ * tiles start on even columns.  A table row is laid out so that a vector of
+ * pairs turns with two products and a lane swap: x * cc + swap(x) * ss. */
 static void FA(rotate_tile)(REAL *restrict t, int64_t ldt, int64_t rows, int64_t row0,
                             int64_t col0, int64_t nc, const fa_rotary *rot) {
+#if FA_BLOCK_TRANSPOSE
+    typedef FA(uvec) UVEC;
+    static const IREAL iota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    IVEC swap;
+    memcpy(&swap, iota, sizeof swap);
+    swap ^= 1; /* lane 2f <-> lane 2f + 1 */
+#endif
     const REAL *table = (const REAL *)rot->table;
     int64_t end = col0 + nc < rot->cols ? col0 + nc : rot->cols;
     for (int64_t r = 0; r < rows; r++) {
-        const REAL *cs = table + rot->pos[row0 + r] * rot->rot_dim;
+        const REAL *cc = table + rot->pos[row0 + r] * 2 * rot->rot_dim;
+        const REAL *ss = cc + rot->rot_dim;
         REAL *x = t + r * ldt - col0;
-        for (int64_t c = col0; c + 1 < end; c += 2) {
+        for (int64_t c = col0; c < end;) {
             int64_t e = c % rot->head_dim;
-            if (e >= rot->rot_dim) continue;
-            REAL a = x[c], b = x[c + 1], co = cs[e], si = cs[e + 1];
-            x[c] = a * co - b * si;
-            x[c + 1] = b * co + a * si;
+            if (e >= rot->rot_dim) { /* the head's unrotated rest */
+                c += rot->head_dim - e;
+                continue;
+            }
+            int64_t run = rot->rot_dim - e < end - c ? rot->rot_dim - e : end - c, j = 0;
+#if FA_BLOCK_TRANSPOSE /* (the lane swap needs GCC's __builtin_shuffle, see fa_simd.h) */
+            for (; j + VLEN <= run; j += VLEN) {
+                VEC v = *(UVEC *)(x + c + j);
+                *(UVEC *)(x + c + j) = v * *(const UVEC *)(cc + e + j) +
+                                       __builtin_shuffle(v, swap) * *(const UVEC *)(ss + e + j);
+            }
+#endif
+            for (; j < run; j += 2) {
+                REAL a = x[c + j], b = x[c + j + 1];
+                x[c + j] = a * cc[e + j] + b * ss[e + j];
+                x[c + j + 1] = b * cc[e + j + 1] + a * ss[e + j + 1];
+            }
+            c += run;
         }
     }
 }

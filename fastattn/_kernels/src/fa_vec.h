@@ -102,6 +102,22 @@ static inline VEC FA(vexp2)(VEC y) {
  */
 static inline VEC FA(vexp)(VEC x) { return FA(vexp2)(x * FA(vsplat)(FA_LOG2E)); }
 
+/*
+ * 1/d lane-wise for d in [1, 2] (normal numbers, no zero or inf to handle):
+ * the instruction's estimate and Newton steps r (2 - d r), each doubling the
+ * correct bits, where the instruction set has one; else a division, whose
+ * throughput is a fraction of the FMAs'.
+ */
+static inline VEC FA(vrecip)(VEC d) {
+#if defined(FA_VRCP)
+    VEC r = FA_VRCP(d);
+    for (int s = 0; s < FA_RCP_STEPS; s++) r = r * (FA(vsplat)(2) - d * r);
+    return r;
+#else
+    return FA(vsplat)(1) / d;
+#endif
+}
+
 #if FA_BLOCK_TRANSPOSE
 /*
  * Transposes a VLEN x VLEN block held in v[0..VLEN) (row r in v[r]) in
