@@ -166,6 +166,78 @@ def cohere():
         rotary=dict(dim=16, theta=10000.0, interleaved=True)))
 
 
+def _sibling(model, prefix, idx=0, sliding=False, seed=20, **cfg_kw):
+    """A layer of a family from_hf maps from reading its source (no special
+    settings beyond those given); ``expect`` is filled in by the caller."""
+    import importlib
+    import transformers
+    mod = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+    cfg = _eager(getattr(transformers, f"{prefix}Config")(**_common(**cfg_kw)))
+    layer = _randomize(getattr(mod, f"{prefix}Attention")(cfg, idx), seed=seed)
+    return layer, getattr(mod, f"{prefix}RotaryEmbedding")(cfg), cfg
+
+
+def sibling(name):
+    """Families whose attention differs from the five above only in the
+    settings from_hf reads (see fastattn/hf.py's table)."""
+    rot16 = dict(dim=16, theta=10000.0)
+    if name == "mixtral":  # the model masks every layer with config.sliding_window
+        layer, emb, _ = _sibling("mixtral", "Mixtral", sliding_window=4,
+                                 rope_parameters={"rope_theta": 10000.0})
+        return Case(name, layer, emb, True, dict(rotary=rot16, window=(3, 0)))
+    if name == "starcoder2":  # biases everywhere (use_bias), config window
+        layer, emb, _ = _sibling("starcoder2", "Starcoder2", sliding_window=5)
+        return Case(name, layer, emb, True, dict(rotary=rot16, window=(4, 0)))
+    if name == "ministral":  # every layer a "sliding_attention" layer
+        layer, emb, _ = _sibling("ministral", "Ministral", sliding_window=4, head_dim=16)
+        return Case(name, layer, emb, True, dict(rotary=rot16, window=(3, 0)))
+    if name == "qwen2_moe-sliding":  # q/k/v biases (qkv_bias), window on layer 0 only
+        layer, emb, _ = _sibling("qwen2_moe", "Qwen2Moe", use_sliding_window=True,
+                                 sliding_window=4, max_window_layers=2, qkv_bias=True)
+        return Case(name, layer, emb, True, dict(rotary=rot16, window=(3, 0)))
+    if name == "gemma":
+        layer, emb, _ = _sibling("gemma", "Gemma", head_dim=16)
+        return Case(name, layer, emb, False, dict(rotary=rot16))
+    if name == "granite":  # scale = config.attention_multiplier
+        layer, emb, _ = _sibling("granite", "Granite", attention_multiplier=0.4)
+        return Case(name, layer, emb, False, dict(rotary=rot16, scale=0.4))
+    if name == "glm4":  # half the head rotated, pairs interleaved
+        layer, emb, _ = _sibling("glm4", "Glm4", head_dim=16)
+        return Case(name, layer, emb, False, dict(rotary=dict(dim=8, theta=10000.0,
+                                                              interleaved=True)))
+    if name == "cohere2-sliding":  # rotary (interleaved) on sliding layers only
+        layer, emb, _ = _sibling("cohere2", "Cohere2", idx=0, sliding_window=4,
+                                 num_hidden_layers=4)
+        return Case(name, layer, emb, True, dict(rotary=dict(rot16, interleaved=True),
+                                                 window=(3, 0)))
+    if name == "cohere2-full":  # ... and none on its full layers
+        layer, emb, _ = _sibling("cohere2", "Cohere2", idx=3, sliding_window=4,
+                                 num_hidden_layers=4)
+        return Case(name, layer, emb, False, dict(rotary=None))
+    if name == "smollm3-nope":  # no_rope_layers[3] == 0: a NoPE layer
+        layer, emb, _ = _sibling("smollm3", "SmolLM3", idx=3, num_hidden_layers=4)
+        return Case(name, layer, emb, False, dict(rotary=None))
+    if name == "olmo":  # clip_qkv unset
+        layer, emb, _ = _sibling("olmo", "Olmo")
+        return Case(name, layer, emb, False, dict(rotary=rot16))
+    if name == "helium":
+        layer, emb, _ = _sibling("helium", "Helium", head_dim=16)
+        # Helium's pairs are interleaved, like GLM's (re-interleaved Llama-style cos/sin)
+        return Case(name, layer, emb, False, dict(rotary=dict(dim=16, theta=100000.0,
+                                                              interleaved=True)))
+    if name == "seed_oss":  # q/k/v biases, no o bias (attention_out_bias)
+        layer, emb, _ = _sibling("seed_oss", "SeedOss", head_dim=16)
+        return Case(name, layer, emb, False, dict(rotary=rot16))
+    if name == "arcee":
+        layer, emb, _ = _sibling("arcee", "Arcee")
+        return Case(name, layer, emb, False, dict(rotary=rot16))
+    raise KeyError(name)
+
+
+SIBLINGS = ("mixtral", "starcoder2", "ministral", "qwen2_moe-sliding", "gemma", "granite",
+            "glm4", "cohere2-sliding", "cohere2-full", "smollm3-nope", "olmo", "helium",
+            "seed_oss", "arcee")
+
 BUILDERS = {
     "llama-llama3": lambda: llama("llama3"),
     "llama-linear": lambda: llama("linear"),
@@ -179,6 +251,7 @@ BUILDERS = {
     "glm": glm,
     "cohere": cohere,
 }
+BUILDERS.update({name: (lambda name=name: sibling(name)) for name in SIBLINGS})
 
 
 def build(name):
