@@ -35,10 +35,14 @@ class _Family:
         "all", "use_rope" (SmolLM3's NoPE layers: the layer's ``use_rope``),
         "sliding" (Cohere2: only its sliding-window layers)
 
+    since: the first transformers major version whose class this describes
+        (4.x's Qwen2-MoE chose its window differently)
+
     The pair layout is not listed: _layout measures it on the model's own code.
     """
     window: str = "none"
     rope: str = "all"
+    since: int = 4
 
 
 # Only classes whose forward we have read are mapped: a class that looks the
@@ -57,7 +61,7 @@ _FAMILIES: Dict[str, _Family] = {
     "MixtralAttention": _Family(window="config"),
     "Starcoder2Attention": _Family(window="config"),
     "Qwen2Attention": _Family(window="layer"),
-    "Qwen2MoeAttention": _Family(window="layer"),
+    "Qwen2MoeAttention": _Family(window="layer", since=5),
     "MinistralAttention": _Family(window="layer"),
     "Gemma2Attention": _Family(window="layer"),
     "GptOssAttention": _Family(window="layer"),
@@ -73,10 +77,24 @@ _FAMILIES: Dict[str, _Family] = {
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
+def _transformers_major() -> int:
+    # the layer exists, so transformers is imported already: nothing new is loaded
+    version = getattr(sys.modules.get("transformers"), "__version__", "5")
+    try:
+        return int(version.split(".")[0])
+    except ValueError:
+        return 5
+
+
 def _family(layer) -> Tuple[str, _Family]:
     for klass in type(layer).__mro__:
         if klass.__name__ in _FAMILIES:
-            return klass.__name__, _FAMILIES[klass.__name__]
+            fam = _FAMILIES[klass.__name__]
+            if _transformers_major() < fam.since:
+                raise TypeError(f"from_hf: {klass.__name__} is supported from transformers "
+                                f"{fam.since} on; this is "
+                                f"{sys.modules['transformers'].__version__}")
+            return klass.__name__, fam
     name = type(layer).__name__
     raise TypeError(
         f"from_hf: {name} is not a supported attention layer; from_hf maps only classes "
@@ -97,7 +115,9 @@ def _check_structure(layer) -> None:
             f"from_hf: {cls_name} is not a transformers decoder attention layer (one with "
             "q_proj, k_proj, v_proj, o_proj and a config); pass the layer, e.g. "
             "model.model.layers[i].self_attn, not the model or the decoder layer")
-    extra = sorted(set(children) - set(_PROJECTIONS))
+    # transformers 4.x's Qwen2-MoE attention kept a rotary_emb of its own that its
+    # forward never calls (the model passes position_embeddings): harmless
+    extra = sorted(set(children) - set(_PROJECTIONS) - {"rotary_emb"})
     if extra:
         # q_norm / k_norm (Qwen3, OLMo2, Gemma3, Cohere with use_qk_norm) normalise
         # each head's q and k before the rotary: a step fastattn does not have
@@ -354,6 +374,10 @@ def from_hf(layer, *, dtype: Any = None):
       Llama, Qwen2, Mistral, Gemma, GPT-OSS and most others, interleaved
       (2i, 2i+1) for GLM, Cohere and Helium.  SmolLM3's NoPE layers and
       Cohere2's full layers have no rotary.
+
+    The table of classes was read from transformers 5's source; tests run
+    against 5.24 and 4.57 (Qwen2MoeAttention: 5 only, 4.x windowed it
+    differently).
 
     Dropout is not modelled (the layer in eval mode is what is reproduced),
     nor a 2-D padding mask, position ids other than 0..N-1 (pass
