@@ -7,7 +7,8 @@ weights.  See ``fastattn.functional`` for the mask conventions and
 docs/architecture.md for one call's path through the layers::
 
     public API      MultiHeadSelfAttention, MultiHeadAttention, KVCache,
-                    scaled_dot_product_attention, alibi_slopes, threads, info
+                    scaled_dot_product_attention, alibi_slopes, threads, info,
+                    from_hf (hf.py: Hugging Face attention layers)
         |
     modules.py (config, call, forward)      functional.py (sdpa, attention_into)
         |
@@ -30,6 +31,7 @@ docs/architecture.md for one call's path through the layers::
 
 from .cache import KVCache
 from .functional import alibi_slopes, merge_attention, scaled_dot_product_attention
+from .hf import from_hf
 from .rotary import Rotary, apply_rotary
 from .info import info
 from .modules import MultiHeadAttention, MultiHeadSelfAttention
@@ -42,6 +44,7 @@ __all__ = [
     "MultiHeadSelfAttention",
     "MultiHeadAttention",
     "KVCache",
+    "from_hf",
     "scaled_dot_product_attention",
     "alibi_slopes",
     "merge_attention",

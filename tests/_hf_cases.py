@@ -13,6 +13,7 @@ reference tests check that belief against the layer itself.  Nothing is
 downloaded.
 """
 import copy
+import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,11 +49,26 @@ def _randomize(layer, seed, qk_gain=1.0):
     return layer.eval()
 
 
+def _rope(rope):
+    """Config keywords for rope settings: transformers 5's rope_parameters, or
+    4.x's rope_theta and rope_scaling (so the 4.x reading is tested there)."""
+    import transformers
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {"rope_parameters": dict(rope)}
+    rope = dict(rope)
+    out = {"rope_theta": rope.pop("rope_theta")}
+    if rope.get("rope_type", "default") != "default":
+        out["rope_scaling"] = rope
+    return out
+
+
 def _common(**kw):
     base = dict(hidden_size=D, num_attention_heads=H, num_key_value_heads=HKV,
                 num_hidden_layers=2, intermediate_size=128, vocab_size=32,
                 max_position_embeddings=64, pad_token_id=None, bos_token_id=None,
                 eos_token_id=None)
+    if "rope" in kw:
+        kw.update(_rope(kw.pop("rope")))
     base.update(kw)
     return base
 
@@ -82,7 +98,7 @@ def llama(scaling):
                 "original_max_position_embeddings": 16, "mscale": 0.8, "mscale_all_dim": 0.5,
                 "beta_fast": 8.0, "beta_slow": 1.0}
         bias = False
-    cfg = _eager(LlamaConfig(**_common(attention_bias=bias, rope_parameters=rope)))
+    cfg = _eager(LlamaConfig(**_common(attention_bias=bias, rope=rope)))
     layer = _randomize(LlamaAttention(cfg, 0), seed=1)
     scaling_dict = {k: v for k, v in rope.items() if k != "rope_theta"}
     return Case(f"llama-{scaling}", layer, LlamaRotaryEmbedding(cfg), sliding=False, expect=dict(
@@ -92,7 +108,7 @@ def llama(scaling):
 def qwen2():
     from transformers import Qwen2Config
     from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2RotaryEmbedding
-    cfg = _eager(Qwen2Config(**_common(rope_parameters={"rope_type": "default",
+    cfg = _eager(Qwen2Config(**_common(rope={"rope_type": "default",
                                                         "rope_theta": 10000.0})))
     layer = _randomize(Qwen2Attention(cfg, 0), seed=2)
     return Case("qwen2", layer, Qwen2RotaryEmbedding(cfg), sliding=False, expect=dict(
@@ -105,7 +121,7 @@ def mistral():
                                                               MistralRotaryEmbedding)
     # head_dim 32 with 4 heads: q is 128 wide, over a 64-wide model
     cfg = _eager(MistralConfig(**_common(sliding_window=4, head_dim=32,
-                                         rope_parameters={"rope_theta": 1000.0})))
+                                         rope={"rope_theta": 1000.0})))
     layer = _randomize(MistralAttention(cfg, 0), seed=3)
     # Mistral's model masks every layer with config.sliding_window, W = 4: a query
     # sees itself and the 3 keys before it
@@ -118,7 +134,7 @@ def gemma2(layer_idx):
     from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention, Gemma2RotaryEmbedding
     cfg = _eager(Gemma2Config(**_common(head_dim=24, query_pre_attn_scalar=20,
                                         attn_logit_softcapping=1.5, sliding_window=5,
-                                        rope_parameters={"rope_theta": 10000.0})))
+                                        rope={"rope_theta": 10000.0})))
     layer = _randomize(Gemma2Attention(cfg, layer_idx), seed=4 + layer_idx, qk_gain=2.0)
     sliding = cfg.layer_types[layer_idx] == "sliding_attention"
     return Case(f"gemma2-{'sliding' if sliding else 'full'}", layer, Gemma2RotaryEmbedding(cfg),
@@ -134,7 +150,7 @@ def gpt_oss(layer_idx):
     # original context): with 8 pairs the ramp runs from pair 2.0 to 4.4
     rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
             "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096}
-    cfg = _eager(GptOssConfig(**_common(head_dim=16, sliding_window=4, rope_parameters=rope,
+    cfg = _eager(GptOssConfig(**_common(head_dim=16, sliding_window=4, rope=rope,
                                         num_local_experts=2, num_experts_per_tok=1,
                                         max_position_embeddings=131072)))
     layer = _randomize(GptOssAttention(cfg, layer_idx), seed=6 + layer_idx)
@@ -151,7 +167,7 @@ def glm():
     from transformers.models.glm.modeling_glm import GlmAttention, GlmRotaryEmbedding
     # GLM: half the head rotated (partial_rotary_factor 0.5), pairs interleaved
     cfg = _eager(GlmConfig(**_common(head_dim=16, partial_rotary_factor=0.5,
-                                     rope_parameters={"rope_theta": 10000.0})))
+                                     rope={"rope_theta": 10000.0})))
     layer = _randomize(GlmAttention(cfg, 0), seed=8)
     return Case("glm", layer, GlmRotaryEmbedding(cfg), sliding=False, expect=dict(
         rotary=dict(dim=8, theta=10000.0, interleaved=True)))
@@ -160,11 +176,83 @@ def glm():
 def cohere():
     from transformers import CohereConfig
     from transformers.models.cohere.modeling_cohere import CohereAttention, CohereRotaryEmbedding
-    cfg = _eager(CohereConfig(**_common(rope_parameters={"rope_theta": 10000.0})))
+    cfg = _eager(CohereConfig(**_common(rope={"rope_theta": 10000.0})))
     layer = _randomize(CohereAttention(cfg, 0), seed=9)
     return Case("cohere", layer, CohereRotaryEmbedding(cfg), sliding=False, expect=dict(
         rotary=dict(dim=16, theta=10000.0, interleaved=True)))
 
+
+def _sibling(model, prefix, idx=0, sliding=False, seed=20, **cfg_kw):
+    """A layer of a family from_hf maps from reading its source (no special
+    settings beyond those given); ``expect`` is filled in by the caller."""
+    import importlib
+    import transformers
+    mod = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+    cfg = _eager(getattr(transformers, f"{prefix}Config")(**_common(**cfg_kw)))
+    layer = _randomize(getattr(mod, f"{prefix}Attention")(cfg, idx), seed=seed)
+    return layer, getattr(mod, f"{prefix}RotaryEmbedding")(cfg), cfg
+
+
+def sibling(name):
+    """Families whose attention differs from the five above only in the
+    settings from_hf reads (see fastattn/hf.py's table)."""
+    rot16 = dict(dim=16, theta=10000.0)
+    if name == "mixtral":  # the model masks every layer with config.sliding_window
+        layer, emb, _ = _sibling("mixtral", "Mixtral", sliding_window=4,
+                                 rope={"rope_theta": 10000.0})
+        return Case(name, layer, emb, True, dict(rotary=rot16, window=(3, 0)))
+    if name == "starcoder2":  # biases everywhere (use_bias), config window
+        layer, emb, _ = _sibling("starcoder2", "Starcoder2", sliding_window=5)
+        return Case(name, layer, emb, True, dict(rotary=rot16, window=(4, 0)))
+    if name == "ministral":  # every layer a "sliding_attention" layer
+        layer, emb, _ = _sibling("ministral", "Ministral", sliding_window=4, head_dim=16)
+        return Case(name, layer, emb, True, dict(rotary=rot16, window=(3, 0)))
+    if name == "qwen2_moe-sliding":  # q/k/v biases (qkv_bias), window on layer 0 only
+        layer, emb, _ = _sibling("qwen2_moe", "Qwen2Moe", use_sliding_window=True,
+                                 sliding_window=4, max_window_layers=2, qkv_bias=True)
+        return Case(name, layer, emb, True, dict(rotary=rot16, window=(3, 0)))
+    if name == "gemma":
+        layer, emb, _ = _sibling("gemma", "Gemma", head_dim=16)
+        return Case(name, layer, emb, False, dict(rotary=rot16))
+    if name == "granite":  # scale = config.attention_multiplier
+        layer, emb, _ = _sibling("granite", "Granite", attention_multiplier=0.4)
+        return Case(name, layer, emb, False, dict(rotary=rot16, scale=0.4))
+    if name == "glm4":  # half the head rotated, pairs interleaved
+        layer, emb, _ = _sibling("glm4", "Glm4", head_dim=16)
+        return Case(name, layer, emb, False, dict(rotary=dict(dim=8, theta=10000.0,
+                                                              interleaved=True)))
+    if name == "cohere2-sliding":  # rotary (interleaved) on sliding layers only
+        layer, emb, _ = _sibling("cohere2", "Cohere2", idx=0, sliding_window=4,
+                                 num_hidden_layers=4)
+        return Case(name, layer, emb, True, dict(rotary=dict(rot16, interleaved=True),
+                                                 window=(3, 0)))
+    if name == "cohere2-full":  # ... and none on its full layers
+        layer, emb, _ = _sibling("cohere2", "Cohere2", idx=3, sliding_window=4,
+                                 num_hidden_layers=4)
+        return Case(name, layer, emb, False, dict(rotary=None))
+    if name == "smollm3-nope":  # no_rope_layers[3] == 0: a NoPE layer
+        layer, emb, _ = _sibling("smollm3", "SmolLM3", idx=3, num_hidden_layers=4)
+        return Case(name, layer, emb, False, dict(rotary=None))
+    if name == "olmo":  # clip_qkv unset
+        layer, emb, _ = _sibling("olmo", "Olmo")
+        return Case(name, layer, emb, False, dict(rotary=rot16))
+    if name == "helium":
+        layer, emb, _ = _sibling("helium", "Helium", head_dim=16)
+        # Helium's pairs are interleaved, like GLM's (re-interleaved Llama-style cos/sin)
+        return Case(name, layer, emb, False, dict(rotary=dict(dim=16, theta=100000.0,
+                                                              interleaved=True)))
+    if name == "seed_oss":  # q/k/v biases, no o bias (attention_out_bias)
+        layer, emb, _ = _sibling("seed_oss", "SeedOss", head_dim=16)
+        return Case(name, layer, emb, False, dict(rotary=rot16))
+    if name == "arcee":
+        layer, emb, _ = _sibling("arcee", "Arcee")
+        return Case(name, layer, emb, False, dict(rotary=rot16))
+    raise KeyError(name)
+
+
+SIBLINGS = ("mixtral", "starcoder2", "ministral", "qwen2_moe-sliding", "gemma", "granite",
+            "glm4", "cohere2-sliding", "cohere2-full", "smollm3-nope", "olmo", "helium",
+            "seed_oss", "arcee")
 
 BUILDERS = {
     "llama-llama3": lambda: llama("llama3"),
@@ -179,6 +267,7 @@ BUILDERS = {
     "glm": glm,
     "cohere": cohere,
 }
+BUILDERS.update({name: (lambda name=name: sibling(name)) for name in SIBLINGS})
 
 
 def build(name):
@@ -209,8 +298,15 @@ def hf_forward(case, x):
     pos = torch.arange(N)[None].expand(B, N)
     make = (masking_utils.create_sliding_window_causal_mask if case.sliding
             else masking_utils.create_causal_mask)
-    mask = make(config=layer.config, inputs_embeds=xt, attention_mask=None, cache=None,
-                position_ids=pos)
+    # the mask builders' keywords were renamed over the versions (input_embeds ->
+    # inputs_embeds, past_key_values -> cache; 4.x needs cache_position)
+    names = inspect.signature(make).parameters
+    kw = {"config": layer.config, "attention_mask": None, "position_ids": pos,
+          "inputs_embeds" if "inputs_embeds" in names else "input_embeds": xt,
+          "cache" if "cache" in names else "past_key_values": None}
+    if "cache_position" in names:
+        kw["cache_position"] = torch.arange(N)
+    mask = make(**kw)
     with torch.no_grad():
         cos, sin = rotary(xt, pos)
         y, _ = layer(xt, position_embeddings=(cos, sin), attention_mask=mask)

@@ -37,6 +37,8 @@ def test_rope_inv_freq_matches_hf_rotary(name):
     """The frequencies and attention factor themselves (float32 in Hugging Face)."""
     case = hf.build(name)
     rot = case.expect["rotary"]
+    if rot is None:
+        pytest.skip("a layer without rotary")
     inv_freq, att = rope_inv_freq(rot["dim"], rot["theta"], rot.get("scaling"))
     np.testing.assert_allclose(inv_freq, case.rotary_emb.inv_freq.double().numpy(), rtol=2e-6)
     assert att == pytest.approx(case.rotary_emb.attention_scaling, rel=1e-12)
