@@ -22,9 +22,9 @@ cdef bint _scores_block(const Problem* P, floating* ST, const floating* QT, cons
     if clean:
         for r in range(L):
             bmax[r] = -INFINITY
+    # soft-capped as the GEMM makes them, before the masks
     _gemm(bk, L, P.dim, kb, ks, 1, QT, L, ST, L, 0, tail,
-          bmax if clean else <floating*>NULL)
-    _cap_scores(P, ST, bk * L, bmax if clean else <floating*>NULL)
+          bmax if clean else <floating*>NULL, <floating>P.softcap)
     # masks index (query i, key j), which sits at ST[i * 1 + j * L]
     # scores of the block as the GEMM left them: one pass tells whether a
     # float mask must take the exact (slower) route
@@ -35,9 +35,9 @@ cdef bint _scores_block(const Problem* P, floating* ST, const floating* QT, cons
 
 cdef inline void _cap_scores(const Problem* P, floating* S, int64_t n,
                              floating* bmax) noexcept nogil:
-    """Soft-capping of n scores (a multiple of the vector width), and of the
-    block max the GEMM took, where one was taken (tanh is increasing, so the
-    capped max is the max of the capped scores)."""
+    """Soft-capping of n scores (a multiple of the vector width) that no GEMM
+    capped, and of the block max the GEMM took, where one was taken (tanh is
+    increasing: the capped max is the max of the capped scores)."""
     if P.softcap != 0:
         _softcap(S, n, <floating>P.softcap)
         if bmax != NULL:
@@ -156,7 +156,7 @@ cdef void _accumulate_rows(const Problem* P, const floating* v, int64_t vs, int6
         j = _nonfinite_row(v, vs, start, n, P.dim_v)
         if j > start:
             _gemm(P.dim_v, L, j - start, v + start * vs, 1, vs, ST + start * L,
-                  L, T, L, 1, tail, <floating*>NULL)
+                  L, T, L, 1, tail, <floating*>NULL, 0)
         if j == n:
             break
         vj = v + j * vs
@@ -181,7 +181,7 @@ cdef inline void _accumulate_block(const Problem* P, const floating* v, int64_t 
     if masked and not _all_finite(v, vs, bk, P.dim_v):
         _accumulate_rows(P, v, vs, bk, ST, L, T, tail, first, b, h, i0, rows, j0)
     else:
-        _gemm(P.dim_v, L, bk, v, 1, vs, ST, L, T, L, first, tail, <floating*>NULL)
+        _gemm(P.dim_v, L, bk, v, 1, vs, ST, L, T, L, first, tail, <floating*>NULL, 0)
     if not first:
         _add_into(OT, OB, P.dim_v * L)
 

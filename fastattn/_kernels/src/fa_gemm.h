@@ -34,12 +34,14 @@ static void FA(pack_qt)(REAL *restrict dst, int64_t ldd, const REAL *restrict sr
  * need not be.  The FA_MR x FA_NV accumulator tile stays in registers for the
  * whole K loop.  Rows >= mr of A must be readable (callers pack tails).
  * With `colmax`, colmax[0:N] also takes the max of each column's results
- * (rows < mr), while they are still in registers.
+ * (rows < mr), while they are still in registers.  cap > 0: the results are
+ * soft-capped (FA(vcap)) before they are stored and their max taken.
  */
 static inline void FA(panel)(int64_t N, int64_t K, const REAL *restrict A, int64_t rs,
                              int64_t ps, const REAL *restrict B, int64_t ldb,
                              REAL *restrict C, int64_t ldc, int accumulate,
-                             const REAL *restrict bias, int64_t mr, REAL *restrict colmax) {
+                             const REAL *restrict bias, int64_t mr, REAL *restrict colmax,
+                             REAL cap) {
     typedef FA(uvec) UVEC;
     for (int64_t j = 0; j < N; j += NR) {
         VEC acc[FA_MR][FA_NV];
@@ -56,6 +58,11 @@ static inline void FA(panel)(int64_t N, int64_t K, const REAL *restrict A, int64
                 REAL ar = a[r * rs];
                 for (int v = 0; v < FA_NV; v++) acc[r][v] += ar * b[v];
             }
+        }
+        if (cap > 0) {
+            const VEC k = FA(vsplat)(FA(cap_k)(cap)), c = FA(vsplat)(cap);
+            for (int r = 0; r < FA_MR; r++)
+                for (int v = 0; v < FA_NV; v++) acc[r][v] = FA(vcap)(acc[r][v], k, c);
         }
         for (int r = 0; r < FA_MR; r++) {
             if (r >= mr) break;
@@ -77,31 +84,33 @@ static inline void FA(panel)(int64_t N, int64_t K, const REAL *restrict A, int64
  * rows, ps between inner-dimension steps), so K and V are used in place.
  * A last panel of fewer than FA_MR rows is first copied into `tail`
  * (FA_MR * K elements), zero-padded, so no read runs past A.  colmax
- * (aligned, or NULL): see FA(panel).
+ * (aligned, or NULL) and cap: see FA(panel).
  */
 static void FA(gemm)(int64_t M, int64_t N, int64_t K, const REAL *restrict A, int64_t rs,
                      int64_t ps, const REAL *restrict B, int64_t ldb, REAL *restrict C,
-                     int64_t ldc, int accumulate, REAL *restrict tail, REAL *restrict colmax) {
+                     int64_t ldc, int accumulate, REAL *restrict tail, REAL *restrict colmax,
+                     REAL cap) {
     int64_t i = 0;
     if (rs == 1) {
         for (; i + FA_MR <= M; i += FA_MR)
             FA(panel)(N, K, A + i, 1, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR,
-                      colmax);
+                      colmax, cap);
     } else if (ps == 1) {
         for (; i + FA_MR <= M; i += FA_MR)
             FA(panel)(N, K, A + i * rs, rs, 1, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR,
-                      colmax);
+                      colmax, cap);
     } else {
         for (; i + FA_MR <= M; i += FA_MR)
             FA(panel)(N, K, A + i * rs, rs, ps, B, ldb, C + i * ldc, ldc, accumulate, NULL, FA_MR,
-                      colmax);
+                      colmax, cap);
     }
     if (i < M) {
         int64_t mr = M - i;
         for (int64_t p = 0; p < K; p++)
             for (int64_t r = 0; r < FA_MR; r++)
                 tail[p * FA_MR + r] = r < mr ? A[(i + r) * rs + p * ps] : 0;
-        FA(panel)(N, K, tail, 1, FA_MR, B, ldb, C + i * ldc, ldc, accumulate, NULL, mr, colmax);
+        FA(panel)(N, K, tail, 1, FA_MR, B, ldb, C + i * ldc, ldc, accumulate, NULL, mr, colmax,
+                  cap);
     }
 }
 
@@ -355,7 +364,7 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
                                    !first, (const float *)bb, mr, NULL, 1.0f);
                 } else
 #endif
-                    FA(panel)(NR, kl, a, rs, ps, b, NR, dst, ldd, !first, bb, mr, NULL);
+                    FA(panel)(NR, kl, a, rs, ps, b, NR, dst, ldd, !first, bb, mr, NULL, 0);
                 /* the epilogue: a finished tile of Q or K columns is rotated
                  * while it is in registers' reach, never in a pass of its own */
                 if (rot && rot->table && col < rot->cols && k0 + kl >= K)

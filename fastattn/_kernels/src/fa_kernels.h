@@ -34,10 +34,6 @@
 #define FA_LOG2E 1.44269504088896341f
 #define FA_EXP_MAGIC 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer */
 #define FA_VMAX(a, b) FA_MAX_PS(a, b)
-#if defined(FA_RCP_PS)
-#define FA_VRCP(a) FA_RCP_PS(a)
-#define FA_RCP_STEPS 1 /* 12 or 14 bits -> 24 or more */
-#endif
 #if defined(FA_REDUCE_PS)
 #define FA_VREDUCE(y) FA_REDUCE_PS(y)
 #define FA_VSCALEF(a, b) FA_SCALEF_PS(a, b)
@@ -60,10 +56,6 @@ static const float fa_exp2_c_f32[7] = {1.0f, 0.6931471824645996f, 0.240226462483
 #define FA_LOG2E 1.4426950408889634
 #define FA_EXP_MAGIC 6755399441055744.0 /* 1.5 * 2^52 */
 #define FA_VMAX(a, b) FA_MAX_PD(a, b)
-#if defined(FA_RCP_PD)
-#define FA_VRCP(a) FA_RCP_PD(a)
-#define FA_RCP_STEPS 2 /* 14 bits -> 28 -> 56 */
-#endif
 #if defined(FA_REDUCE_PD)
 #define FA_VREDUCE(y) FA_REDUCE_PD(y)
 #define FA_VSCALEF(a, b) FA_SCALEF_PD(a, b)

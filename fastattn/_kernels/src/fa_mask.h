@@ -119,25 +119,12 @@ static void FA(mask_band)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t 
     }
 }
 
-/* Logit soft-capping: s = cap * tanh(s / cap) for the n scores at s (n a
- * multiple of VLEN, s aligned), before any mask, so a capped score never
- * exceeds cap.  tanh(|t|) = (1 - e) / (1 + e) with e = exp(-2|t|) <= 1 keeps
- * vexp on the side it serves (x <= 0); the absolute error is a few ulp of 1,
- * so cap * that in the score, like rounding a score of size cap.  -inf and
- * +inf scores become -cap and cap; NaN stays NaN.  1 + e lies in [1, 2], where
- * FA(vrecip) needs no division. */
+/* Logit soft-capping of the n scores at s (n a multiple of VLEN, s aligned),
+ * before any mask (FA(vcap)), for scores no GEMM capped as it made them
+ * (FA(panel)'s cap): the few-query rows and the bfloat16 pair tiles. */
 static void FA(softcap)(REAL *restrict s, int64_t n, REAL cap) {
-    const VEC inv = FA(vsplat)((REAL)1 / cap), c = FA(vsplat)(cap);
-    const VEC one = FA(vsplat)(1), m2 = FA(vsplat)(-2);
-    const IVEC sign_bit = (IVEC)FA(vsplat)((REAL)-0.0);
-    for (int64_t j = 0; j < n; j += VLEN) {
-        VEC t = *(VEC *)(s + j) * inv;
-        /* |t| and, at the end, t's sign, by the sign bit (NaN stays NaN) */
-        IVEC sign = (IVEC)t & sign_bit;
-        VEC e = FA(vexp)((VEC)((IVEC)t ^ sign) * m2);
-        VEC th = (one - e) * FA(vrecip)(one + e);
-        *(VEC *)(s + j) = (VEC)((IVEC)th ^ sign) * c;
-    }
+    const VEC k = FA(vsplat)(FA(cap_k)(cap)), c = FA(vsplat)(cap);
+    for (int64_t j = 0; j < n; j += VLEN) *(VEC *)(s + j) = FA(vcap)(*(VEC *)(s + j), k, c);
 }
 
 /* ALiBi: S(i, j) -= slope * |rel + j - i|, rel the key-minus-query distance

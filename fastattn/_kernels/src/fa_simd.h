@@ -48,14 +48,9 @@
 #define FA_SCALEF_PS(a, b) ((__typeof__(a))_mm512_scalef_ps((__m512)(a), (__m512)(b)))
 #define FA_SCALEF_PD(a, b) ((__typeof__(a))_mm512_scalef_pd((__m512d)(a), (__m512d)(b)))
 #endif
-/* 1/a to 14 bits in one instruction, which Newton steps refine */
-#define FA_RCP_PS(a) ((__typeof__(a))_mm512_rcp14_ps((__m512)(a)))
-#define FA_RCP_PD(a) ((__typeof__(a))_mm512_rcp14_pd((__m512d)(a)))
 #elif FA_VBYTES == 32
 #define FA_MAX_PS(a, b) ((__typeof__(a))_mm256_max_ps((__m256)(a), (__m256)(b)))
 #define FA_MAX_PD(a, b) ((__typeof__(a))_mm256_max_pd((__m256d)(a), (__m256d)(b)))
-/* 1/a to 12 bits (no double form before AVX-512) */
-#define FA_RCP_PS(a) ((__typeof__(a))_mm256_rcp_ps((__m256)(a)))
 #else
 #define FA_MAX_PS(a, b) ((__typeof__(a))_mm_max_ps((__m128)(a), (__m128)(b)))
 #define FA_MAX_PD(a, b) ((__typeof__(a))_mm_max_pd((__m128d)(a), (__m128d)(b)))

@@ -102,20 +102,23 @@ static inline VEC FA(vexp2)(VEC y) {
  */
 static inline VEC FA(vexp)(VEC x) { return FA(vexp2)(x * FA(vsplat)(FA_LOG2E)); }
 
+
+
 /*
- * 1/d lane-wise for d in [1, 2] (normal numbers, no zero or inf to handle):
- * the instruction's estimate and Newton steps r (2 - d r), each doubling the
- * correct bits, where the instruction set has one; else a division, whose
- * throughput is a fraction of the FMAs'.
+ * Logit soft-capping lane-wise: cap * tanh(x / cap), as
+ * (cap - cap e) / (1 + e) with e = exp(-2|x| / cap) <= 1, which keeps
+ * FA(vexp2) on the side it serves; x's sign is put back by its sign bit.  k = -2 log2(e) / cap (FA(cap_k)).  The
+ * absolute error is a few ulp of cap, like rounding a score of that size;
+ * -inf and +inf give -cap and cap, NaN stays NaN.
  */
-static inline VEC FA(vrecip)(VEC d) {
-#if defined(FA_VRCP)
-    VEC r = FA_VRCP(d);
-    for (int s = 0; s < FA_RCP_STEPS; s++) r = r * (FA(vsplat)(2) - d * r);
-    return r;
-#else
-    return FA(vsplat)(1) / d;
-#endif
+static inline REAL FA(cap_k)(REAL cap) { return (REAL)(-2.0 * 1.4426950408889634 / (double)cap); }
+
+static inline VEC FA(vcap)(VEC x, VEC k, VEC cap) {
+    const IVEC sign_bit = (IVEC)FA(vsplat)((REAL)-0.0);
+    IVEC sign = (IVEC)x & sign_bit;
+    VEC e = FA(vexp2)((VEC)((IVEC)x ^ sign) * k);
+    VEC y = (cap - cap * e) / (FA(vsplat)(1) + e);
+    return (VEC)((IVEC)y ^ sign);
 }
 
 #if FA_BLOCK_TRANSPOSE
