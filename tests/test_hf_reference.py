@@ -32,13 +32,17 @@ def test_reference_matches_hf_layer(name):
     assert _rel(got, want) < 1e-5, name
 
 
-@pytest.mark.parametrize("name", CASES)
+# (the layers that rotate nothing, Cohere2's full layers and SmolLM3's NoPE
+# ones, have no frequencies to compare: their forward is checked above)
+ROTATING = [name for name in CASES if name not in ("cohere2-full", "smollm3-nope")]
+
+
+@pytest.mark.parametrize("name", ROTATING)
 def test_rope_inv_freq_matches_hf_rotary(name):
     """The frequencies and attention factor themselves (float32 in Hugging Face)."""
     case = hf.build(name)
     rot = case.expect["rotary"]
-    if rot is None:
-        pytest.skip("a layer without rotary")
+    assert rot is not None, name
     inv_freq, att = rope_inv_freq(rot["dim"], rot["theta"], rot.get("scaling"))
     np.testing.assert_allclose(inv_freq, case.rotary_emb.inv_freq.double().numpy(), rtol=2e-6)
     assert att == pytest.approx(case.rotary_emb.attention_scaling, rel=1e-12)
