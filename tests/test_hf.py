@@ -129,3 +129,19 @@ def test_importing_fastattn_imports_neither_torch_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_readme_llama_section_runs_and_its_claims_hold(capsys):
+    """The README's "Running a Llama-style attention layer" examples, run as
+    written; the differences they print are the ones the comments state."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Running a Llama-style"):text.index("### Masks and causality")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    printed = [float(v) for v in capsys.readouterr().out.split()]
+    assert len(printed) == 2 and printed[0] < 1e-6 and printed[1] < 1e-6
