@@ -30,7 +30,8 @@ docs/architecture.md for one call's path through the layers::
 """
 
 from .cache import KVCache
-from .functional import alibi_slopes, merge_attention, scaled_dot_product_attention
+from .functional import (alibi_slopes, merge_attention, scaled_dot_product_attention,
+                         varlen_attention)
 from .hf import from_hf
 from .rotary import Rotary, apply_rotary
 from .info import info
@@ -48,6 +49,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "alibi_slopes",
     "merge_attention",
+    "varlen_attention",
     "Rotary",
     "apply_rotary",
     "get_num_threads",

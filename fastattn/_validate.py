@@ -344,6 +344,46 @@ def check_alibi_slopes(slopes, num_heads: int,
     return arr
 
 
+def check_cu_seqlens(cu, name: str, total: int, total_name: str) -> np.ndarray:
+    """Cumulative sequence lengths as int64 (n + 1,): integers starting at 0,
+    never decreasing, ending at ``total`` (the packed rows of
+    ``total_name``)."""
+    arr = to_array(cu, name)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array (cumulative sequence lengths, "
+                        f"[0, len_0, len_0 + len_1, ...]), got dtype {arr.dtype}")
+    if arr.ndim != 1 or arr.shape[0] < 1:
+        raise ValueError(f"{name} must be one-dimensional with at least one entry (0), got "
+                         f"shape {shape_str(arr.shape)}")
+    arr = arr.astype(np.int64)
+    if arr[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {arr[0]}")
+    steps = np.diff(arr)
+    if steps.size and steps.min() < 0:
+        i = int(np.argmax(steps < 0))
+        raise ValueError(f"{name} must not decrease: {name}[{i + 1}] = {arr[i + 1]} < "
+                         f"{name}[{i}] = {arr[i]}")
+    if arr[-1] != total:
+        raise ValueError(f"{name} must end at the {total} rows of {total_name}, got "
+                         f"{arr[-1]}")
+    return arr
+
+
+def check_lengths(lengths, batch: int, length: int) -> np.ndarray:
+    """How many of x's ``length`` positions each of ``batch`` sequences
+    appends: int64 (batch,) in [0, length]."""
+    arr = to_array(lengths, "lengths")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"lengths must be an integer array, got dtype {arr.dtype}")
+    if arr.shape != (batch,):
+        raise ValueError(f"lengths must have shape ({batch},) (one count per sequence), got "
+                         f"{shape_str(arr.shape)}")
+    if arr.size and (arr.min() < 0 or arr.max() > length):
+        raise ValueError(f"lengths must be in [0, {length}] (x holds {length} positions per "
+                         f"sequence), got values from {arr.min()} to {arr.max()}")
+    return arr.astype(np.int64)
+
+
 def check_softcap(softcap, dtype: np.dtype = np.dtype(np.float64)) -> float:
     """Logit soft-capping: None (off, returned as 0.0) or a finite cap > 0."""
     if softcap is None:
@@ -509,6 +549,8 @@ class CallOptions(TypedDict, total=False):
     alibi: bool
     alibi_slopes: Any
     positions: Any
+    lengths: Any
+    cu_seqlens: Any
 
 
 # Their defaults.  A call that passes none of them, or only these very
@@ -516,7 +558,7 @@ class CallOptions(TypedDict, total=False):
 CALL_DEFAULTS: Dict[str, Any] = {
     "attn_mask": None, "key_padding_mask": None, "is_causal": False, "need_weights": False,
     "average_attn_weights": True, "cache": None, "window": None, "alibi": False,
-    "alibi_slopes": None, "positions": None,
+    "alibi_slopes": None, "positions": None, "lengths": None, "cu_seqlens": None,
 }
 _UNSET = object()
 

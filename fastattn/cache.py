@@ -34,9 +34,15 @@ class KVCache:
     grow : bool
         When full, double the capacity instead of raising.
 
+    Each sequence has a length of its own (``lengths``): a call with
+    ``lengths=`` appends a different number of positions to each (ragged
+    prompts), ``reset(i)`` frees one sequence's slot for a new request, and
+    ``reorder`` permutes or duplicates sequences (beam search).  Sequences at
+    different lengths decode together, each at its own position.
+
     A cache belongs to one sequence batch, so to one call at a time: a call
-    (or ``append``, ``reset``) that finds it in use by another thread's call
-    raises RuntimeError instead of mixing two calls' positions.
+    (or ``append``, ``reset``, ``reorder``) that finds it in use by another
+    thread's call raises RuntimeError instead of mixing two calls' positions.
     """
 
     def __init__(self, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
@@ -51,29 +57,86 @@ class KVCache:
         ensure_memory([shape, shape], self.dtype.itemsize, "the cache")
         self._k = np.empty(shape, dtype=self.dtype)
         self._v = np.empty_like(self._k)
-        self._length = 0
+        self._lengths = np.zeros(self.batch_size, dtype=np.int64)
         self._busy = ForkSafeLock()
 
     def __len__(self) -> int:
-        """Positions cached so far."""
-        return self._length
+        """Positions cached so far: the longest sequence's (see ``lengths``)."""
+        return int(self._lengths.max())
+
+    @property
+    def _length(self) -> int:
+        return int(self._lengths.max())
+
+    @_length.setter
+    def _length(self, value: int) -> None:
+        self._lengths[:] = value
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Positions each sequence holds, int64 (batch_size,) (a copy)."""
+        return self._lengths.copy()
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every sequence holds as many positions."""
+        return bool((self._lengths == self._lengths[0]).all())
 
     @property
     def capacity(self) -> int:
         """Positions the cache can hold before it is full (or grows)."""
         return self._k.shape[2]
 
-    def reset(self) -> None:
-        """Forget every cached position (the storage is kept)."""
+    def reset(self, index=None) -> None:
+        """Forget the cached positions of every sequence, or of sequence(s)
+        ``index`` (an int or ints: a freed slot for a new request); the
+        storage is kept."""
+        rows = self._batch_indices(index, "index") if index is not None else slice(None)
         with self._claim():
-            self._length = 0
+            self._lengths[rows] = 0
+
+    def reorder(self, indices) -> None:
+        """Sequence b becomes what sequence ``indices[b]`` was, for every b
+        (a permutation, or duplicates: beam search keeping its best beams).
+
+        Only the positions each kept sequence holds are copied, once; the
+        cache is unchanged when ``indices`` is out of range or not
+        ``batch_size`` long (ValueError naming it)."""
+        idx = self._batch_indices(indices, "indices")
+        if idx.shape != (self.batch_size,):
+            raise ValueError(f"indices must hold one source sequence per sequence, shape "
+                             f"({self.batch_size},), got {shape_str(idx.shape)}")
+        with self._claim():
+            if (idx == np.arange(self.batch_size)).all():
+                return
+            lengths = self._lengths[idx]
+            # new storage, filled with each kept sequence's positions only:
+            # in place, a duplicate would read a row already overwritten
+            k, v = np.empty_like(self._k), np.empty_like(self._v)
+            for b, (src, n) in enumerate(zip(idx, lengths)):
+                k[b, :, :n] = self._k[src, :, :n]
+                v[b, :, :n] = self._v[src, :, :n]
+            self._k, self._v, self._lengths = k, v, lengths
+
+    def _batch_indices(self, index, name: str) -> np.ndarray:
+        """``index`` as int64 sequence numbers in range, or a ValueError /
+        TypeError naming ``name``."""
+        arr = np.asarray(index)
+        if arr.dtype == np.bool_ or arr.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be an int or an integer array of sequence numbers, "
+                            f"got {index!r}")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.batch_size):
+            raise ValueError(f"{name} must be in [0, {self.batch_size}) (the cache holds "
+                             f"{self.batch_size} sequences), got {index!r}")
+        return arr.astype(np.int64)
 
     def keys(self) -> np.ndarray:
-        """Cached keys as a (B, Hkv, len, E) view."""
+        """Cached keys as a (B, Hkv, len, E) view (len the longest sequence's:
+        past its own length, a sequence's rows are unused)."""
         return self._k[:, :, : self._length]
 
     def values(self) -> np.ndarray:
-        """Cached values as a (B, Hkv, len, E) view."""
+        """Cached values as a (B, Hkv, len, E) view (as ``keys``)."""
         return self._v[:, :, : self._length]
 
     def check(self, batch_size: int, dtype: np.dtype, num_kv_heads: int, head_dim: int) -> None:
@@ -126,40 +189,62 @@ class KVCache:
         with self._claim():
             self._append(*arrays)
 
-    def _append(self, k_new: np.ndarray, v_new: np.ndarray) -> None:
-        """append, for a caller that holds the cache (see _claim)."""
-        B, T = k_new.shape[0], k_new.shape[1]
-        end = self._length + T
-        if end > self.capacity:
-            if not self.grow:
-                raise ValueError(
-                    f"cache is full: it holds {self.capacity} positions, {self._length} used, "
-                    f"and cannot take {T} more (make it with a larger max_len, or grow=True)"
-                )
-            capacity = max(end, 2 * self.capacity)
-            shape = self._k.shape[:2] + (capacity, self._k.shape[3])
-            ensure_memory([shape, shape], self.dtype.itemsize, "the grown cache")
-            # both allocated before either replaces the old: a failure leaves
-            # the cache as it was
-            k, v = np.empty(shape, self.dtype), np.empty(shape, self.dtype)
-            k[:, :, : self._length] = self._k[:, :, : self._length]
-            v[:, :, : self._length] = self._v[:, :, : self._length]
-            self._k, self._v = k, v
-        H, E = self.num_kv_heads, self.head_dim
-        self._k[:, :, self._length:end] = k_new.reshape(B, T, H, E).transpose(0, 2, 1, 3)
-        self._v[:, :, self._length:end] = v_new.reshape(B, T, H, E).transpose(0, 2, 1, 3)
-        self._length = end
+    def _reserve(self, end: int, T: int) -> None:
+        """Room for ``end`` positions: grows (or raises, naming the shortfall)."""
+        if end <= self.capacity:
+            return
+        if not self.grow:
+            raise ValueError(
+                f"cache is full: it holds {self.capacity} positions, {self._length} used, "
+                f"and cannot take {T} more (make it with a larger max_len, or grow=True)"
+            )
+        capacity = max(end, 2 * self.capacity)
+        shape = self._k.shape[:2] + (capacity, self._k.shape[3])
+        ensure_memory([shape, shape], self.dtype.itemsize, "the grown cache")
+        # both allocated before either replaces the old: a failure leaves
+        # the cache as it was
+        k, v = np.empty(shape, self.dtype), np.empty(shape, self.dtype)
+        used = self._length
+        k[:, :, :used] = self._k[:, :, :used]
+        v[:, :, :used] = self._v[:, :, :used]
+        self._k, self._v = k, v
 
-    def _truncate(self, length: int) -> None:
-        """Forget the positions past ``length``: a call that appended and then
-        failed leaves the cache as it found it."""
-        self._length = min(self._length, length)
+    def _append(self, k_new: np.ndarray, v_new: np.ndarray, counts=None) -> None:
+        """append, for a caller that holds the cache (see _claim): all T
+        positions of k_new and v_new (B, T, Hkv * E) to every sequence, or,
+        with ``counts`` (B,), the first counts[b] of them to sequence b."""
+        B, T = k_new.shape[0], k_new.shape[1]
+        H, E = self.num_kv_heads, self.head_dim
+        k4 = k_new.reshape(B, T, H, E).transpose(0, 2, 1, 3)
+        v4 = v_new.reshape(B, T, H, E).transpose(0, 2, 1, 3)
+        if counts is None and self.uniform:
+            start = self._length
+            self._reserve(start + T, T)
+            self._k[:, :, start:start + T] = k4
+            self._v[:, :, start:start + T] = v4
+            self._lengths += T
+            return
+        counts = np.full(B, T, np.int64) if counts is None else counts
+        ends = self._lengths + counts
+        self._reserve(int(ends.max()), int(counts.max()))
+        for b in range(B):
+            a, n = self._lengths[b], counts[b]
+            self._k[b, :, a:a + n] = k4[b, :, :n]
+            self._v[b, :, a:a + n] = v4[b, :, :n]
+        self._lengths = ends
+
+    def _truncate(self, lengths) -> None:
+        """Back to ``lengths`` (an int, or one per sequence, as read before an
+        append): a call that appended and then failed leaves the cache as it
+        found it."""
+        self._lengths = np.minimum(self._lengths, lengths)
 
     def __copy__(self) -> "KVCache":
         """A copy with storage of its own: two caches sharing it would write
         each other's positions (a beam search forking a sequence, say)."""
         new = KVCache.__new__(KVCache)
-        new.__setstate__({**self.__getstate__(), "_k": self._k.copy(), "_v": self._v.copy()})
+        new.__setstate__({**self.__getstate__(), "_k": self._k.copy(), "_v": self._v.copy(),
+                          "_lengths": self._lengths.copy()})
         return new
 
     # a copy (pickle, copy.deepcopy) gets its own lock, free
@@ -169,11 +254,16 @@ class KVCache:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        if "_length" in state:  # a pickle from before per-sequence lengths
+            state = dict(state)
+            state["_lengths"] = np.full(state["_k"].shape[0], state.pop("_length"), np.int64)
         self.__dict__.update(state)
         self._busy = ForkSafeLock()
 
     def __repr__(self) -> str:
-        return (f"KVCache(batch_size={self.batch_size}, length={self._length}, "
+        shown = (f"length={self._length}" if self.uniform
+                 else f"lengths={self._lengths.tolist()}")
+        return (f"KVCache(batch_size={self.batch_size}, {shown}, "
                 f"capacity={self.capacity}, num_kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, dtype={self.dtype.name}, grow={self.grow})")
 

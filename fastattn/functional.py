@@ -29,6 +29,7 @@ from ._policy import BLOCK_K, BLOCK_Q
 from ._validate import (
     check_alibi_range,
     check_alibi_slopes,
+    check_cu_seqlens,
     check_flag,
     check_qkv,
     check_scale,
@@ -44,7 +45,8 @@ from ._validate import (
     float_array,
 )
 
-__all__ = ["scaled_dot_product_attention", "alibi_slopes", "merge_attention"]
+__all__ = ["scaled_dot_product_attention", "alibi_slopes", "merge_attention",
+           "varlen_attention"]
 
 
 def _offset_table_bytes(lead: Tuple[int, ...], operands: int) -> int:
@@ -147,6 +149,135 @@ def attention_into(
         sinks,
         lse,
     )
+
+
+def ragged_into(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
+                lens_q: np.ndarray, lens_k: np.ndarray, starts_q: Optional[np.ndarray],
+                starts_k: Optional[np.ndarray], *, is_causal: bool, scale: float, window=None,
+                slopes: Optional[np.ndarray] = None, softcap: float = 0.0,
+                sinks: Optional[np.ndarray] = None, lse=None,
+                num_threads: Optional[int] = None) -> None:
+    """attention_into for sequences of their own lengths (checked operands):
+    q, out (Lq, H, Rq, E/Ev) and k, v (Lk, Hkv, Rk, E/Ev), one lead per
+    sequence, or one lead and ``starts`` (packed rows); see the kernels'
+    ``attention_ragged``.  One team over every sequence's items."""
+    n = len(lens_q)
+    if n == 0 or out.shape[1] == 0:
+        return
+    if slopes is not None:
+        check_alibi_range(slopes, int(lens_q.max()), int(lens_k.max()), compute_dtype(q.dtype))
+    num_threads = num_threads or threads.get_num_threads()
+    # one schedule for all: row mode where even the longest has few queries
+    schedule = _policy.attention_schedule(
+        n * q.shape[1], int(lens_q.max()), int(lens_k.max()), False, num_threads,
+        pairs=_policy.attention_pairs(kernels, q.dtype, k.dtype, q.shape[-1]))
+    kernels.attention_ragged(
+        kernel_view(kernel_ready(q)), kernel_view(kernel_ready(k)), kernel_view(kernel_ready(v)),
+        kernel_view(out), lens_q, lens_k, starts_q, starts_k, bool(is_causal), float(scale),
+        schedule, num_threads, window, slopes, softcap, sinks, lse)
+
+
+def varlen_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    cu_seqlens_q,
+    cu_seqlens_k=None,
+    *,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    window: Optional[Tuple[Optional[int], Optional[int]]] = None,
+    alibi: bool = False,
+    alibi_slopes: Optional[np.ndarray] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[np.ndarray] = None,
+    return_lse: bool = False,
+) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    """Attention over a packed batch of sequences of different lengths, with
+    no padding: each sequence attends only its own keys.
+
+    Sequence ``s`` is rows ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` of ``q`` and
+    ``cu_seqlens_k[s]:cu_seqlens_k[s+1]`` of ``k`` and ``v`` (the layout of
+    FlashAttention's varlen functions).  Work is split over sequences x heads
+    x query blocks in one team, longest sequences first, so a mix of long and
+    short ones keeps every thread busy.
+
+    Parameters
+    ----------
+    q : ndarray, shape (total_q, H, E)
+        Packed queries: float32, float64, bfloat16 or float16.
+    k, v : ndarray, shape (total_k, Hkv, E) and (total_k, Hkv, Ev)
+        Packed keys and values, q's dtype; ``Hkv`` divides ``H``.
+    cu_seqlens_q : int array (n + 1,)
+        ``[0, len_0, len_0 + len_1, ..., total_q]``.
+    cu_seqlens_k : int array (n + 1,), optional
+        The same for keys (``total_k``); defaults to ``cu_seqlens_q``.
+    is_causal : bool
+        Per sequence, aligned at its end: query ``i`` of a sequence with
+        ``Lq`` queries and ``Lk`` keys attends keys ``j <= i + Lk - Lq``.
+    scale, window, alibi, alibi_slopes, softcap, sinks
+        As for :func:`scaled_dot_product_attention`, per sequence.
+    return_lse : bool
+        Also return the log-sum-exp of each query row, shape (H, total_q),
+        float32 (float64 for float64).
+
+    Returns
+    -------
+    out : ndarray, shape (total_q, H, Ev), q's dtype (and lse with return_lse).
+    """
+    arrays = []
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        a = float_array(a, name)
+        if a.ndim != 3:
+            raise ValueError(f"{name} must be packed as (total, heads, width), got shape "
+                             f"{shape_str(a.shape)}")
+        arrays.append(a)
+    q, k, v = arrays
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    (Tq, H, E), (Tk, Hkv, Ek), Ev = q.shape, k.shape, v.shape[2]
+    if Ek != E or v.shape[:2] != (Tk, Hkv):
+        raise ValueError(f"k must be (total_k, Hkv, {E}) and v (total_k, Hkv, Ev) with k's "
+                         f"rows and heads, got q {shape_str(q.shape)}, k {shape_str(k.shape)}, "
+                         f"v {shape_str(v.shape)}")
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"k's heads ({Hkv}) must divide q's ({H})")
+    cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", Tq, "q")
+    if cu_seqlens_k is None:
+        if Tk != Tq:
+            raise ValueError(f"cu_seqlens_k is needed when k holds other rows than q "
+                             f"({Tk} against {Tq})")
+        cu_k = cu_q
+    else:
+        cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", Tk, "k")
+        if len(cu_k) != len(cu_q):
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must count as many sequences, got "
+                             f"{len(cu_q) - 1} and {len(cu_k) - 1}")
+    cdtype = compute_dtype(q.dtype)
+    is_causal = check_flag(is_causal, "is_causal")
+    return_lse = check_flag(return_lse, "return_lse")
+    scale = check_scale(scale, E, cdtype)
+    window = check_window(window)
+    slopes = resolve_alibi(alibi, alibi_slopes, H, cdtype)
+    softcap = check_softcap(softcap, cdtype)
+    sinks = check_sinks(sinks, H, cdtype)
+    ensure_memory([(Tq, H, Ev)] + ([(H, Tq)] if return_lse else []), cdtype.itemsize,
+                  "the output")
+    out = np.zeros((Tq, H, Ev), dtype=q.dtype)
+    lse = np.full((H, Tq), -np.inf, dtype=cdtype) if return_lse else None
+    lens_q, lens_k = np.diff(cu_q), np.diff(cu_k)
+    if Tq and Ev == 0 and return_lse:
+        # (no value columns: the kernel computes the lse beside a zero column)
+        v = np.zeros((Tk, Hkv, 1), v.dtype)
+        out_k = np.empty((Tq, H, 1), q.dtype)
+    else:
+        out_k = out
+    ragged_into(q.transpose(1, 0, 2)[None], k.transpose(1, 0, 2)[None],
+                v.transpose(1, 0, 2)[None], out_k.transpose(1, 0, 2)[None], lens_q, lens_k,
+                cu_q[:-1], cu_k[:-1], is_causal=is_causal, scale=scale, window=window,
+                slopes=slopes, softcap=softcap, sinks=sinks,
+                lse=None if lse is None else (lse, cu_q[:-1], Tq))
+    return (out, lse) if return_lse else out
 
 
 def scaled_dot_product_attention(

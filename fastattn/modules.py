@@ -44,7 +44,9 @@ from ._validate import (
     KEYS_HINT,
     CallOptions,
     call_options,
+    check_cu_seqlens,
     check_flag,
+    check_lengths,
     check_scale,
     check_softcap,
     check_window,
@@ -59,7 +61,7 @@ from ._validate import (
 )
 from .cache import KVCache
 from ._dtypes import compute_dtype, kernel_view
-from .functional import attention_into, resolve_alibi
+from .functional import attention_into, ragged_into, resolve_alibi
 from .interop import TorchExport
 from .rotary import Rotary, check_positions, check_rotary
 from .io import Persistence
@@ -217,7 +219,20 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
 
     def _forward(self, query, key, value, *, self_attention: bool, attn_mask, key_padding_mask,
                  is_causal: bool, need_weights: bool, average_attn_weights: bool,
-                 cache: Optional[KVCache], window, alibi: bool, alibi_slopes, positions=None):
+                 cache: Optional[KVCache], window, alibi: bool, alibi_slopes, positions=None,
+                 lengths=None, cu_seqlens=None):
+        if cu_seqlens is not None:
+            if not self_attention or not isinstance(self, MultiHeadSelfAttention):
+                raise ValueError("cu_seqlens (a packed batch) is for MultiHeadSelfAttention")
+            bad = [name for name, value in (("cache", cache), ("attn_mask", attn_mask),
+                                            ("key_padding_mask", key_padding_mask),
+                                            ("lengths", lengths))
+                   if value is not None] + (["need_weights"] if need_weights is True else [])
+            if bad:
+                raise ValueError(f"with cu_seqlens (a packed batch), {', '.join(bad)} cannot be "
+                                 f"given: each sequence attends only its own rows")
+            return self._forward_packed(query, cu_seqlens, is_causal, window, alibi,
+                                        alibi_slopes, positions)
         qname = self._QUERY_ARG
         q_in = float_array(query, qname, self.dtype, KEYS_HINT)
         unbatched = q_in.ndim == 2
@@ -260,6 +275,19 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
                 raise TypeError(f"cache must be a KVCache from new_cache(), got {type(cache).__name__}")
             cache.check(B, self._act_dtype, Hkv, E)
             is_causal = True  # new positions follow every cached one
+        elif lengths is not None:
+            raise ValueError("lengths (how many of x's positions each sequence appends) needs "
+                             "a cache; for a packed batch without one, pass cu_seqlens")
+        ragged = cache is not None and (lengths is not None or not cache.uniform)
+        counts = None
+        if ragged:
+            counts = check_lengths(lengths, B, Lq) if lengths is not None else np.full(B, Lq)
+            bad = [name for name, value in (("attn_mask", attn_mask),
+                                            ("key_padding_mask", key_padding_mask))
+                   if value is not None] + (["need_weights"] if need_weights else [])
+            if bad:
+                raise ValueError(f"sequences at different lengths in the cache (or lengths=) "
+                                 f"take no {', '.join(bad)}: each attends its own positions")
         nt = threads.get_num_threads()
         state = self._state  # this call's weights, whatever other threads assign
         # a cache is held from its length read to its append, or the rollback
@@ -269,6 +297,8 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
             Lk = Lq if self_attention else k_in.shape[1]
             if cache is not None:
                 Lk = len(cache) + Lq
+            # the cache's lengths now: a failed call goes back to them
+            cached = cache.lengths if cache is not None else None
             # (the K and V projections of cross-attention are as long as key)
             Lk_new = Lq if self_attention or cache is not None else Lk
             ensure_memory([(B * Lq, QD + 2 * kv), (B * Lq, QD), (B * Lq, D), (B * Lk_new, 2 * kv)]
@@ -277,12 +307,13 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
             # 1. masks as broadcast views, checked before anything is computed or
             # cached: a call that raises leaves a cache as it found it
             full = (B, H, Lq, Lk)
-            bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, cdtype)
-            pad = padding_mask(key_padding_mask, B, H, Lq, Lk, unbatched)
+            bmask, fmask = (None, None) if ragged else prepare_mask(attn_mask, "attn_mask", full,
+                                                                    cdtype)
+            pad = None if ragged else padding_mask(key_padding_mask, B, H, Lq, Lk, unbatched)
             # the position of each projected row, which rotary turns Q and K by
             pos = None
             if self.rotary is not None:
-                pos = check_positions(positions, B, Lq, len(cache) if cache is not None else 0)
+                pos = check_positions(positions, B, Lq, cached if cache is not None else 0)
 
             # 2. projections, straight into the head-major blocks the kernel reads
             merged = None
@@ -319,10 +350,12 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
                     v2 = self._project(state, src_v.reshape(B * Lq, src_v.shape[2]), "v", kv,
                                        num_threads=nt)
                 q = q2.reshape(B, Lq, H, E).transpose(0, 2, 1, 3)
-                cached = len(cache)
-                cache._append(k2.reshape(B, Lq, kv), v2.reshape(B, Lq, kv))
+                cache._append(k2.reshape(B, Lq, kv), v2.reshape(B, Lq, kv), counts)
                 k, v = cache.keys(), cache.values()
             try:
+                if ragged:
+                    return self._attend_ragged(state, q, cache, counts, cached + counts, window,
+                                               slopes, unbatched, nt)
                 return self._attend_and_project(state, q, k, v, merged, B, Lq, bmask, fmask, pad,
                                                 is_causal, need_weights, average_attn_weights,
                                                 window, slopes, unbatched, nt)
@@ -330,6 +363,72 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
                 if cache is not None:
                     cache._truncate(cached)
                 raise
+
+    def _attention_settings(self, state) -> Dict[str, Any]:
+        """The module's scale, soft-cap and sinks as the kernels take them."""
+        return dict(scale=1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale,
+                    softcap=self.softcap or 0.0,
+                    sinks=state.arrays["sinks"].astype(np.float64) if self.has_sinks else None)
+
+    def _attend_ragged(self, state, q, cache, counts, lens_k, window, slopes, unbatched, nt):
+        """The attention and output projection of a call whose sequences sit
+        at different lengths in the cache: sequence b's counts[b] new queries
+        over its lens_k[b] cached positions, all in one team; output rows past
+        counts[b] are zeros."""
+        B, H, T, E = q.shape
+        merged = np.zeros((B * T, self.q_dim), dtype=self._act_dtype)
+        out = merged.reshape(B, T, H, E).transpose(0, 2, 1, 3)
+        ragged_into(q, cache._k, cache._v, out, counts, lens_k, None, None, is_causal=True,
+                    window=window, slopes=slopes, num_threads=nt,
+                    **self._attention_settings(state))
+        y = self._project(state, merged, "o", self.embed_dim,
+                          np.empty((B * T, self.embed_dim), self.dtype),
+                          num_threads=nt).reshape(B, T, self.embed_dim)
+        y[np.arange(T)[None, :] >= counts[:, None]] = 0
+        return y[0] if unbatched else y
+
+    def _forward_packed(self, x, cu_seqlens, is_causal, window, alibi, alibi_slopes, positions):
+        """m(x, cu_seqlens=cu): self-attention over a packed batch, x (total, D),
+        sequence s being rows cu[s]:cu[s+1]; no padding anywhere."""
+        x = float_array(x, "x", self.dtype, KEYS_HINT)
+        if x.ndim != 2 or x.shape[1] != self.embed_dim:
+            raise ValueError(f"with cu_seqlens, x must be packed as (total, {self.embed_dim}), "
+                             f"got {shape_str(x.shape)}")
+        total = x.shape[0]
+        cu = check_cu_seqlens(cu_seqlens, "cu_seqlens", total, "x")
+        lens = np.diff(cu)
+        is_causal = check_flag(is_causal, "is_causal")
+        window = check_window(window)
+        if window is None:
+            window = self.window
+        H, Hkv, E, kv, QD = (self.num_heads, self.num_kv_heads, self.head_dim, self.kv_dim,
+                             self.q_dim)
+        slopes = resolve_alibi(alibi, alibi_slopes, H, compute_dtype(self._act_dtype))
+        pos = None
+        if self.rotary is not None:
+            # each sequence's positions start at 0
+            pos = (np.arange(total) - np.repeat(cu[:-1], lens) if positions is None
+                   else check_positions(positions, 1, total)[0])
+        elif positions is not None:
+            raise ValueError("positions are for modules with rotary embeddings (rotary=...); "
+                             "this one has none")
+        ensure_memory([(total, QD + 2 * kv), (total, QD), (total, self.embed_dim)],
+                      self.dtype.itemsize, "the forward pass's buffers")
+        nt = threads.get_num_threads()
+        state = self._state
+        qkv = self._project(state, x, "qkv", QD + 2 * kv, num_threads=nt, positions=pos)
+
+        def heads(cols, n):  # (1, n, total, E) over qkv's columns, no copy
+            return qkv[:, cols].reshape(total, n, E).transpose(1, 0, 2)[None]
+
+        merged = np.empty((total, QD), dtype=self._act_dtype)
+        ragged_into(heads(slice(0, QD), H), heads(slice(QD, QD + kv), Hkv),
+                    heads(slice(QD + kv, QD + 2 * kv), Hkv),
+                    merged.reshape(total, H, E).transpose(1, 0, 2)[None], lens, lens,
+                    cu[:-1], cu[:-1], is_causal=is_causal, window=window, slopes=slopes,
+                    num_threads=nt, **self._attention_settings(state))
+        return self._project(state, merged, "o", self.embed_dim,
+                             np.empty((total, self.embed_dim), self.dtype), num_threads=nt)
 
     def _attend_and_project(self, state, q, k, v, merged, B, Lq, bmask, fmask, pad, is_causal,
                             need_weights, average_attn_weights, window, slopes, unbatched, nt):
@@ -346,10 +445,8 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         attention_into(
             q, k, v, out,
             bool_masks=(bmask, pad), float_mask=fmask, is_causal=is_causal,
-            scale=1.0 / math.sqrt(E) if self.scale is None else self.scale, weights=weights,
-            window=window, slopes=slopes, softcap=self.softcap or 0.0,
-            sinks=state.arrays["sinks"].astype(np.float64) if self.has_sinks else None,
-            num_threads=nt,
+            weights=weights, window=window, slopes=slopes, num_threads=nt,
+            **self._attention_settings(state),
         )
         # 4. output projection
         y = self._project(state, merged, "o", D, np.empty((B * Lq, D), self.dtype),
@@ -393,7 +490,13 @@ _FORWARD_DOC = """
         positions : int array of shape (Lq,) or (B, Lq), optional
             With rotary embeddings: the position of each query (and new key)
             row; by default 0..Lq-1, or with a cache the Lq positions after
-            the cached ones.
+            the cached ones (each sequence's own).
+        lengths : int array of shape (B,), optional
+            With a cache: sequence b appends only the first ``lengths[b]`` of
+            x's Lq positions (a batch of prompts of different lengths, padded
+            to Lq); output rows past ``lengths[b]`` are zeros.  Sequences
+            whose cached lengths differ decode together, each at its own
+            position (``cache.lengths``), with or without it.
 """
 
 

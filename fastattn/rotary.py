@@ -284,12 +284,13 @@ def check_rotary(rotary, head_dim: int) -> Optional[Rotary]:
     return rotary
 
 
-def check_positions(positions, batch: int, length: int, start: int = 0) -> np.ndarray:
+def check_positions(positions, batch: int, length: int, start=0) -> np.ndarray:
     """The position of each of ``batch * length`` rows, int64 (B, L): 0..L-1
-    after ``start`` by default, else ``positions`` ((L,) or (B, L) ints >= 0)."""
+    after ``start`` (an int, or one per sequence) by default, else
+    ``positions`` ((L,) or (B, L) ints >= 0)."""
     if positions is None:
-        return np.broadcast_to(np.arange(start, start + length, dtype=np.int64),
-                               (batch, length))
+        start = np.asarray(start, dtype=np.int64).reshape(-1, 1)
+        return np.broadcast_to(start + np.arange(length, dtype=np.int64), (batch, length))
     arr = to_array(positions, "positions")
     if arr.dtype.kind not in "iu":
         raise TypeError(f"positions must be an integer array, got dtype {arr.dtype}")

@@ -66,7 +66,7 @@ cdef inline void _store_lse(const Problem* P, int64_t bh, int64_t i0, const floa
     cdef floating* lse
     cdef int64_t r
     if P.lse != NULL:
-        lse = (<floating*>P.lse) + bh * P.len_q + i0
+        lse = (<floating*>P.lse) + bh * P.lse_s_head + i0
         for r in range(rows):
             lse[r] = m[r] if l == NULL else _lse_of(m[r], l[r])
 
@@ -462,7 +462,8 @@ cdef void _merge_row(const Problem* P, int64_t row, floating* scratch) noexcept 
     cdef int64_t i = row % P.len_q
     cdef floating* out = <floating*>_at(&P.out, bh // P.heads, bh % P.heads, i, 0, isz)
     cdef const floating* parts = (<const floating*>P.parts) + row * P.n_splits * P.parts_stride
-    cdef floating* lse = (<floating*>P.lse) + row if P.lse != NULL else <floating*>NULL
+    cdef floating* lse = ((<floating*>P.lse) + bh * P.lse_s_head + i if P.lse != NULL
+                          else <floating*>NULL)
     if P.q_store:
         _merge_splits(scratch, P.dim_v, parts, P.parts_stride, P.n_splits, lse)
         _store_rows(P, out, scratch, P.dim_v, 1, P.dim_v)
@@ -478,3 +479,13 @@ cdef void _attention_item(const Problem* P, int64_t work, floating* scratch) noe
         _tile_pairs(P, work, scratch)
     else:
         _tile(P, work, scratch)
+
+
+cdef void _multi_attention_item(const MultiJob* J, int64_t w, floating* scratch) noexcept nogil:
+    """Work item w of a team over many sequences: an item of one's Problem."""
+    _attention_item(&J.problems[J.items[2 * w]], J.items[2 * w + 1], scratch)
+
+
+cdef void _multi_merge_row(const MultiJob* J, int64_t w, floating* scratch) noexcept nogil:
+    """The split-K merge of one query row of one sequence's Problem."""
+    _merge_row(&J.problems[J.after[2 * w]], J.after[2 * w + 1], scratch)

@@ -14,7 +14,7 @@ cimport numpy as cnp
 import numpy as np
 
 from fastattn._kernels._table cimport (KernelTable, LinearJob, Operand, PerHeadJob, Problem,
-                                       RotateJob,
+                                       MultiJob, RotateJob,
                                       fa_rotary,
                                        STORE_BF16, STORE_F16, STORE_SAME, TABLE_CAPSULE, _at, fa_out_layout, item_fn)
 
@@ -32,6 +32,7 @@ cdef extern from "fa_common.h" nogil:
 include "_skeleton.pxi"
 include "_problem.pxi"
 include "_linear.pxi"
+include "_ragged.pxi"
 
 
 def openmp_enabled():
@@ -96,6 +97,24 @@ cdef class Kernels:
             rc = _attention_run(self.table, &P, num_threads)
         if rc != 0:
             raise MemoryError("could not allocate the attention kernel's scratch buffers")
+
+    def attention_ragged(self, q, k, v, out, lens_q, lens_k, starts_q, starts_k, bint causal,
+                         double scale, tuple schedule, int num_threads, window=None,
+                         slopes=None, double softcap=0.0, sinks=None, lse=None):
+        """:func:`attention` over n sequences of their own lengths, in one team.
+
+        q and out are (Lq, H, Rq, E/Ev), k and v (Lk, Hkv, Rk, E/Ev): with
+        ``starts_q`` None, Lq is n and sequence s's lens_q[s] queries are rows
+        0.. of lead s; with ``starts_q`` (n,), Lq is 1 and they are rows
+        starts_q[s].. (a packed batch).  The same for keys.  Causal attention
+        is aligned at each sequence's end.  lse: None, or (array, element
+        offset of each sequence's (head 0, row 0), elements between heads).
+        Rows of out outside every sequence are not written.
+        """
+        if num_threads < 1:
+            raise ValueError("the thread count must be positive")
+        _ragged_run(self.table, q, k, v, out, lens_q, lens_k, starts_q, starts_k, causal,
+                    scale, schedule, num_threads, window, slopes, softcap, sinks, lse)
 
     def panel_width(self, dtype):
         """Output features per packed weight panel in this build (a head whose

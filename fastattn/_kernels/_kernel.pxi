@@ -14,7 +14,7 @@ from libc.math cimport INFINITY
 cimport numpy as cnp
 
 from fastattn._kernels._table cimport (KernelTable, LinearJob, Operand, PerHeadJob, Problem,
-                                       RotateJob,
+                                       MultiJob, RotateJob,
                                        STORE_BF16, STORE_F16, STORE_SAME, TABLE_CAPSULE, _at, fa_out_layout, fa_rotary, item_fn)
 
 # the generated declarations and typed wrappers first: they define the fused
@@ -39,6 +39,7 @@ _table = PyCapsule_New(&_table_data, TABLE_CAPSULE(), NULL)
 _kernels = _driver.Kernels(_table, __name__)
 
 attention = _kernels.attention
+attention_ragged = _kernels.attention_ragged
 linear = _kernels.linear
 rotate = _kernels.rotate
 pack_weight = _kernels.pack_weight

@@ -220,6 +220,7 @@ cdef bint _attention_setup(const KernelTable* t, Problem* P_, list keep, q, k, v
             raise ValueError("kernel lse must be a C-contiguous (*lead, H, Lq) array of the "
                              "computation's dtype")
         P.lse = <char*>cnp.PyArray_DATA(<cnp.ndarray?>lse)
+    P.lse_s_head = P.len_q
     if P.lead_count == 0 or P.heads == 0 or P.len_q == 0 or (P.dim_v == 0 and not P.has_weights):
         return False
     P.row_mode = row_mode

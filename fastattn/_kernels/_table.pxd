@@ -33,6 +33,8 @@ cdef struct KernelTable:
     item_fn (*linear_item)(int elem) noexcept nogil
     item_fn (*per_head_item)(int elem) noexcept nogil
     item_fn (*rotate_item)(int elem) noexcept nogil
+    item_fn (*multi_attention_item)(int elem) noexcept nogil
+    item_fn (*multi_merge_row)(int elem) noexcept nogil
     # the build's layout facts, which the driver's setup and checks read
     int64_t (*col_align)(int elem) noexcept nogil
     int64_t (*row_align)(int elem) noexcept nogil
@@ -99,7 +101,18 @@ cdef struct Problem:
     double scale
     double softcap              # scores become softcap * tanh(s / softcap); 0: off
     const double* sinks         # one logit per query head in the softmax's denominator, or NULL
-    char* lse                   # (lead, heads, len_q) log-sum-exp per query row, or NULL
+    char* lse                   # log-sum-exp per query row, or NULL: row i of (flattened
+    int64_t lse_s_head          # lead x head) bh at lse[bh * lse_s_head + i]
+
+
+# Attention over sequences of their own lengths (varlen, ragged caches): one
+# Problem per sequence, run as one team (see _ragged.pxi).  items[2w],
+# items[2w + 1]: work item w is item items[2w + 1] of problem items[2w];
+# after[]: the same for the split-K merges.
+cdef struct MultiJob:
+    const Problem* problems
+    const int64_t* items
+    const int64_t* after
 
 
 # A projection y = x @ W.T + bias, set up by _linear.pxi, read by _items.pxi.
