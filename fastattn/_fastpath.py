@@ -137,7 +137,8 @@ class FastPath:
         pairs = _policy.attention_pairs(kernels, self._act_dtype, self._act_dtype, E)
         return kernels.ForwardPlan(
             wq, bq, self.embed_dim + 2 * self.kv_dim, qkv, qkv[:, :H], qkv[:, H:H + Hkv],
-            qkv[:, H + Hkv:], out, merged, wo, bo, 1.0 / math.sqrt(E),
+            qkv[:, H + Hkv:], out, merged, wo, bo,
+            1.0 / math.sqrt(E) if self.scale is None else self.scale,
             _policy.attention_schedule(B * H, N, N, False, nt, pairs=pairs),
             _policy.linear_blocking(self.embed_dim), nt, state.packed, tid,
             _policy.per_head(B, Hkv, nt, is_half(self._act_dtype)))

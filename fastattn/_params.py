@@ -177,6 +177,12 @@ class Parameters:
             raise ValueError(
                 f"{key}: expected shape {shape_str(shape)}, got {shape_str(arr.shape)}"
             )
+        if name == "sinks":
+            # as the function refuses them: a NaN or +inf sink makes every output NaN
+            bad = np.isnan(arr.astype(np.float64)) | (arr.astype(np.float64) == np.inf)
+            if bad.any():
+                raise ValueError(f"{key}: sinks must be finite or -inf (no sink), got "
+                                 f"{arr[bad][0]} at head {int(np.argmax(bad))}")
         return cast_checked(arr, self.dtype, key)
 
     def _store_params(self, staged: Mapping[str, np.ndarray]) -> None:

@@ -391,9 +391,11 @@ def check_softcap(softcap, dtype: np.dtype = np.dtype(np.float64)) -> float:
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.integer, np.floating)):
         raise TypeError(f"softcap must be a positive real number or None, got {softcap!r}")
     value = float(softcap)
-    if not (value > 0 and value <= float(np.finfo(dtype).max)):
-        raise ValueError(f"softcap must be > 0 and finite in {np.dtype(dtype).name} (or None "
-                         f"for no capping), got {softcap!r}")
+    info = np.finfo(dtype)
+    # (at least the smallest normal number, so that 1 / softcap is finite)
+    if not (float(info.tiny) <= value <= float(info.max)):
+        raise ValueError(f"softcap must be > 0 and finite in {np.dtype(dtype).name}, from "
+                         f"{float(info.tiny):.3g} up (or None for no capping), got {softcap!r}")
     return value
 
 
@@ -404,7 +406,7 @@ def check_sinks(sinks, num_heads: int,
     if sinks is None:
         return None
     arr = to_array(sinks, "sinks")
-    if arr.dtype.kind not in "fiu":
+    if arr.dtype.kind not in "fiu" and arr.dtype not in HALF_DTYPES:
         raise TypeError(f"sinks must be a real array, got dtype {arr.dtype}")
     if arr.shape != (num_heads,):
         raise ValueError(f"sinks must have shape ({num_heads},) (one logit per query head), "

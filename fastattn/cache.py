@@ -132,7 +132,12 @@ class KVCache:
 
     def keys(self) -> np.ndarray:
         """Cached keys as a (B, Hkv, len, E) view (len the longest sequence's:
-        past its own length, a sequence's rows are unused)."""
+        past its own length, a sequence's rows are unused).
+
+        A module with half-split rotary embeddings (``Rotary(interleaved=
+        False)``) keeps each head's features in the kernel's pair order,
+        ``rotary.pair_order(head_dim)``: keys read here, or given to
+        ``append``, are in that order (the scores do not depend on it)."""
         return self._k[:, :, : self._length]
 
     def values(self) -> np.ndarray:

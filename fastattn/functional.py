@@ -447,9 +447,11 @@ def merge_attention(outs: Sequence[np.ndarray], lses: Sequence[np.ndarray]
     lse : ndarray (..., H, Lq)
         float32 (float64 for float64 parts).
     """
-    if isinstance(outs, np.ndarray) or isinstance(lses, np.ndarray):
-        raise TypeError("merge_attention takes sequences (a list or tuple) of outputs and of "
-                        "log-sum-exps, one entry per part, not single arrays")
+    if (isinstance(outs, np.ndarray) or isinstance(lses, np.ndarray)
+            or not isinstance(outs, (list, tuple)) or not isinstance(lses, (list, tuple))):
+        raise TypeError(f"merge_attention takes sequences (a list or tuple) of outputs and of "
+                        f"log-sum-exps, one entry per part, got {type(outs).__name__} and "
+                        f"{type(lses).__name__}")
     outs, lses = list(outs), list(lses)
     if not outs or len(outs) != len(lses):
         raise ValueError(f"merge_attention needs as many outs as lses, at least one: got "
@@ -459,12 +461,20 @@ def merge_attention(outs: Sequence[np.ndarray], lses: Sequence[np.ndarray]
     cdtype = compute_dtype(dtype)
     arrays = []
     for i, (o, l) in enumerate(zip(outs, lses)):
-        if o.dtype != dtype or o.shape != outs[0].shape or o.ndim < 3:
-            raise ValueError(f"outs[{i}]: every part must be (..., H, Lq, Ev) of one dtype and "
-                             f"shape, got {shape_str(o.shape)} {o.dtype} beside "
-                             f"{shape_str(outs[0].shape)} {dtype}")
+        if o.ndim < 3:
+            raise ValueError(f"outs[{i}] must be (..., H, Lq, Ev), at least 3 axes, got shape "
+                             f"{shape_str(o.shape)}")
+        if o.dtype != dtype:
+            raise TypeError(f"outs[{i}] is {o.dtype} beside outs[0]'s {dtype}: every part "
+                            f"must have one dtype")
+        if o.shape != outs[0].shape:
+            raise ValueError(f"outs[{i}] has shape {shape_str(o.shape)} beside outs[0]'s "
+                             f"{shape_str(outs[0].shape)}: every part must have one shape")
+        if l is None:
+            raise TypeError(f"lses[{i}] is None: each part needs its log-sum-exp "
+                            f"(return_lse=True)")
         l = to_array(l, f"lses[{i}]")
-        if l.dtype.kind != "f":
+        if l.dtype.kind != "f" and not is_half(l.dtype):
             raise TypeError(f"lses[{i}] must be a float array, got dtype {l.dtype}")
         if l.shape != o.shape[:-1]:
             raise ValueError(f"lses[{i}] must have shape {shape_str(o.shape[:-1])} (outs[{i}] "

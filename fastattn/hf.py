@@ -136,6 +136,9 @@ def _check_structure(layer) -> None:
             raise TypeError(f"from_hf: {cls_name}.{p} is not a plain linear layer with a "
                             f"floating-point (out, in) weight ({type(lin).__name__}); "
                             "quantized layers are not supported")
+        if getattr(w, "is_meta", False):
+            raise ValueError(f"from_hf: {cls_name}.{p}'s weight is on the meta device (a model "
+                             "made without its weights); load the weights first")
     cfg = layer.config
     if not getattr(layer, "is_causal", True):
         raise ValueError(f"from_hf: this {cls_name} is bidirectional "

@@ -67,6 +67,20 @@ def parse_config(raw: Optional[np.ndarray], fmt: str, path,
     for key, ok in checks.items():
         if key not in cfg or not ok(cfg[key]):
             raise ValueError(f"{where}: __config__ field {key!r} is missing or invalid")
+    # the decoder settings, where given (their values are the constructor's to check)
+    real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    side = lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))  # noqa: E731
+    optional = {
+        "head_dim": positive,
+        "sinks": lambda v: isinstance(v, bool),
+        "scale": real,
+        "softcap": real,
+        "window": lambda v: isinstance(v, list) and len(v) == 2 and all(map(side, v)),
+        "rotary": lambda v: isinstance(v, dict),
+    }
+    for key, ok in optional.items():
+        if key in cfg and cfg[key] is not None and not ok(cfg[key]):
+            raise ValueError(f"{where}: __config__ field {key!r} is invalid")
     return cfg
 
 
@@ -282,7 +296,11 @@ class Persistence:
         ValueError with the reason.
         """
         cfg, arrays = read_module_file(path, cls._FORMAT, cls._DIMS, cls._param_shapes)
-        m = cls._from_config(cfg)
+        try:
+            m = cls._from_config(cfg)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{_source_name(path)}: __config__ holds settings the module "
+                             f"refuses: {exc}") from None
         m.load_state_dict(arrays)
         return m
 

@@ -125,11 +125,23 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         self._init_params(embed_dim, num_heads, num_kv_heads, kdim, vdim, bias, dtype,
                           precision, head_dim, sinks)
         cdtype = compute_dtype(self._act_dtype)
-        self.rotary = check_rotary(rotary, self.head_dim)
-        self.scale = None if scale is None else check_scale(scale, self.head_dim, cdtype)
-        self.softcap = None if softcap is None else check_softcap(softcap, cdtype)
-        self.window = check_window(window)
+        # read-only (properties below): the packed weights, plans and files
+        # depend on them; another setting is another module
+        self._rotary = check_rotary(rotary, self.head_dim)
+        self._scale = None if scale is None else check_scale(scale, self.head_dim, cdtype)
+        self._softcap = None if softcap is None else check_softcap(softcap, cdtype)
+        self._window = check_window(window)
         self._init_fastpath()
+
+    rotary = property(lambda self: self._rotary,
+                      doc="The module's fastattn.Rotary, or None (read-only).")
+    scale = property(lambda self: self._scale,
+                     doc="The factor on q.k given at construction, or None for 1/sqrt(head_dim) "
+                         "(read-only).")
+    softcap = property(lambda self: self._softcap,
+                       doc="The logit soft-cap, or None (read-only).")
+    window = property(lambda self: self._window,
+                      doc="The sliding window calls use by default, or None (read-only).")
 
     @property
     def _plannable(self) -> bool:
@@ -416,14 +428,11 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
                       self.dtype.itemsize, "the forward pass's buffers")
         nt = threads.get_num_threads()
         state = self._state
-        qkv = self._project(state, x, "qkv", QD + 2 * kv, num_threads=nt, positions=pos)
-
-        def heads(cols, n):  # (1, n, total, E) over qkv's columns, no copy
-            return qkv[:, cols].reshape(total, n, E).transpose(1, 0, 2)[None]
-
-        merged = np.empty((total, QD), dtype=self._act_dtype)
-        ragged_into(heads(slice(0, QD), H), heads(slice(QD, QD + kv), Hkv),
-                    heads(slice(QD + kv, QD + 2 * kv), Hkv),
+        # head-major, as one sequence of all the rows: each head's rows are
+        # contiguous, and each sequence is a run of them
+        qkv, merged = self._buffers(1, total)
+        self._project(state, x, "qkv", QD + 2 * kv, qkv, nt, head_major=True, positions=pos)
+        ragged_into(qkv[:, :H], qkv[:, H:H + Hkv], qkv[:, H + Hkv:],
                     merged.reshape(total, H, E).transpose(1, 0, 2)[None], lens, lens,
                     cu[:-1], cu[:-1], is_causal=is_causal, window=window, slopes=slopes,
                     num_threads=nt, **self._attention_settings(state))
@@ -512,7 +521,8 @@ class MultiHeadSelfAttention(_MultiHeadBase):
     embed_dim : int
         Model (embedding) width D; ``d_model=`` (the seed's name) is an alias.
     num_heads : int
-        Query heads H; ``head_dim = embed_dim // num_heads`` must divide exactly.
+        Query heads H; ``head_dim = embed_dim // num_heads`` must divide
+        exactly, unless ``head_dim`` is given.
     num_kv_heads : int, optional
         Key/value heads (grouped-query attention); must divide ``num_heads``.
         Defaults to ``num_heads``.
@@ -561,8 +571,9 @@ class MultiHeadSelfAttention(_MultiHeadBase):
     ----------
     w_q, w_k, w_v, w_o : ndarray
         Projection weights, ``(out_features, in_features)`` as in
-        ``torch.nn.Linear``: ``w_q`` and ``w_o`` are (D, D), ``w_k`` and
-        ``w_v`` are (num_kv_heads * head_dim, D).  Read-only copies; numpy
+        ``torch.nn.Linear``: ``w_q`` is (num_heads * head_dim, D) and ``w_o``
+        (D, num_heads * head_dim), both (D, D) unless ``head_dim`` is given;
+        ``w_k`` and ``w_v`` are (num_kv_heads * head_dim, D).  Read-only copies; numpy
         refuses to make them, or their bases, writable.
     b_q, b_k, b_v, b_o : ndarray or None
         Biases (None with ``bias=False``).
@@ -656,8 +667,9 @@ class MultiHeadAttention(_MultiHeadBase):
 
     Attributes
     ----------
-    w_q (E, E), w_k (Dkv, kdim), w_v (Dkv, vdim), w_o (E, E), b_q ... b_o
-        As in ``torch.nn.Linear``; ``Dkv = num_kv_heads * head_dim``.
+    w_q (Q, E), w_k (Dkv, kdim), w_v (Dkv, vdim), w_o (E, Q), b_q ... b_o
+        As in ``torch.nn.Linear``; ``Q = num_heads * head_dim`` (E unless
+        ``head_dim`` is given), ``Dkv = num_kv_heads * head_dim``.
         Read-only, changed and shared across threads as for
         :class:`MultiHeadSelfAttention`.
     """

@@ -111,8 +111,22 @@ class Rotary:
         self.theta = _real(theta, "theta")
         self.interleaved = bool(interleaved)
         self.scaling = self._check_scaling(scaling)
-        self.inv_freq, self.attention_factor = self._frequencies()
+        with np.errstate(all="ignore"):  # (refused just below when not finite)
+            self.inv_freq, self.attention_factor = self._frequencies()
+        if not (np.isfinite(self.inv_freq).all() and math.isfinite(self.attention_factor)):
+            raise ValueError(f"rotary settings give non-finite frequencies (theta={theta!r}, "
+                             f"scaling={scaling!r}): a scaling factor too small or too large")
+        self.inv_freq.flags.writeable = False
         self._tables: Dict[str, np.ndarray] = {}
+        # fixed from here on: modules pack their weights and tables from them
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"a Rotary's settings are fixed once it is made (modules and "
+                                 f"tables depend on them); make a new Rotary instead of "
+                                 f"setting {name}")
+        object.__setattr__(self, name, value)
 
     # ---- settings --------------------------------------------------------------------
 
@@ -127,7 +141,8 @@ class Rotary:
         if kind not in _SCALING_KEYS:
             raise ValueError(f"scaling rope_type {kind!r} is not supported; fastattn has "
                              f"{sorted(_SCALING_KEYS)}")
-        given = set(scaling) - _IGNORED_KEYS
+        # a key given as None counts as not given
+        given = {key for key, value in scaling.items() if value is not None} - _IGNORED_KEYS
         unknown = given - _SCALING_KEYS[kind]
         if unknown:
             raise ValueError(f"scaling of rope_type {kind!r} takes {sorted(_SCALING_KEYS[kind])}, "
@@ -219,6 +234,7 @@ class Rotary:
         return self.config()
 
     def __setstate__(self, state):
+        object.__setattr__(self, "_frozen", False)
         self.__init__(**state)
 
     # ---- tables ------------------------------------------------------------------------
@@ -294,7 +310,7 @@ def check_positions(positions, batch: int, length: int, start=0) -> np.ndarray:
     arr = to_array(positions, "positions")
     if arr.dtype.kind not in "iu":
         raise TypeError(f"positions must be an integer array, got dtype {arr.dtype}")
-    if arr.shape not in ((length,), (batch, length)):
+    if arr.shape not in ((length,), (batch, length), (1, length)):
         raise ValueError(f"positions must have shape ({length},) or ({batch}, {length}) (one per "
                          f"query position), got {shape_str(arr.shape)}")
     if arr.size and (arr.min() < 0 or arr.max() >= 2 ** 40):
@@ -330,8 +346,9 @@ def apply_rotary(x, rotary: Rotary, positions=None) -> np.ndarray:
         pos = to_array(positions, "positions")
         if pos.dtype.kind not in "iu":
             raise TypeError(f"positions must be an integer array, got dtype {pos.dtype}")
-        if pos.size and pos.min() < 0:
-            raise ValueError(f"positions must be >= 0, got {pos.min()}")
+        if pos.size and (pos.min() < 0 or pos.max() >= 2 ** 40):
+            raise ValueError(f"positions must be in [0, 2**40), got values from {pos.min()} to "
+                             f"{pos.max()}")
     try:
         pos = np.broadcast_to(pos.astype(np.int64, copy=False), arr.shape[:-1])
     except ValueError:

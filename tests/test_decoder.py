@@ -375,8 +375,13 @@ def test_module_window_default_and_call_override():
     x = np.random.default_rng(16).standard_normal((1, 10, 64))
     assert rel(m(x, is_causal=True), _ref_of(m, x, is_causal=True)) < 1e-12
     wide = m(x, is_causal=True, window=(None, None))
-    m.window = None
-    assert rel(wide, _ref_of(m, x, is_causal=True)) < 1e-12
+    plain = fa.MultiHeadSelfAttention(**{**m.config(), "window": None})
+    plain.load_state_dict(m.state_dict())
+    assert rel(wide, _ref_of(plain, x, is_causal=True)) < 1e-12
+    for name, value in (("window", None), ("rotary", fa.Rotary(8)), ("scale", 1.0),
+                        ("softcap", 2.0)):
+        with pytest.raises(AttributeError):
+            setattr(m, name, value)
 
 
 def test_cross_attention_module_takes_scale_softcap_sinks_head_dim():
@@ -497,3 +502,105 @@ def test_to_torch_refuses_what_torch_cannot_express():
     pytest.importorskip("torch")
     with pytest.raises(ValueError, match="cannot express.*rotary"):
         fa.MultiHeadSelfAttention(64, 4, rotary=fa.Rotary(16)).to_torch()
+
+
+# ---- found by an adversarial probe -------------------------------------------------
+
+def test_module_scale_holds_on_the_plain_call_path():
+    x = np.random.default_rng(20).standard_normal((2, 6, 16)).astype(np.float32)
+    m = fa.MultiHeadSelfAttention(16, 2, scale=3.0, seed=0)
+    ref, _ = ref_mhsa(x, params_of(m), 2, scale=3.0)
+    assert rel(m(x), ref) < 2e-5  # m(x) takes the plan
+    assert rel(m(x, is_causal=False, need_weights=False), ref) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cap", [1e-3, 0.5, 5.0, 50.0, 1e3, 1e5, 1e8, 1e30])
+def test_softcap_accurate_for_every_cap(dtype, cap):
+    # a cap far above the scores leaves them as they are: no 1 - e cancellation
+    r = np.random.default_rng(21)
+    q, k, v = qkv(r, (1,), 2, 2, 70, 300, 16, dtype, spread=3.0)
+    for Lq in (70, 1):
+        out = fa.scaled_dot_product_attention(q[..., :Lq, :], k, v, softcap=cap)
+        ref, _ = ref_sdpa(q[..., :Lq, :], k, v, softcap=cap)
+        assert rel(out, ref) < TOL[dtype] / 2, (cap, Lq)
+
+
+def test_tiny_softcap_refused_not_nan():
+    with pytest.raises(ValueError, match="softcap must be > 0 and finite in float32"):
+        fa.scaled_dot_product_attention(Q, K, V, softcap=1e-39)
+    out = fa.scaled_dot_product_attention(Q, K, V, softcap=2e-38)
+    assert np.isfinite(out).all()
+
+
+def test_module_sinks_refuse_nan_and_inf():
+    m = fa.MultiHeadSelfAttention(16, 2, sinks=True, seed=0)
+    for bad in ([np.inf, 0.0], [np.nan, 0.0]):
+        with pytest.raises(ValueError, match="sinks must be finite or -inf"):
+            m.sinks = np.array(bad)
+        with pytest.raises(ValueError, match="sinks must be finite or -inf"):
+            m.load_state_dict({**m.state_dict(), "sinks": np.array(bad)})
+    m.sinks = np.array([-np.inf, 0.0])  # no sink for head 0
+    assert np.isfinite(m(np.ones((1, 3, 16), np.float32))).all()
+
+
+def test_bfloat16_sinks_taken_by_the_function():
+    q, k, v = qkv(np.random.default_rng(22), (), 2, 2, 5, 7, 8)
+    a = fa.scaled_dot_product_attention(q, k, v, sinks=np.array([0.5, 1.0], BF16))
+    b = fa.scaled_dot_product_attention(q, k, v, sinks=np.array([0.5, 1.0]))
+    assert np.array_equal(a, b)
+
+
+def test_rotary_is_immutable_and_checks_its_frequencies():
+    r = fa.Rotary(8)
+    with pytest.raises(AttributeError, match="fixed once it is made"):
+        r.theta = 500.0
+    with pytest.raises(ValueError):
+        r.inv_freq[0] = 1.0
+    assert pickle.loads(pickle.dumps(r)) == r
+    with pytest.raises(ValueError, match="non-finite frequencies"):
+        fa.Rotary(8, scaling={"rope_type": "linear", "factor": 1e-320})
+    with pytest.raises(ValueError, match=r"needs \['factor'\]"):
+        fa.Rotary(8, scaling={"rope_type": "yarn", "factor": None,
+                              "original_max_position_embeddings": 64})
+
+
+def test_positions_bounds_and_broadcast():
+    r = fa.Rotary(8)
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*40\)"):
+        fa.apply_rotary(np.zeros((2, 8)), r, np.array([1, 2 ** 63], np.uint64))
+    m = _module(rotary=fa.Rotary(16))
+    x = np.random.default_rng(23).standard_normal((2, 5, 64)).astype(np.float32)
+    pos = np.arange(5)[None] + 3
+    assert np.array_equal(m(x, positions=pos), m(x, positions=pos[0]))
+
+
+def test_merge_messages():
+    with pytest.raises(TypeError, match="sequences"):
+        fa.merge_attention(None, None)
+    with pytest.raises(TypeError, match="one dtype"):
+        fa.merge_attention([np.zeros((1, 2, 3)), np.zeros((1, 2, 3), np.float32)],
+                           [np.zeros((1, 2))] * 2)
+    with pytest.raises(ValueError, match="at least 3 axes"):
+        fa.merge_attention([np.zeros((2, 3))], [np.zeros(2)])
+    with pytest.raises(TypeError, match="return_lse"):
+        fa.merge_attention([np.zeros((1, 2, 3))], [None])
+
+
+def test_load_names_the_file_for_bad_settings(tmp_path):
+    import json
+    import zipfile
+
+    m = _module(softcap=5.0, window=(3, 0))
+    path = tmp_path / "m.npz"
+    m.save(path)
+    for field, value in (("softcap", -1.0), ("window", 4), ("rotary", {"dim": 7})):
+        data = dict(np.load(path))
+        cfg = json.loads(str(data["__config__"]))
+        cfg[field] = value
+        data["__config__"] = np.array(json.dumps(cfg))
+        bad = tmp_path / f"bad_{field}.npz"
+        np.savez(bad, **data)
+        with pytest.raises(ValueError, match=f"bad_{field}.npz"):
+            fa.MultiHeadSelfAttention.load(bad)
+    assert zipfile.is_zipfile(path)

@@ -60,9 +60,13 @@ static inline void FA(panel)(int64_t N, int64_t K, const REAL *restrict A, int64
             }
         }
         if (cap > 0) {
-            const VEC k = FA(vsplat)(FA(cap_k)(cap)), c = FA(vsplat)(cap);
+            const VEC inv = FA(vsplat)((REAL)1 / cap), c = FA(vsplat)(cap);
+            IVEC some = (IVEC){0}, every = ~(IVEC){0};
             for (int r = 0; r < FA_MR; r++)
-                for (int v = 0; v < FA_NV; v++) acc[r][v] = FA(vcap)(acc[r][v], k, c);
+                for (int v = 0; v < FA_NV; v++) FA(cap_span)(acc[r][v], inv, &some, &every);
+            int side = FA(cap_side)(some, every);
+            for (int r = 0; r < FA_MR; r++)
+                for (int v = 0; v < FA_NV; v++) acc[r][v] = FA(vcap)(acc[r][v], inv, c, side);
         }
         for (int r = 0; r < FA_MR; r++) {
             if (r >= mr) break;

@@ -34,6 +34,9 @@
 #define FA_LOG2E 1.44269504088896341f
 #define FA_EXP_MAGIC 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer */
 #define FA_VMAX(a, b) FA_MAX_PS(a, b)
+#if defined(FA_ANY_PS)
+#define FA_ANY_LANE(m) FA_ANY_PS(m)
+#endif
 #if defined(FA_REDUCE_PS)
 #define FA_VREDUCE(y) FA_REDUCE_PS(y)
 #define FA_VSCALEF(a, b) FA_SCALEF_PS(a, b)
@@ -47,6 +50,16 @@ static const float fa_exp2_c_f32[7] = {1.0f, 0.6931471824645996f, 0.240226462483
                                        0.05550328642129898f, 0.009618489071726799f,
                                        0.0013399930903688073f, 0.00015345810970757157f};
 #define FA_EXP2_C fa_exp2_c_f32
+/* tanh(a) = a + a^3 (c0 + c1 a^2 + ...) below FA_TANH_SMALL: Taylor
+ * coefficients to a^15; the first omitted term is under 1e-8 relative there.
+ * Scores within half the cap, most of them at the caps models use, take this
+ * side alone (see FA(vcap)). */
+#define FA_TANH_SMALL 0.5f
+#define FA_TANH_DEG 6
+static const float fa_tanh_c_f32[7] = {-1.0f / 3, 2.0f / 15, -17.0f / 315, 62.0f / 2835,
+                                       -1382.0f / 155925, 21844.0f / 6081075,
+                                       -929569.0f / 638512875};
+#define FA_TANH_C fa_tanh_c_f32
 #include "fa_kernels_impl.h"
 
 /* ---- double ---- */
@@ -56,6 +69,9 @@ static const float fa_exp2_c_f32[7] = {1.0f, 0.6931471824645996f, 0.240226462483
 #define FA_LOG2E 1.4426950408889634
 #define FA_EXP_MAGIC 6755399441055744.0 /* 1.5 * 2^52 */
 #define FA_VMAX(a, b) FA_MAX_PD(a, b)
+#if defined(FA_ANY_PD)
+#define FA_ANY_LANE(m) FA_ANY_PD(m)
+#endif
 #if defined(FA_REDUCE_PD)
 #define FA_VREDUCE(y) FA_REDUCE_PD(y)
 #define FA_VSCALEF(a, b) FA_SCALEF_PD(a, b)
@@ -71,6 +87,13 @@ static const double fa_exp2_c_f64[14] = {
     1.3215486790144305e-06, 1.0178086009239696e-07, 7.054911620801121e-09, 4.44553827187081e-10,
     2.5678435993488196e-11, 1.3691488853904124e-12};
 #define FA_EXP2_C fa_exp2_c_f64
+/* as for float, below 0.125: the first omitted term is under 2e-18 relative */
+#define FA_TANH_SMALL 0.125
+#define FA_TANH_DEG 6
+static const double fa_tanh_c_f64[7] = {-1.0 / 3, 2.0 / 15, -17.0 / 315, 62.0 / 2835,
+                                        -1382.0 / 155925, 21844.0 / 6081075,
+                                        -929569.0 / 638512875};
+#define FA_TANH_C fa_tanh_c_f64
 #include "fa_kernels_impl.h"
 
 static const char *fa_isa_name(void) { return FA_ISA_NAME; }

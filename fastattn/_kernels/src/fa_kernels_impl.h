@@ -40,6 +40,7 @@
 #undef FA_LOG2E
 #undef FA_EXP_MAGIC
 #undef FA_VMAX
+#undef FA_ANY_LANE
 #undef FA_VREDUCE
 #undef FA_VSCALEF
 #undef FA_EXP_BIAS
@@ -47,3 +48,6 @@
 #undef FA_EXP2_LO
 #undef FA_EXP2_DEG
 #undef FA_EXP2_C
+#undef FA_TANH_SMALL
+#undef FA_TANH_DEG
+#undef FA_TANH_C

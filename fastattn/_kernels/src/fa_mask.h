@@ -123,8 +123,15 @@ static void FA(mask_band)(REAL *restrict S, int64_t s_is, int64_t s_js, int64_t 
  * before any mask (FA(vcap)), for scores no GEMM capped as it made them
  * (FA(panel)'s cap): the few-query rows and the bfloat16 pair tiles. */
 static void FA(softcap)(REAL *restrict s, int64_t n, REAL cap) {
-    const VEC k = FA(vsplat)(FA(cap_k)(cap)), c = FA(vsplat)(cap);
-    for (int64_t j = 0; j < n; j += VLEN) *(VEC *)(s + j) = FA(vcap)(*(VEC *)(s + j), k, c);
+    const VEC inv = FA(vsplat)((REAL)1 / cap), c = FA(vsplat)(cap);
+    /* blocks of 16 vectors, one choice of side each (see FA(vcap)) */
+    for (int64_t j = 0; j < n; j += 16 * VLEN) {
+        int64_t end = j + 16 * VLEN < n ? j + 16 * VLEN : n;
+        IVEC some = (IVEC){0}, every = ~(IVEC){0};
+        for (int64_t i = j; i < end; i += VLEN) FA(cap_span)(*(VEC *)(s + i), inv, &some, &every);
+        int side = FA(cap_side)(some, every);
+        for (int64_t i = j; i < end; i += VLEN) *(VEC *)(s + i) = FA(vcap)(*(VEC *)(s + i), inv, c, side);
+    }
 }
 
 /* ALiBi: S(i, j) -= slope * |rel + j - i|, rel the key-minus-query distance

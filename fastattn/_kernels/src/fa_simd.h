@@ -38,6 +38,9 @@
 #if FA_VBYTES == 64
 #define FA_MAX_PS(a, b) ((__typeof__(a))_mm512_max_ps((__m512)(a), (__m512)(b)))
 #define FA_MAX_PD(a, b) ((__typeof__(a))_mm512_max_pd((__m512d)(a), (__m512d)(b)))
+/* any lane of a mask set (all-ones or all-zeros lanes): a test into a k-mask */
+#define FA_ANY_PS(m) (_mm512_test_epi32_mask((__m512i)(m), (__m512i)(m)) != 0)
+#define FA_ANY_PD(m) (_mm512_test_epi64_mask((__m512i)(m), (__m512i)(m)) != 0)
 #if defined(__AVX512DQ__)
 /* y - round(y) in one instruction (AVX512DQ; imm8 0: no fraction bits kept,
  * round to nearest even; an infinite y gives 0), and a * 2^floor(b) (AVX512F;
@@ -51,9 +54,13 @@
 #elif FA_VBYTES == 32
 #define FA_MAX_PS(a, b) ((__typeof__(a))_mm256_max_ps((__m256)(a), (__m256)(b)))
 #define FA_MAX_PD(a, b) ((__typeof__(a))_mm256_max_pd((__m256d)(a), (__m256d)(b)))
+#define FA_ANY_PS(m) (_mm256_movemask_ps((__m256)(m)) != 0)
+#define FA_ANY_PD(m) (_mm256_movemask_pd((__m256d)(m)) != 0)
 #else
 #define FA_MAX_PS(a, b) ((__typeof__(a))_mm_max_ps((__m128)(a), (__m128)(b)))
 #define FA_MAX_PD(a, b) ((__typeof__(a))_mm_max_pd((__m128d)(a), (__m128d)(b)))
+#define FA_ANY_PS(m) (_mm_movemask_ps((__m128)(m)) != 0)
+#define FA_ANY_PD(m) (_mm_movemask_pd((__m128d)(m)) != 0)
 #endif
 #endif
 

@@ -50,10 +50,16 @@ static inline REAL FA(hmax)(VEC v) {
     return m;
 }
 
+/* Whether any lane of a comparison's mask is set: one instruction where the
+ * ISA has a lane test, else a loop over the lanes. */
 static inline int FA(any)(IVEC mask) {
+#if defined(FA_ANY_LANE)
+    return FA_ANY_LANE(mask);
+#else
     IREAL acc = 0;
     for (int64_t i = 0; i < VLEN; i++) acc |= mask[i];
     return acc != 0;
+#endif
 }
 
 static inline REAL FA(hsum)(VEC v) {
@@ -105,20 +111,54 @@ static inline VEC FA(vexp)(VEC x) { return FA(vexp2)(x * FA(vsplat)(FA_LOG2E)); 
 
 
 /*
- * Logit soft-capping lane-wise: cap * tanh(x / cap), as
- * (cap - cap e) / (1 + e) with e = exp(-2|x| / cap) <= 1, which keeps
- * FA(vexp2) on the side it serves; x's sign is put back by its sign bit.  k = -2 log2(e) / cap (FA(cap_k)).  The
- * absolute error is a few ulp of cap, like rounding a score of that size;
- * -inf and +inf give -cap and cap, NaN stays NaN.
+ * Logit soft-capping, lane-wise: cap * tanh(x / cap), with inv = 1 / cap.
+ * With a = |x| / cap: for a >= FA_TANH_SMALL, tanh(a) = (1 - e) / (1 + e),
+ * e = exp(-2a) <= 1 (FA(vexp2) on the side it serves), whose absolute error
+ * of a few ulp of 1 is a small relative error there; below it, where 1 - e
+ * would cancel, the odd Taylor series a + a^3 P(a^2) (FA_TANH_C), accurate
+ * to the type's precision, so a cap far above the scores leaves them as they
+ * are.  The side is chosen for a whole block of vectors (FA(cap_side) over
+ * the block's FA(cap_span)): one horizontal reduction per block, and a
+ * block on one side computes that side only (at the caps models use, most
+ * scores lie within half the cap), a mixed block both.  The sign is put
+ * back by its bit; -inf and +inf give -cap and cap, NaN stays NaN.
+ * Callers pass their vectors by value, so that accumulators stay in
+ * registers.
  */
-static inline REAL FA(cap_k)(REAL cap) { return (REAL)(-2.0 * 1.4426950408889634 / (double)cap); }
+static inline VEC FA(cap_abs)(VEC x, VEC inv) {
+    return (VEC)((IVEC)x & ~(IVEC)FA(vsplat)((REAL)-0.0)) * inv;
+}
 
-static inline VEC FA(vcap)(VEC x, VEC k, VEC cap) {
+/* some_small and all_small gather, lane-wise, whether a = |x| / cap lies
+ * below FA_TANH_SMALL in some or in every vector of a block. */
+static inline void FA(cap_span)(VEC x, VEC inv, IVEC *some_small, IVEC *all_small) {
+    IVEC small = FA(cap_abs)(x, inv) < FA(vsplat)(FA_TANH_SMALL);
+    *some_small |= small;
+    *all_small &= small;
+}
+
+/* Which sides such a block needs: 1 bit for the series, 2 for the exponential. */
+static inline int FA(cap_side)(IVEC some_small, IVEC all_small) {
+    return (FA(any)(some_small) ? 1 : 0) | (FA(any)(~all_small) ? 2 : 0);
+}
+
+static inline VEC FA(vcap)(VEC x, VEC inv, VEC cap, int side) {
+    /* (a NaN lane is neither small nor large: either side keeps it NaN) */
     const IVEC sign_bit = (IVEC)FA(vsplat)((REAL)-0.0);
     IVEC sign = (IVEC)x & sign_bit;
-    VEC e = FA(vexp2)((VEC)((IVEC)x ^ sign) * k);
-    VEC y = (cap - cap * e) / (FA(vsplat)(1) + e);
-    return (VEC)((IVEC)y ^ sign);
+    VEC a = FA(cap_abs)(x, inv), y = a;
+    if (side & 2) {
+        const VEC one = FA(vsplat)(1);
+        VEC e = FA(vexp2)(a * FA(vsplat)((REAL)(-2.0 * 1.4426950408889634)));
+        y = (one - e) / (one + e);
+    }
+    if (side & 1) {
+        VEC a2 = a * a, p = FA(vsplat)(FA_TANH_C[FA_TANH_DEG]);
+        for (int d = FA_TANH_DEG - 1; d >= 0; d--) p = p * a2 + FA(vsplat)(FA_TANH_C[d]);
+        VEC s = a + a * a2 * p;
+        y = side & 2 ? FA(vselect)(a < FA(vsplat)(FA_TANH_SMALL), s, y) : s;
+    }
+    return (VEC)((IVEC)(y * cap) ^ sign);
 }
 
 #if FA_BLOCK_TRANSPOSE
