@@ -349,7 +349,7 @@ def check_cu_seqlens(cu, name: str, total: int, total_name: str) -> np.ndarray:
     never decreasing, ending at ``total`` (the packed rows of
     ``total_name``)."""
     arr = to_array(cu, name)
-    if arr.dtype.kind not in "iu":
+    if arr.dtype.kind not in "iu" and arr.size:
         raise TypeError(f"{name} must be an integer array (cumulative sequence lengths, "
                         f"[0, len_0, len_0 + len_1, ...]), got dtype {arr.dtype}")
     if arr.ndim != 1 or arr.shape[0] < 1:
