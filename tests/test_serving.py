@@ -295,3 +295,15 @@ def test_bad_reorder_leaves_the_cache_unchanged(indices, err, match):
     assert cache.lengths.tolist() == [2, 1] and np.array_equal(cache._k, k)
     with pytest.raises(ValueError, match=r"in \[0, 2\)"):
         cache.reset(5)
+
+
+def test_readme_serving_section_runs_and_its_claims_hold(capsys):
+    """The README's "Serving many sequences at once" example, run as written."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Serving many sequences"):text.index("### Masks and causality")]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    exec(compile(block, "README.md", "exec"), {})
+    assert capsys.readouterr().out.split("\n")[:2] == ["[120   7 300]", "[304   0 124]"]

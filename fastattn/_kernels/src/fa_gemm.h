@@ -232,30 +232,31 @@ static void FA(rotate_tile)(REAL *restrict t, int64_t ldt, int64_t rows, int64_t
 #endif
     const REAL *table = (const REAL *)rot->table;
     int64_t end = col0 + nc < rot->cols ? col0 + nc : rot->cols;
-    for (int64_t r = 0; r < rows; r++) {
-        const REAL *cc = table + rot->pos[row0 + r] * 2 * rot->rot_dim;
-        const REAL *ss = cc + rot->rot_dim;
-        REAL *x = t + r * ldt - col0;
-        for (int64_t c = col0; c < end;) {
-            int64_t e = c % rot->head_dim;
-            if (e >= rot->rot_dim) { /* the head's unrotated rest */
-                c += rot->head_dim - e;
-                continue;
-            }
-            int64_t run = rot->rot_dim - e < end - c ? rot->rot_dim - e : end - c, j = 0;
+    /* run by run of rotated columns (one per head the tile meets), each over
+     * every row: the division that finds a column's place in its head is
+     * done once per run, not once per row, where it would cost more than
+     * the rotation */
+    for (int64_t c = col0, e = col0 % rot->head_dim; c < end; c += rot->head_dim - e, e = 0) {
+        if (e >= rot->rot_dim)
+            continue; /* the head's unrotated rest */
+        int64_t run = rot->rot_dim - e < end - c ? rot->rot_dim - e : end - c;
+        for (int64_t r = 0; r < rows; r++) {
+            const REAL *cc = table + rot->pos[row0 + r] * 2 * rot->rot_dim + e;
+            const REAL *ss = cc + rot->rot_dim;
+            REAL *x = t + r * ldt + (c - col0);
+            int64_t j = 0;
 #if FA_BLOCK_TRANSPOSE /* (the lane swap needs GCC's __builtin_shuffle, see fa_simd.h) */
             for (; j + VLEN <= run; j += VLEN) {
-                VEC v = *(UVEC *)(x + c + j);
-                *(UVEC *)(x + c + j) = v * *(const UVEC *)(cc + e + j) +
-                                       __builtin_shuffle(v, swap) * *(const UVEC *)(ss + e + j);
+                VEC v = *(UVEC *)(x + j);
+                *(UVEC *)(x + j) = v * *(const UVEC *)(cc + j) +
+                                   __builtin_shuffle(v, swap) * *(const UVEC *)(ss + j);
             }
 #endif
             for (; j < run; j += 2) {
-                REAL a = x[c + j], b = x[c + j + 1];
-                x[c + j] = a * cc[e + j] + b * ss[e + j];
-                x[c + j + 1] = b * cc[e + j + 1] + a * ss[e + j + 1];
+                REAL a = x[j], b = x[j + 1];
+                x[j] = a * cc[j] + b * ss[j];
+                x[j + 1] = b * cc[j + 1] + a * ss[j + 1];
             }
-            c += run;
         }
     }
 }
