@@ -32,3 +32,13 @@ def test_benchmark_side_by_side():
     out = run("benchmark_side_by_side.py", "--batch", "1", "--seq", "32", "--dim", "64",
               "--heads", "4", "--rounds", "2", "--threads", "1")
     assert "fastattn: median" in out and "numpy: median" in out
+
+
+def test_readme_quick_start_runs():
+    """The README's quick start, as written."""
+    import re
+
+    text = (EXAMPLES.parent / "README.md").read_text()
+    section = text[text.index("## Quick start"):text.index("## Coming from PyTorch")]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    exec(compile(block, "README.md", "exec"), {})

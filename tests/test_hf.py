@@ -138,7 +138,7 @@ def test_readme_llama_section_runs_and_its_claims_hold(capsys):
     import re
 
     text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("### Running a Llama-style"):text.index("### Serving many")]
+    section = text[text.index("## Running a Llama-style"):text.index("## Serving many")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 2
     for block in blocks:

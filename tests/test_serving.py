@@ -303,7 +303,7 @@ def test_readme_serving_section_runs_and_its_claims_hold(capsys):
     import re
 
     text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("### Serving many sequences"):text.index("### Masks and causality")]
+    section = text[text.index("## Serving many sequences"):text.index("## bfloat16 and float16")]
     (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
     exec(compile(block, "README.md", "exec"), {})
     assert capsys.readouterr().out.split("\n")[:2] == ["[120   7 300]", "[304   0 124]"]
