@@ -349,6 +349,8 @@ def check_cu_seqlens(cu, name: str, total: int, total_name: str) -> np.ndarray:
     never decreasing, ending at ``total`` (the packed rows of
     ``total_name``)."""
     arr = to_array(cu, name)
+    if arr.dtype.kind == "u" and arr.size and arr.max() >= 2 ** 63:
+        raise ValueError(f"{name} holds {arr.max()}, past what any array can hold")
     if arr.dtype.kind not in "iu" and arr.size:
         raise TypeError(f"{name} must be an integer array (cumulative sequence lengths, "
                         f"[0, len_0, len_0 + len_1, ...]), got dtype {arr.dtype}")

@@ -122,6 +122,11 @@ class KVCache:
         """``index`` as int64 sequence numbers in range, or a ValueError /
         TypeError naming ``name``."""
         arr = np.asarray(index)
+        if arr.size == 0 and arr.ndim == 1:
+            return arr.astype(np.int64)  # no sequence: nothing to do
+        if arr.ndim > 1:
+            raise ValueError(f"{name} must be an int or a 1-D array of sequence numbers, got "
+                             f"shape {arr.shape}")
         if arr.dtype == np.bool_ or arr.dtype.kind not in "iu":
             raise TypeError(f"{name} must be an int or an integer array of sequence numbers, "
                             f"got {index!r}")
@@ -231,6 +236,12 @@ class KVCache:
             return
         counts = np.full(B, T, np.int64) if counts is None else counts
         ends = self._lengths + counts
+        if ends.max() > self.capacity and not self.grow:
+            b = int(np.argmax(ends))
+            raise ValueError(
+                f"cache is full: it holds {self.capacity} positions, sequence {b} uses "
+                f"{self._lengths[b]} and cannot take {counts[b]} more (make it with a larger "
+                f"max_len, or grow=True)")
         self._reserve(int(ends.max()), int(counts.max()))
         for b in range(B):
             a, n = self._lengths[b], counts[b]

@@ -240,8 +240,9 @@ def varlen_attention(
         raise ValueError(f"k must be (total_k, Hkv, {E}) and v (total_k, Hkv, Ev) with k's "
                          f"rows and heads, got q {shape_str(q.shape)}, k {shape_str(k.shape)}, "
                          f"v {shape_str(v.shape)}")
-    if Hkv < 1 or H % Hkv:
-        raise ValueError(f"k's heads ({Hkv}) must divide q's ({H})")
+    if H < 1 or Hkv < 1 or H % Hkv:
+        raise ValueError(f"q and k need at least one head each, and k's heads must divide q's: "
+                         f"got {H} and {Hkv}")
     cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", Tq, "q")
     if cu_seqlens_k is None:
         if Tk != Tq:

@@ -236,10 +236,12 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         if cu_seqlens is not None:
             if not self_attention or not isinstance(self, MultiHeadSelfAttention):
                 raise ValueError("cu_seqlens (a packed batch) is for MultiHeadSelfAttention")
+            need_weights = check_flag(need_weights, "need_weights")
+            check_flag(average_attn_weights, "average_attn_weights")
             bad = [name for name, value in (("cache", cache), ("attn_mask", attn_mask),
                                             ("key_padding_mask", key_padding_mask),
                                             ("lengths", lengths))
-                   if value is not None] + (["need_weights"] if need_weights is True else [])
+                   if value is not None] + (["need_weights"] if need_weights else [])
             if bad:
                 raise ValueError(f"with cu_seqlens (a packed batch), {', '.join(bad)} cannot be "
                                  f"given: each sequence attends only its own rows")
@@ -290,21 +292,24 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         elif lengths is not None:
             raise ValueError("lengths (how many of x's positions each sequence appends) needs "
                              "a cache; for a packed batch without one, pass cu_seqlens")
-        ragged = cache is not None and (lengths is not None or not cache.uniform)
-        counts = None
-        if ragged:
-            counts = check_lengths(lengths, B, Lq) if lengths is not None else np.full(B, Lq)
-            bad = [name for name, value in (("attn_mask", attn_mask),
-                                            ("key_padding_mask", key_padding_mask))
-                   if value is not None] + (["need_weights"] if need_weights else [])
-            if bad:
-                raise ValueError(f"sequences at different lengths in the cache (or lengths=) "
-                                 f"take no {', '.join(bad)}: each attends its own positions")
+        counts = check_lengths(lengths, B, Lq) if lengths is not None else None
         nt = threads.get_num_threads()
         state = self._state  # this call's weights, whatever other threads assign
         # a cache is held from its length read to its append, or the rollback
         # of a failed call: another call in between would lose or mix positions
         with cache._claim() if cache is not None else contextlib.nullcontext():
+            # whether sequences sit at different lengths, read under the claim:
+            # another thread's reset(i) could change it just before
+            ragged = cache is not None and (counts is not None or not cache.uniform)
+            if ragged:
+                counts = np.full(B, Lq, np.int64) if counts is None else counts
+                bad = [name for name, value in (("attn_mask", attn_mask),
+                                                ("key_padding_mask", key_padding_mask))
+                       if value is not None] + (["need_weights"] if need_weights else [])
+                if bad:
+                    raise ValueError(f"sequences at different lengths in the cache (or "
+                                     f"lengths=) take no {', '.join(bad)}: each attends its own "
+                                     f"positions")
             # every buffer of the call, checked once before any is allocated
             Lk = Lq if self_attention else k_in.shape[1]
             if cache is not None:
@@ -506,6 +511,13 @@ _FORWARD_DOC = """
             to Lq); output rows past ``lengths[b]`` are zeros.  Sequences
             whose cached lengths differ decode together, each at its own
             position (``cache.lengths``), with or without it.
+        cu_seqlens : int array of shape (n + 1,), optional
+            Self-attention over a packed batch (MultiHeadSelfAttention only):
+            x is (total, D), sequence s its rows ``cu_seqlens[s]`` to
+            ``cu_seqlens[s+1]``, each attending only its own rows (see
+            :func:`fastattn.varlen_attention`); ``positions`` is then
+            (total,), by default each sequence's own 0, 1, ...  No masks,
+            cache or weights with it.
 """
 
 

@@ -307,3 +307,107 @@ def test_readme_serving_section_runs_and_its_claims_hold(capsys):
     (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
     exec(compile(block, "README.md", "exec"), {})
     assert capsys.readouterr().out.split("\n")[:2] == ["[120   7 300]", "[304   0 124]"]
+
+
+# ---- found by an adversarial probe -------------------------------------------------
+
+def test_a_reset_between_the_uniform_read_and_the_claim_is_seen():
+    """Whether sequences sit at different lengths is read under the cache's
+    claim: a reset(i) from another thread just before cannot send the call
+    down the uniform path over a ragged cache."""
+    import threading
+    import time
+
+    rng = np.random.default_rng(30)
+    m = fa.MultiHeadSelfAttention(32, 2, seed=2)
+    x = rng.standard_normal((2, 1, 32)).astype(np.float32)
+    c = m.new_cache(2, 64)
+    m(rng.standard_normal((2, 50, 32)).astype(np.float32), cache=c)
+
+    class Slow(fa.KVCache):  # a thread switch right after `uniform` is read
+        @property
+        def uniform(self):
+            value = fa.KVCache.uniform.fget(self)
+            time.sleep(0.05)
+            return value
+
+    refused = []
+
+    def reset():
+        time.sleep(0.01)
+        try:
+            c.reset(1)
+        except RuntimeError:
+            refused.append(True)  # the call holds the cache: the reset is refused
+
+    c.__class__ = Slow
+    t = threading.Thread(target=reset)
+    t.start()
+    y = m(x, cache=c)
+    t.join()
+    c.__class__ = fa.KVCache
+    if refused:  # the reset came while the call held the cache
+        assert c.lengths.tolist() == [51, 51]
+    else:  # it came first: the call saw sequence 1 empty and attended only its new row
+        assert c.lengths.tolist() == [51, 1]
+        assert rel(y[1, 0], m(x[1:2], is_causal=True)[0, 0]) < 2e-6
+
+
+def test_packed_need_weights_checked_like_elsewhere():
+    m = fa.MultiHeadSelfAttention(8, 2, seed=0)
+    x = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match="need_weights"):
+        m(x, cu_seqlens=[0, 4], need_weights=np.True_)
+    with pytest.raises(TypeError, match="need_weights must be True or False"):
+        m(x, cu_seqlens=[0, 4], need_weights="yes")
+    with pytest.raises(TypeError, match="average_attn_weights"):
+        m(x, cu_seqlens=[0, 4], average_attn_weights="junk")
+
+
+def test_driver_refuses_bad_ragged_arguments_without_crashing():
+    # in a child process: a regression here would be a crash, not an exception
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np
+from fastattn._dispatch import kernels
+q = np.zeros((1, 1, 4, 8), np.float32); out = np.zeros_like(q)
+i = lambda *v: np.array(v, np.int64)
+S = (64, 64, False, 1)
+q2 = np.zeros((1, 2, 10, 8), np.float32); o2 = np.zeros_like(q2)
+lse = np.zeros((2, 10), np.float32)
+cases = [
+    (q, q, q, out, i(4), i(4), i(0), i(0), True, .3, S, 1, None, None, 0., None,
+     (np.zeros((1, 4), np.float32),)),
+    (q, q, q, out, i(4), i(4), i(0), i(0), True, .3, (), 1, None, None, 0., None, None),
+    (q2, q2, q2, o2, i(4, 6), i(4, 6), i(2**63 - 2, 4), i(0, 4), True, .3, S, 2, None, None,
+     0., None, None),
+    (q2, q2, q2, o2, i(4, 6), i(4, 6), i(0, 4), i(0, 4), True, .3, S, 2, None, None, 0., None,
+     (lse, i(0, 2**63 - 3), 1)),
+]
+for args in cases:
+    try:
+        kernels.attention_ragged(*args)
+    except (ValueError, TypeError):
+        continue
+    raise SystemExit("accepted: %r" % (args[6:8],))
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_full_ragged_cache_names_the_sequence_and_small_fixes():
+    m = fa.MultiHeadSelfAttention(16, 2, seed=0)
+    cache = m.new_cache(2, 10)
+    m(np.ones((2, 9, 16), np.float32), cache=cache, lengths=np.array([9, 0]))
+    with pytest.raises(ValueError, match="sequence 0 uses 9 and cannot take 2 more"):
+        m(np.ones((2, 5, 16), np.float32), cache=cache, lengths=np.array([2, 5]))
+    assert cache.lengths.tolist() == [9, 0]
+    cache.reset([])  # no sequence: nothing to do
+    assert cache.lengths.tolist() == [9, 0]
+    with pytest.raises(ValueError, match="1-D"):
+        cache.reset([[0, 1]])
+    with pytest.raises(ValueError, match="past what any array can hold"):
+        fa.varlen_attention(QP, QP, QP, np.array([0, 2 ** 64 - 1], np.uint64))

@@ -27,6 +27,11 @@ cdef int _ragged_run(const KernelTable* t, q, k, v, out, lens_q, lens_k, starts_
                      slopes, double softcap, sinks, lse) except -1:
     cdef Problem P
     cdef list keep = []
+    if len(schedule) not in (4, 5):
+        raise ValueError("attention_ragged: the schedule is (block_q, block_k, row_mode, "
+                         "n_splits[, pairs])")
+    if lse is not None and (not isinstance(lse, tuple) or len(lse) != 3):
+        raise ValueError("attention_ragged: lse is (array, offsets, elements between heads)")
     cdef Py_ssize_t block_q = schedule[0], block_k = schedule[1]
     cdef cnp.ndarray Q = <cnp.ndarray?>q, K = <cnp.ndarray?>k
     if Q.ndim != 4 or K.ndim != 4:
@@ -49,10 +54,11 @@ cdef int _ragged_run(const KernelTable* t, q, k, v, out, lens_q, lens_k, starts_
     if (Q.shape[0] != (1 if packed_q else n)) or (K.shape[0] != (1 if packed_k else n)):
         raise ValueError("attention_ragged: the leading axis is 1 for packed operands (with "
                          "starts) or one entry per sequence")
+    # (each bound compared without a sum that could overflow)
     for s in range(n):
-        if (packed_q and sq[s] + lq[s] > P.len_q) or (not packed_q and lq[s] > P.len_q):
+        if lq[s] > P.len_q or (packed_q and sq[s] > P.len_q - lq[s]):
             raise ValueError("attention_ragged: a sequence's queries run past q's rows")
-        if (packed_k and sk[s] + lk[s] > P.len_k) or (not packed_k and lk[s] > P.len_k):
+        if lk[s] > P.len_k or (packed_k and sk[s] > P.len_k - lk[s]):
             raise ValueError("attention_ragged: a sequence's keys run past k's rows")
     # lse: (array, per-sequence element offsets, elements between heads)
     cdef cnp.ndarray L_arr
@@ -66,8 +72,11 @@ cdef int _ragged_run(const KernelTable* t, q, k, v, out, lens_q, lens_k, starts_
                 != (cnp.NPY_FLOAT32 if t.elem_size(P.elem) == 4 else cnp.NPY_FLOAT64)):
             raise ValueError("attention_ragged: lse must be C-contiguous in the computation's "
                              "dtype")
+        if P.heads > 1 and l_head > (L_arr.size - 1) // (P.heads - 1):
+            raise ValueError("attention_ragged: the lse's heads run past the array")
         for s in range(n):
-            if lq[s] and l_off[s] + (P.heads - 1) * l_head + lq[s] > L_arr.size:
+            if lq[s] and (lq[s] > L_arr.size or l_off[s] > L_arr.size - lq[s]
+                          - (P.heads - 1) * l_head):
                 raise ValueError("attention_ragged: a sequence's lse runs past the array")
     cdef int64_t qsz = 2 if P.q_store else t.elem_size(P.elem)
     cdef int64_t ksz = 2 if P.kv_store else t.elem_size(P.elem)
