@@ -29,6 +29,7 @@ docs/architecture.md for one call's path through the layers::
 (``python -m fastattn``) runs.
 """
 
+from ._conventions import BatchFirstWarning, MaskConventionWarning
 from .cache import KVCache
 from .functional import (alibi_slopes, merge_attention, scaled_dot_product_attention,
                          varlen_attention)
@@ -55,4 +56,6 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "info",
+    "MaskConventionWarning",
+    "BatchFirstWarning",
 ]
