@@ -13,6 +13,7 @@ docs/architecture.md for one call's path through the layers::
     modules.py (config, call, forward)      functional.py (sdpa, attention_into)
         |
     _validate.py (every input check)  _params.py (weights, packing)
+    _conventions.py (torch habits: warnings, torch's argument names)
     _fastpath.py (m(x), one gate)     _policy.py (block sizes, schedules)
     io.py  interop.py  cache.py  threads.py
         |

@@ -498,10 +498,14 @@ _FORWARD_DOC = """
         attn_mask : ndarray, optional
             Broadcastable to (B, H, Lq, Lk) (or (H, Lq, Lk) unbatched).  Bool:
             ``True`` = may attend (note: ``torch.nn.MultiheadAttention`` uses
-            ``True`` = blocked).  Float: added to the scaled scores.
+            ``True`` = blocked; a bool mask that blocks every key of every
+            query, or is torch's causal mask with True above the diagonal,
+            gets a ``fastattn.MaskConventionWarning``: pass ``~attn_mask``).
+            Float: added to the scaled scores.
         key_padding_mask : ndarray of bool, shape (B, Lk) or (Lk,), optional
-            ``True`` marks a padding key that no query attends (as in torch).
-            With a cache, Lk counts every cached position.
+            ``True`` marks a padding key that no query attends (as in torch;
+            one that pads every key gets a MaskConventionWarning).  With a
+            cache, Lk counts every cached position.
         is_causal : bool
             Query ``i`` attends keys ``j <= i + (Lk - Lq)`` only.
         need_weights : bool
