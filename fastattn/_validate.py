@@ -264,9 +264,15 @@ def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
     fits = m.ndim <= len(full_shape) and all(
         a in (1, b) for a, b in zip(m.shape[::-1], tuple(full_shape)[::-1]))
     if not fits:
+        hint = ""
+        if (len(full_shape) == 4 and m.ndim == 3 and m.shape[1:] == tuple(full_shape[2:])
+                and m.shape[0] == full_shape[0] * full_shape[1] > 1):
+            # torch.nn.MultiheadAttention's 3-D mask, batch and heads in one axis
+            hint = (f"; torch.nn.MultiheadAttention's 3-D mask is (B * num_heads, Lq, Lk): "
+                    f"reshape it to {shape_str(full_shape)}")
         raise ValueError(
             f"{name} has shape {shape_str(m.shape)}, which does not broadcast to "
-            f"(..., H, Lq, Lk) = {shape_str(full_shape)}"
+            f"(..., H, Lq, Lk) = {shape_str(full_shape)}{hint}"
         )
     if math.prod(full_shape) >= 2 ** 63:
         raise ValueError(f"{name}: (..., H, Lq, Lk) = {shape_str(full_shape)} has more than "

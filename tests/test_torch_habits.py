@@ -382,3 +382,15 @@ def test_a_weight_otherwise_behaves_as_a_plain_array():
     assert m2 == m
     assert all(type(a) is np.ndarray for a in m2.state_dict().values())
     assert all(type(a) is np.ndarray for a in m.state_dict().values())
+
+
+def test_torchs_3d_mask_layout_gets_a_reshape_hint(rng):
+    m = MultiHeadSelfAttention(16, 4, seed=0)
+    x = rng.standard_normal((2, 5, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"attn_mask has shape \(8, 5, 5\), which does not "
+                                         r"broadcast to \(\.\.\., H, Lq, Lk\) = \(2, 4, 5, 5\); "
+                                         r"torch\.nn\.MultiheadAttention's 3-D mask is "
+                                         r"\(B \* num_heads, Lq, Lk\): reshape it to "
+                                         r"\(2, 4, 5, 5\)"):
+        m(x, attn_mask=np.ones((8, 5, 5), bool))
+    assert m(x, attn_mask=np.ones((8, 5, 5), bool).reshape(2, 4, 5, 5)).shape == x.shape
