@@ -8,7 +8,10 @@ can be seen in what a call is given, it is said there and then:
 * a bool ``attn_mask`` that blocks every key of every query, or that is
   torch's causal mask with True above the diagonal: most likely a mask in
   ``torch.nn.MultiheadAttention``'s convention (True = blocked), the opposite
-  of fastattn's (True = may attend) -> :class:`MaskConventionWarning`;
+  of fastattn's (True = may attend) -> :class:`MaskConventionWarning`; so
+  does a ``key_padding_mask`` that pads every key (True = keep, read as
+  padding); torch's 3-D (B * num_heads, Lq, Lk) mask gets a reshape hint
+  in its shape error (fastattn._validate);
 * ``from_torch`` of a sequence-first ``torch.nn.MultiheadAttention`` (torch's
   default ``batch_first=False``) -> :class:`BatchFirstWarning`;
 * torch's argument names fastattn has no use for (``dropout``,
@@ -16,7 +19,9 @@ can be seen in what a call is given, it is said there and then:
   why there is none (:func:`torch_names`), where a bare "unexpected keyword
   argument" would leave the user guessing.  Values whose meaning is the same
   in fastattn (``dropout=0``, ``batch_first=True``, ``enable_gqa``) are
-  accepted.
+  accepted;
+* a write into a weight's read-only copy (``m.w_q[:] = 0``) -> a ValueError
+  pointing to assignment (``fastattn._params.ReadOnlyParameter``).
 """
 
 from __future__ import annotations
