@@ -13,6 +13,7 @@ docs/architecture.md for one call's path through the layers::
     modules.py (config, call, forward)      functional.py (sdpa, attention_into)
         |
     _validate.py (every input check)  _params.py (weights, packing)
+    _conventions.py (torch habits: warnings, torch's argument names)
     _fastpath.py (m(x), one gate)     _policy.py (block sizes, schedules)
     io.py  interop.py  cache.py  threads.py
         |
@@ -29,6 +30,7 @@ docs/architecture.md for one call's path through the layers::
 (``python -m fastattn``) runs.
 """
 
+from ._conventions import BatchFirstWarning, MaskConventionWarning
 from .cache import KVCache
 from .functional import (alibi_slopes, merge_attention, scaled_dot_product_attention,
                          varlen_attention)
@@ -55,4 +57,6 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "info",
+    "MaskConventionWarning",
+    "BatchFirstWarning",
 ]

@@ -25,7 +25,7 @@ from ._dtypes import kernel_view
 from ._locks import ForkSafeLock
 from ._validate import cast_checked, ensure_memory, float_param, shape_str
 
-__all__ = ["Params", "Parameters", "param_shapes"]
+__all__ = ["Params", "Parameters", "param_shapes", "ReadOnlyParameter"]
 
 # which width is each projection's input (its fan-in)
 _IN_DIM = {"q": "embed_dim", "k": "kdim", "v": "vdim", "o": "q_dim"}
@@ -62,6 +62,83 @@ def frozen(parts: Sequence[np.ndarray]) -> np.ndarray:
     return np.frombuffer(data, parts[0].dtype).reshape((-1,) + parts[0].shape[1:])
 
 
+def _plain(value):
+    """``value`` with every ReadOnlyParameter in it (nested in tuples, lists
+    and dicts, as NumPy functions take them) as a plain ndarray view."""
+    if isinstance(value, ReadOnlyParameter):
+        return value.view(np.ndarray)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class ReadOnlyParameter(np.ndarray):
+    """What ``m.w_q`` ... ``m.b_o`` and ``m.sinks`` return: a read-only copy of
+    a parameter whose message, when written into, says how to change the
+    parameter (numpy's own, "assignment destination is read-only", does not).
+
+    Otherwise it is a plain ndarray: ufuncs, reductions and NumPy functions
+    compute on it as on one and return plain ndarrays, as do ``copy()`` and
+    ``astype()``; ``np.asarray`` and ``torch.from_numpy`` read it, it prints
+    and pickles as one.  Views of it (``m.w_q[0]``, ``m.w_q.T``) stay of
+    this type, so that a write through them gets the same message.
+    """
+
+    _param_name = "parameter"
+
+    def __array_finalize__(self, obj) -> None:
+        self._param_name = getattr(obj, "_param_name", "parameter")
+
+    def _refusal(self) -> ValueError:
+        name = self._param_name
+        return ValueError(
+            f"{name} is a read-only copy of the module's parameter: writing into it would "
+            f"change nothing.  Assign a new array instead: m.{name} = new (for an edit, "
+            f"new = m.{name}.copy(); new[...] = ...; m.{name} = new), or use "
+            f"m.load_state_dict(...)")
+
+    def __setitem__(self, key, value) -> None:
+        if not self.flags.writeable:
+            raise self._refusal()
+        np.ndarray.__setitem__(self, key, value)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        if out is not None:
+            for o in out:
+                # m.w_q += 1, np.add(a, b, out=m.w_q)
+                if isinstance(o, ReadOnlyParameter) and not o.flags.writeable:
+                    raise o._refusal()
+            kwargs["out"] = _plain(out)
+        result = getattr(ufunc, method)(*_plain(inputs), **kwargs)
+        if out is not None and method != "at":
+            return out[0] if len(out) == 1 else out
+        return result
+
+    def __array_function__(self, func, types, args, kwargs):
+        return func(*_plain(args), **_plain(kwargs))
+
+    def copy(self, order="C") -> np.ndarray:
+        return self.view(np.ndarray).copy(order)
+
+    def astype(self, *args, **kwargs) -> np.ndarray:
+        return self.view(np.ndarray).astype(*args, **kwargs)
+
+    def __copy__(self) -> np.ndarray:
+        return self.view(np.ndarray).copy()
+
+    def __deepcopy__(self, memo) -> np.ndarray:
+        return self.view(np.ndarray).copy()
+
+    def __reduce__(self):
+        # pickled as a plain array: a pickle names no class of fastattn's
+        return self.view(np.ndarray).copy().__reduce__()
+
+    def __repr__(self) -> str:
+        return repr(self.view(np.ndarray))
+
+
 def param_shapes(cfg: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
     """Parameter shapes (w_q ... b_o, as torch.nn.Linear lays them out) of a
     checked config (``fastattn._validate.module_config``); allocates nothing."""
@@ -78,7 +155,8 @@ def param_shapes(cfg: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
 def _param_property(name: str) -> property:
     return property(lambda self: self._public_view(name),
                     lambda self, value: self._set_param(name, value),
-                    doc=f"The {name} parameter (a read-only copy; assign to replace it).")
+                    doc=f"The {name} parameter: a read-only copy (writing into it raises "
+                        f"ValueError); assign to replace it, m.{name} = new.")
 
 
 class Parameters:
@@ -163,9 +241,14 @@ class Parameters:
         # A read-only copy of its own: numpy refuses to make it writable, and
         # a writer that ignores the flag (torch.from_numpy(m.w_o).mul_(2))
         # changes only this copy, never the storage that state_dict, save and
-        # the packed weights share.
+        # the packed weights share.  Its type makes a write into it
+        # (m.w_q[:] = 0) point to assignment.
         view = self._param_view(name, self._state)
-        return None if view is None else frozen([view])
+        if view is None:
+            return None
+        public = frozen([view]).view(ReadOnlyParameter)
+        public._param_name = name
+        return public
 
     def _staged_param(self, name: str, value, key: str) -> np.ndarray:
         """``value`` checked against parameter ``name`` and cast to the module's

@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from . import _resources
+from ._conventions import CALL_NAMES, MaskConventionWarning, torch_names, warn_caller
 
 __all__ = [
     "KEYS_HINT", "to_array", "float_array", "float_param", "cast_checked", "kernel_ready",
@@ -263,9 +264,15 @@ def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
     fits = m.ndim <= len(full_shape) and all(
         a in (1, b) for a, b in zip(m.shape[::-1], tuple(full_shape)[::-1]))
     if not fits:
+        hint = ""
+        if (len(full_shape) == 4 and m.ndim == 3 and m.shape[1:] == tuple(full_shape[2:])
+                and m.shape[0] == full_shape[0] * full_shape[1] > 1):
+            # torch.nn.MultiheadAttention's 3-D mask, batch and heads in one axis
+            hint = (f"; torch.nn.MultiheadAttention's 3-D mask is (B * num_heads, Lq, Lk): "
+                    f"reshape it to {shape_str(full_shape)}")
         raise ValueError(
             f"{name} has shape {shape_str(m.shape)}, which does not broadcast to "
-            f"(..., H, Lq, Lk) = {shape_str(full_shape)}"
+            f"(..., H, Lq, Lk) = {shape_str(full_shape)}{hint}"
         )
     if math.prod(full_shape) >= 2 ** 63:
         raise ValueError(f"{name}: (..., H, Lq, Lk) = {shape_str(full_shape)} has more than "
@@ -275,11 +282,67 @@ def prepare_mask(mask, name: str, full_shape: Tuple[int, ...], dtype: np.dtype):
     m = m[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
                 for st, n in zip(m.strides, m.shape))]
     if m.dtype == np.bool_:
+        if math.prod(full_shape):
+            torch_convention_check(m, name)
         return np.broadcast_to(m, full_shape), None
     # a float64 mask on float32 inputs: values below float32's range block
     # their key (np.finfo(np.float64).min masks mean that), values above refused
     m = np.require(cast_checked(m, dtype, name, below_blocks=True), requirements=["A"])
     return None, np.broadcast_to(m, full_shape)
+
+
+def torch_convention_check(m: np.ndarray, name: str) -> None:
+    """Warns (MaskConventionWarning) when bool mask ``m`` (a call's attn_mask,
+    its broadcast axes collapsed, (..., Lq, Lk) or fewer axes) is most likely
+    in torch.nn.MultiheadAttention's convention, True = blocked:
+
+    * it blocks every key of every query: nobody means that, and it is what
+      torch's "block nothing" (all False) reads as here;
+    * it is torch's causal mask, True above the (right-aligned) diagonal:
+      each query would attend only later keys and the last query none.
+
+    Only these two.  A mask that blocks every key of *some* queries is
+    fastattn's way to leave out padding queries (they get zeros), so it
+    says nothing about the convention; and no cheaper test than these tells
+    a torch-style padding or random mask from one of fastattn's.
+
+    Cheap (measured on a (8, 12, 512, 512) mask, beside a 25 ms call):
+    ``any()`` stops at the first True, so a usual mask costs microseconds
+    and an all-False one a single pass (under 1 ms); the second test looks
+    at the last query's row, then at three rows, and passes over the whole
+    mask (7 ms) only for a mask that then is torch's causal one.
+    """
+    lead = (0,) * max(m.ndim - 1, 0)
+    if not m[lead].any() and not m.any():
+        warn_caller(
+            f"{name} blocks every key for every query.  In fastattn a bool mask says where a "
+            f"query MAY attend (True = attend, as in torch.nn.functional."
+            f"scaled_dot_product_attention): the opposite of torch.nn.MultiheadAttention's "
+            f"attn_mask, where True = blocked.  As given, every output row is zeros (a "
+            f"module's: its output bias).  If {name} follows torch.nn.MultiheadAttention's "
+            f"convention, pass ~{name}.", MaskConventionWarning)
+        return
+    if m.ndim < 2 or m.shape[-2] < 2 or m.shape[-1] < 2:
+        return
+    if m[..., -1, :].any() or not m[..., 0, :].any(axis=-1).all():
+        return
+    Lq, Lk = m.shape[-2:]
+    # the staircase of an inverted causal mask: query i attends exactly the
+    # keys from t0 + i on, t0 being the first query's first; checked on a few
+    # rows first (a mask that got this far but is not one fails there), then
+    # on all
+    t0 = int(np.argmax(m[(0,) * (m.ndim - 2) + (0,)]))
+    start = np.minimum(Lk, t0 + np.arange(Lq))[:, None]
+    keys = np.arange(Lk)
+    few = np.unique([1, Lq // 2, Lq - 2])
+    if not (m[..., few, :] == (keys >= start[few])).all() or not (m == (keys >= start)).all():
+        return
+    warn_caller(
+        f"{name} looks like torch.nn.MultiheadAttention's causal mask, True above the "
+        f"diagonal (True = blocked).  In fastattn a bool mask says where a query MAY "
+        f"attend (True = attend): as given, each query attends only later keys and the "
+        f"last query none.  Pass ~{name}, or is_causal=True and no mask.",
+        MaskConventionWarning)
 
 
 def bool_mask(value, name: str, what: str) -> np.ndarray:
@@ -302,6 +365,15 @@ def padding_mask(key_padding_mask, B: int, H: int, Lq: int, Lk: int, unbatched: 
             f"key_padding_mask must have shape {shape_str(expected)} (one entry per key), "
             f"got {shape_str(kpm.shape)}"
         )
+    if kpm.size and Lq and H and kpm.all():
+        # nobody pads every key of every sequence; a mask of True = keep (a
+        # Hugging Face attention_mask, fastattn's attn_mask) with nothing to
+        # leave out reads so
+        warn_caller(
+            "key_padding_mask marks every key of every sequence as padding (True = padding, "
+            "as torch's key_padding_mask), so no query attends any key and every output row "
+            "is the module's output bias.  If True means 'keep' in this mask (as in a Hugging "
+            "Face attention_mask), pass ~key_padding_mask.", MaskConventionWarning)
     allowed = ~kpm.reshape(B, 1, 1, Lk)
     return np.broadcast_to(allowed, (B, H, Lq, Lk))
 
@@ -574,8 +646,10 @@ def plain_options(options: Dict[str, Any]) -> bool:
 
 def call_options(options: Dict[str, Any], caller: str) -> Dict[str, Any]:
     """Every option, the defaults filled in; TypeError for a name that is not
-    one (as Python's own message for a function ``caller``)."""
-    unknown = [k for k in options if k not in CALL_DEFAULTS]
+    one (as Python's own message for a function ``caller``, with the reason
+    for a torch name: see fastattn._conventions.CALL_NAMES)."""
+    unknown = {k: v for k, v in options.items() if k not in CALL_DEFAULTS}
     if unknown:
-        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+        # (a torch name, or the functional API's, gets its reason)
+        torch_names(caller, unknown, CALL_NAMES)
     return {**CALL_DEFAULTS, **options}

@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _policy, threads
+from ._conventions import SDPA_NAMES, hide_catchall, too_many_positional, torch_names
 from ._dispatch import kernels
 from ._dtypes import compute_dtype, is_half, kernel_view
 from ._policy import BLOCK_K, BLOCK_Q
@@ -281,12 +282,13 @@ def varlen_attention(
     return (out, lse) if return_lse else out
 
 
+@hide_catchall
 def scaled_dot_product_attention(
     q: np.ndarray,
     k: np.ndarray,
     v: np.ndarray,
     attn_mask: Optional[np.ndarray] = None,
-    *,
+    *torch_args,
     is_causal: bool = False,
     scale: Optional[float] = None,
     need_weights: bool = False,
@@ -297,6 +299,7 @@ def scaled_dot_product_attention(
     softcap: Optional[float] = None,
     sinks: Optional[np.ndarray] = None,
     return_lse: bool = False,
+    **torch_kwargs,
 ) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``, per head.
 
@@ -351,6 +354,12 @@ def scaled_dot_product_attention(
         it, results over disjoint key sets merge exactly
         (:func:`merge_attention`).
 
+    Other torch arguments: ``dropout_p=0`` and ``enable_gqa`` (True or False:
+    grouped-query heads are taken whenever k has fewer heads) are accepted
+    and change nothing; ``dropout_p`` > 0 (no dropout: inference only) and
+    torch's names ``query``, ``key``, ``value`` raise TypeError saying so.
+    Arguments after ``attn_mask`` are keyword-only.
+
     Returns
     -------
     out : ndarray, shape (..., H, Lq, Ev)
@@ -365,11 +374,27 @@ def scaled_dot_product_attention(
     Raises
     ------
     TypeError
-        Non-float inputs, mixed dtypes, a mask that is neither bool nor float.
+        Non-float inputs, mixed dtypes, a mask that is neither bool nor float;
+        torch arguments fastattn has no use for (the message says why).
     ValueError
         Shapes that do not fit together; the message names the argument and
         both shapes.
+
+    Warns
+    -----
+    MaskConventionWarning
+        A bool ``attn_mask`` that blocks every key of every query, or that is
+        torch's causal mask with True above the diagonal: most likely a mask
+        in ``torch.nn.MultiheadAttention``'s convention (True = blocked);
+        ``~attn_mask`` is fastattn's.
     """
+    if torch_args:
+        too_many_positional("scaled_dot_product_attention", ("q", "k", "v", "attn_mask"),
+                            4 + len(torch_args),
+                            "torch's next ones are dropout_p, is_causal and scale: pass "
+                            "is_causal=... and scale=... by name; there is no dropout")
+    if torch_kwargs:
+        torch_names("scaled_dot_product_attention", torch_kwargs, SDPA_NAMES)
     q, k, v = check_qkv(q, k, v)
     out_dtype = q.dtype
     if precision is not None:

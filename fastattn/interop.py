@@ -21,6 +21,7 @@ import numpy as np
 
 from ._dtypes import BFLOAT16
 
+from ._conventions import BatchFirstWarning, warn_caller
 from ._validate import float_param
 
 __all__ = ["to_own_names", "source_key", "torch_module_config", "TorchExport"]
@@ -113,7 +114,19 @@ def source_key(state: Mapping[str, Any], own_name: str) -> str:
 
 
 def torch_module_config(module) -> tuple:
-    """(config, state dict) of a torch.nn.MultiheadAttention or a seed-style module."""
+    """(config, state dict) of a torch.nn.MultiheadAttention or a seed-style module.
+
+    A sequence-first ``torch.nn.MultiheadAttention`` (``batch_first=False``,
+    torch's default) is accepted, with a :class:`fastattn.BatchFirstWarning`:
+    its weights are the same whatever its layout, but it took (L, B, D)
+    inputs and fastattn's modules take (B, L, D), and an (L, B, D) array fed
+    to one runs without error when L and B are any sizes (it attends over
+    the batch), so the difference is said where it arises.  Refusing would
+    make the commonest torch module a special case to port; a warning lets
+    the port run and names the one change it needs.  Silence it, once the
+    inputs are batch-first, with ``warnings.filterwarnings("ignore",
+    category=fastattn.BatchFirstWarning)``.
+    """
     params = dict(module.state_dict()) if hasattr(module, "state_dict") else None
     if params is None:
         raise TypeError(f"from_torch expects a torch module, got {type(module).__name__}")
@@ -123,6 +136,13 @@ def torch_module_config(module) -> tuple:
                 "from_torch: add_bias_kv and add_zero_attn of torch.nn.MultiheadAttention "
                 "are not supported"
             )
+        if getattr(module, "batch_first", True) is False:
+            warn_caller(
+                "from_torch: this torch.nn.MultiheadAttention is sequence-first "
+                "(batch_first=False, torch's default): it took inputs of shape (L, B, D), and "
+                "fastattn's modules take (B, L, D).  The weights carry over unchanged; "
+                "transpose inputs with x.transpose(1, 0, 2) (and the output back), or build "
+                "the torch module with batch_first=True.", BatchFirstWarning)
         embed_dim = int(module.embed_dim)
         num_heads = int(module.num_heads)
         kdim = int(getattr(module, "kdim", embed_dim))

@@ -37,6 +37,8 @@ import numpy as np
 
 from . import _policy, interop, threads
 from ._dispatch import kernels
+from ._conventions import (CALL_NAMES, CONSTRUCTOR_NAMES, SELF_ATTENTION_NAMES, hide_catchall,
+                           too_many_positional, torch_names)
 from ._fastpath import FastPath
 from ._params import Params, Parameters
 from ._validate import (
@@ -80,7 +82,9 @@ def _with_options(call):
     signature introspection shows (help(), IDEs): its own parameters and each
     option of ``CALL_DEFAULTS`` as a keyword-only one with its default."""
     sig = inspect.signature(call)
-    own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    # (a *args only catches torch-style positional options, to explain them)
+    own = [p for p in sig.parameters.values()
+           if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
                for name, default in CALL_DEFAULTS.items()]
     call.__signature__ = sig.replace(parameters=own + options)
@@ -98,6 +102,26 @@ def _first_dim(cls_name: str, embed_dim, d_model, num_heads) -> Tuple[Any, str]:
     if num_heads is _REQUIRED:
         raise TypeError(f"{cls_name}() missing required argument: num_heads")
     return (d_model, "d_model") if embed_dim is _REQUIRED else (embed_dim, "embed_dim")
+
+
+def _torch_arguments(cls_name: str, args: tuple, kwargs: Dict[str, Any], dim,
+                     self_attention: bool) -> None:
+    """Explains, with a TypeError, the constructor arguments of
+    torch.nn.MultiheadAttention a fastattn constructor does not take; lets
+    through those whose value means the same here (dropout=0,
+    batch_first=True, ...; see fastattn._conventions)."""
+    if args:
+        too_many_positional(cls_name, ("embed_dim", "num_heads"), 2 + len(args),
+                            "torch.nn.MultiheadAttention's third is dropout, which fastattn, "
+                            "for inference, does not have")
+    if self_attention:
+        # kdim = vdim = embed_dim is torch's default, and the one input's width here
+        kwargs = {k: v for k, v in kwargs.items()
+                  if not (k in ("kdim", "vdim") and (v is None or (
+                      isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                      and v == dim)))}
+    torch_names(cls_name, kwargs, CONSTRUCTOR_NAMES,
+                SELF_ATTENTION_NAMES if self_attention else {})
 
 
 class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
@@ -479,10 +503,14 @@ _FORWARD_DOC = """
         attn_mask : ndarray, optional
             Broadcastable to (B, H, Lq, Lk) (or (H, Lq, Lk) unbatched).  Bool:
             ``True`` = may attend (note: ``torch.nn.MultiheadAttention`` uses
-            ``True`` = blocked).  Float: added to the scaled scores.
+            ``True`` = blocked; a bool mask that blocks every key of every
+            query, or is torch's causal mask with True above the diagonal,
+            gets a ``fastattn.MaskConventionWarning``: pass ``~attn_mask``).
+            Float: added to the scaled scores.
         key_padding_mask : ndarray of bool, shape (B, Lk) or (Lk,), optional
-            ``True`` marks a padding key that no query attends (as in torch).
-            With a cache, Lk counts every cached position.
+            ``True`` marks a padding key that no query attends (as in torch;
+            one that pads every key gets a MaskConventionWarning).  With a
+            cache, Lk counts every cached position.
         is_causal : bool
             Query ``i`` attends keys ``j <= i + (Lk - Lq)`` only.
         need_weights : bool
@@ -579,6 +607,15 @@ class MultiHeadSelfAttention(_MultiHeadBase):
         :func:`fastattn.scaled_dot_product_attention`); a model whose layer
         attends the last W positions takes ``window=(W - 1, 0)``.
 
+    ``torch.nn.MultiheadAttention``'s other arguments are accepted where
+    they mean the same here (``dropout=0``, ``batch_first=True``,
+    ``add_bias_kv=False``, ``add_zero_attn=False``, ``device="cpu"``,
+    ``kdim``/``vdim`` equal to ``embed_dim``); other values raise TypeError
+    saying why and what fastattn has instead (no dropout: inference only;
+    always batch-first; ``sinks=True`` for ``add_zero_attn``;
+    :class:`MultiHeadAttention` for other key and value widths).  Arguments
+    after ``num_heads`` are keyword-only.
+
     Attributes
     ----------
     w_q, w_k, w_v, w_o : ndarray
@@ -604,12 +641,16 @@ class MultiHeadSelfAttention(_MultiHeadBase):
     _DIMS = ("embed_dim",)
     _QUERY_ARG = "x"
 
-    def __init__(self, embed_dim: int = _REQUIRED, num_heads: int = _REQUIRED, *,
+    @hide_catchall
+    def __init__(self, embed_dim: int = _REQUIRED, num_heads: int = _REQUIRED, *torch_args,
                  d_model: int = _REQUIRED, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, bias: bool = True, dtype: Any = np.float32,
                  seed: Seed = None, precision: Any = None, rotary: Optional[Rotary] = None,
                  scale: Optional[float] = None, softcap: Optional[float] = None,
-                 sinks: bool = False, window=None) -> None:
+                 sinks: bool = False, window=None, **torch_kwargs) -> None:
+        if torch_args or torch_kwargs:
+            _torch_arguments(type(self).__name__, torch_args, torch_kwargs,
+                             d_model if embed_dim is _REQUIRED else embed_dim, True)
         self._build(embed_dim, d_model, num_heads, num_kv_heads, None, None, bias, dtype, seed,
                     precision, head_dim, sinks, rotary=rotary, scale=scale, softcap=softcap,
                     window=window)
@@ -619,6 +660,15 @@ class MultiHeadSelfAttention(_MultiHeadBase):
         """Build from a ``torch.nn.MultiheadAttention`` (kdim == vdim == embed_dim) or
         a module laid out like the seed's class (``query``, ``key``, ``value``,
         ``fc`` linears and ``num_heads``).  torch is needed only for the module.
+
+        The module returned is batch-first, as every fastattn module: it takes
+        (B, L, D).  A sequence-first torch module (``batch_first=False``,
+        torch's default, which took (L, B, D)) is accepted, its weights being
+        the same, with a :class:`fastattn.BatchFirstWarning` saying so:
+        transpose its inputs with ``x.transpose(1, 0, 2)``.  Calls return
+        ``y`` alone unless ``need_weights=True`` (torch returns
+        ``(y, weights)`` by default), and a bool ``attn_mask`` is True where a
+        query may attend (torch.nn.MultiheadAttention: True = blocked).
         """
         cfg, state = interop.torch_module_config(module)
         if cfg["kdim"] != cfg["embed_dim"] or cfg["vdim"] != cfg["embed_dim"]:
@@ -675,7 +725,8 @@ class MultiHeadAttention(_MultiHeadBase):
         Key/value heads (grouped-query attention); must divide ``num_heads``.
     bias, dtype, seed, precision, head_dim, scale, softcap, sinks, window
         As for :class:`MultiHeadSelfAttention` (rotary embeddings are for
-        self-attention only).
+        self-attention only), and so are torch's other arguments (``dropout=0``,
+        ``batch_first=True`` ... accepted; other values a TypeError saying why).
 
     Attributes
     ----------
@@ -690,19 +741,28 @@ class MultiHeadAttention(_MultiHeadBase):
     _DIMS = ("embed_dim", "kdim", "vdim")
     _QUERY_ARG = "query"
 
-    def __init__(self, embed_dim: int = _REQUIRED, num_heads: int = _REQUIRED, *,
+    @hide_catchall
+    def __init__(self, embed_dim: int = _REQUIRED, num_heads: int = _REQUIRED, *torch_args,
                  d_model: int = _REQUIRED, kdim: Optional[int] = None,
                  vdim: Optional[int] = None, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, bias: bool = True, dtype: Any = np.float32,
                  seed: Seed = None, precision: Any = None, scale: Optional[float] = None,
-                 softcap: Optional[float] = None, sinks: bool = False, window=None) -> None:
+                 softcap: Optional[float] = None, sinks: bool = False, window=None,
+                 **torch_kwargs) -> None:
+        if torch_args or torch_kwargs:
+            _torch_arguments(type(self).__name__, torch_args, torch_kwargs, None, False)
         self._build(embed_dim, d_model, num_heads, num_kv_heads, kdim, vdim, bias, dtype, seed,
                     precision, head_dim, sinks, scale=scale, softcap=softcap, window=window)
 
     @classmethod
     def from_torch(cls, module, *, dtype: Any = None) -> "MultiHeadAttention":
         """Build from a ``torch.nn.MultiheadAttention`` (any kdim/vdim) or a module
-        laid out like the seed's class."""
+        laid out like the seed's class.
+
+        Batch-first, with a :class:`fastattn.BatchFirstWarning` for a
+        sequence-first torch module; see
+        :meth:`MultiHeadSelfAttention.from_torch`.
+        """
         cfg, state = interop.torch_module_config(module)
         m = cls(cfg["embed_dim"], cfg["num_heads"], kdim=cfg["kdim"], vdim=cfg["vdim"],
                 bias=cfg["bias"], dtype=dtype if dtype is not None else cfg["dtype"])
@@ -710,8 +770,14 @@ class MultiHeadAttention(_MultiHeadBase):
         return m
 
     @_with_options
-    def __call__(self, query, key, value, **options: Unpack[CallOptions]
+    def __call__(self, query, key, value, *args, **options: Unpack[CallOptions]
                  ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+        if args:
+            raise TypeError(
+                "MultiHeadAttention takes three inputs, m(query, key, value), and its options "
+                "by name only: torch's fourth positional argument is key_padding_mask, pass "
+                "key_padding_mask=... (True = padding, as in torch)"
+            )
         # the same array three times is self-attention, one fused projection,
         # where the module has one (kdim == vdim == embed_dim); otherwise key
         # and value are checked against kdim and vdim like any others

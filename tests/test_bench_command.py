@@ -100,6 +100,9 @@ def test_bench_command_table_and_json(tmp_path):
     # everything in the report ran at the command's thread count
     assert data["info"]["num_threads"] == 1
     assert data["command"].startswith("python -m fastattn bench")
+    # two rounds cannot judge a spread: no row marked, and the run says so
+    assert all(row["noisy"] is None for row in rows)
+    assert "note: 2 rounds per implementation: too few to judge the spread" in r.stdout
 
 
 def test_bench_command_notes_decode_has_no_full_forward():
@@ -270,3 +273,78 @@ def test_bfloat16_table_times_fastattn_in_bfloat16(monkeypatch):
     assert not any("skipped" in n for n in notes)
     assert sum("fastattn bfloat16 ran" in n for n in notes) == 2
     assert bf16 in seen and np.dtype(np.float32) in seen
+
+
+# ---- noisy rows ------------------------------------------------------------------------
+
+def test_spread_is_the_iqr_and_marks_rounds_that_disagree():
+    # the case: 3 rounds from 0.35 to 11.8 ms
+    iqr, noisy = benchmark.spread([0.35, 2.0, 11.8])
+    assert noisy is True and iqr == pytest.approx(np.subtract(*np.percentile(
+        [0.35, 2.0, 11.8], [75, 25])))
+    # one stray round among many leaves the median sound: not marked
+    assert benchmark.spread([1.0] * 6 + [11.8]) == (0.0, False)
+    assert benchmark.spread([1.0, 1.1, 1.2, 1.1, 1.0])[1] is False
+    # below 3 rounds: cannot say
+    assert benchmark.spread([0.35, 11.8])[1] is None
+    assert benchmark.spread([1.0])[1] is None
+    assert benchmark.more_rounds(3) == 15 and benchmark.more_rounds(11) == 22
+
+
+def _row(impl, times, shape="small", part="core", ratio=None):
+    iqr, noisy = benchmark.spread(times)
+    return benchmark.Row(shape=shape, part=part, impl=impl, median_ms=float(np.median(times)),
+                         min_ms=min(times), max_ms=max(times), gflops=1.0, ratio=ratio,
+                         times_ms=list(times), iqr_ms=iqr, noisy=noisy)
+
+
+def _noisy_rows():
+    return [_row("fastattn", [2.0, 2.1, 2.05], ratio=0.17),
+            _row("numpy", [0.35, 2.0, 11.8]),               # noisy, and the fastest peer
+            _row("ort-mha", [3.0, 3.1, 3.05]),
+            _row("fastattn", [1.0, 1.05, 1.1], shape="bert", ratio=2.0),
+            _row("numpy", [2.0, 2.1, 2.05], shape="bert")]
+
+
+def test_table_marks_noisy_rows_and_the_ratios_taken_from_them():
+    lines = benchmark.format_table(_noisy_rows(), 1).splitlines()
+    assert lines[1] == (f"{benchmark.NOISY_RULE}: its median, and a ratio from it, is "
+                        f"unreliable")
+    assert benchmark.NOISY_RULE == ("noisy (!): the middle half of the rounds (interquartile "
+                                    "range) spans more than 25% of the median")
+    rows = {(line.split()[0], line.split()[2]): line for line in lines[3:]}
+    assert " ! " in rows[("small", "numpy")] and " ! " not in rows[("small", "ort-mha")]
+    # fastattn's own rounds agree, but its ratio is to the noisy numpy row
+    assert " ! " not in rows[("small", "fastattn")]
+    assert rows[("small", "fastattn")].endswith("0.17!")
+    assert rows[("bert", "fastattn")].endswith("2.00") and "!" not in rows[("bert", "numpy")]
+
+
+def test_spread_notes_suggest_more_rounds():
+    rows = _noisy_rows()
+    (note,) = benchmark.spread_notes(rows, 3)
+    assert note == ("1 of 5 rows noisy (marked !: small core numpy); their medians, and ratios "
+                    "from them, are unreliable: rerun with --rounds 15 (now 3) on an otherwise "
+                    "idle machine")
+    assert benchmark.spread_notes([r for r in rows if not r.noisy], 3) == []
+    (few,) = benchmark.spread_notes([_row("fastattn", [1.0, 2.0])], 2)
+    assert few.startswith("2 rounds per implementation: too few to judge the spread (3 or "
+                          "more; default 7), so no row is marked")
+
+
+def test_bench_command_prints_the_marks_and_the_suggestion(tmp_path, capsys, monkeypatch):
+    from fastattn.__main__ import main
+
+    monkeypatch.setattr(benchmark, "run", lambda *a, **k: (_noisy_rows(), ["a peer note"]))
+    monkeypatch.setattr(benchmark, "numpy_sgemm_gflops", lambda threads: (100.0, True))
+    out_json = tmp_path / "bench.json"
+    assert main(["bench", "--rounds", "3", "--no-progress", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "noisy (!): the middle half of the rounds" in out
+    assert "note: 1 of 5 rows noisy (marked !: small core numpy)" in out
+    assert "rerun with --rounds 15 (now 3)" in out and "note: a peer note" in out
+    data = json.loads(out_json.read_text())
+    assert data["noisy_rule"] == benchmark.NOISY_RULE
+    assert [r["noisy"] for r in data["rows"]] == [False, True, False, False, False]
+    assert all("iqr_ms" in r for r in data["rows"])
+    assert data["notes"][0].startswith("1 of 5 rows noisy")

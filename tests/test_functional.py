@@ -349,7 +349,10 @@ def test_fully_masked_rows_are_zero_not_nan(rng, how, dtype):
 
 def test_everything_masked(rng):
     q, k, v = make_qkv(rng, (2,), 2, 2, 5, 7, 8)
-    out, w = sdpa(q, k, v, np.zeros((2, 1, 1, 7), bool), need_weights=True)
+    # (computed as documented, with a warning that torch's convention is the
+    # other: tests/test_torch_habits.py)
+    with pytest.warns(fastattn.MaskConventionWarning):
+        out, w = sdpa(q, k, v, np.zeros((2, 1, 1, 7), bool), need_weights=True)
     assert out.shape == (2, 2, 5, 8) and w.shape == (2, 2, 5, 7)
     assert np.all(out == 0) and np.all(w == 0)
 

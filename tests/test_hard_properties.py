@@ -43,6 +43,11 @@ from hypothesis import strategies as st  # noqa: E402
 import fastattn  # noqa: E402
 from reference import positional_bias, params_of, ref_mhsa, ref_sdpa  # noqa: E402
 
+# The drawn masks include ones that block every key of every query, which
+# fastattn computes (zeros) and warns about as a likely torch-convention mask
+# (tests/test_torch_habits.py); here they are meant.
+pytestmark = pytest.mark.filterwarnings("ignore::fastattn.MaskConventionWarning")
+
 sdpa = fastattn.scaled_dot_product_attention
 
 _COMMON = dict(

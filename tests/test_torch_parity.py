@@ -78,6 +78,15 @@ def make_mha(D, H, batch_first, bias=True):
     return mha
 
 
+def from_torch(mha):
+    """MHSA.from_torch(mha), which warns that a sequence-first module's port
+    takes batch-first inputs (and only then)."""
+    if mha.batch_first:
+        return MHSA.from_torch(mha)
+    with pytest.warns(fastattn.BatchFirstWarning, match=r"batch_first=False.*\(B, L, D\)"):
+        return MHSA.from_torch(mha)
+
+
 def run_mha(mha, x, **kw):
     """Run torch MHA on batch-first numpy x; returns numpy (y, w or None)."""
     xt = T(x) if mha.batch_first else T(x).transpose(0, 1)
@@ -93,7 +102,7 @@ def run_mha(mha, x, **kw):
 def test_mha_plain(rng, batch_first, how):
     mha = make_mha(64, 4, batch_first)
     if how == "from_torch":
-        ours = MHSA.from_torch(mha)
+        ours = from_torch(mha)
     else:
         ours = MHSA(64, 4, seed=2)
         ours.load_state_dict(mha.state_dict())
@@ -114,7 +123,7 @@ def test_mha_plain(rng, batch_first, how):
 
 def test_mha_without_bias(rng):
     mha = make_mha(32, 4, True, bias=False)
-    ours = MHSA.from_torch(mha)
+    ours = from_torch(mha)
     assert ours.b_q is None and ours.b_o is None
     x = randn(rng, (2, 9, 32))
     np.testing.assert_allclose(ours(x), run_mha(mha, x, need_weights=False)[0], **F32_MOD)
@@ -130,7 +139,7 @@ def _kpm(B, N):
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_mha_key_padding_mask(rng, batch_first):
     mha = make_mha(32, 4, batch_first)
-    ours = MHSA.from_torch(mha)
+    ours = from_torch(mha)
     x = randn(rng, (3, 16, 32))
     kpm = _kpm(3, 16)  # same convention in torch: True = ignore
     y_t, w_t = run_mha(mha, x, key_padding_mask=T(kpm), need_weights=True)
@@ -144,7 +153,7 @@ def test_mha_key_padding_mask(rng, batch_first):
 def test_mha_bool_attn_mask_inverted(rng, batch_first, per_head):
     B, N, D, H = 2, 14, 32, 4
     mha = make_mha(D, H, batch_first)
-    ours = MHSA.from_torch(mha)
+    ours = from_torch(mha)
     x = randn(rng, (B, N, D))
     shape = (B, H, N, N) if per_head else (N, N)
     allow = rng.random(shape) < 0.6
@@ -171,7 +180,7 @@ def test_mha_bool_attn_mask_inverted(rng, batch_first, per_head):
 def test_mha_float_attn_mask_and_causal(rng, batch_first):
     B, N, D, H = 2, 19, 32, 4
     mha = make_mha(D, H, batch_first)
-    ours = MHSA.from_torch(mha)
+    ours = from_torch(mha)
     x = randn(rng, (B, N, D))
     fm = rng.standard_normal((N, N)).astype(np.float32)
     fm[rng.random((N, N)) < 0.3] = -np.inf

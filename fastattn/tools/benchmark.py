@@ -5,7 +5,9 @@ weights and inputs, checked against fastattn, then timed in interleaved rounds
 (each round runs every implementation once, in a rotating order, with a pause
 before each so that the previous library's spinning worker threads have gone
 quiet).  Reported: median time, spread (min-max of the rounds), GFLOP/s and
-the speed ratio to the fastest peer (> 1: fastattn is faster).
+the speed ratio to the fastest peer (> 1: fastattn is faster).  A row whose
+rounds disagree (:data:`NOISY_RULE`) is marked noisy, and the run suggests
+more rounds.
 
 A run measures one dtype: "float32" (fastattn and every float32 peer) or
 "bfloat16" (fastattn's bfloat16 path, ``ml_dtypes.bfloat16`` arrays, against
@@ -47,6 +49,16 @@ DTYPES = peers.DTYPES
 # (inputs, Q/K/V, probabilities and output each rounded once)
 CHECK_TOL = {"float32": 1e-4, "bfloat16": 3e-2}
 
+# When a row's rounds disagree too much for its median to be trusted.  The
+# interquartile range, not max/min: one stray round (a page fault, another
+# process) leaves the median sound and should not mark the row, and with more
+# rounds, which is what the mark suggests, max/min only grows; with 3 rounds
+# the IQR is half the range, so a wild round still marks the row.
+NOISY_IQR = 0.25
+MIN_SPREAD_ROUNDS = 3
+NOISY_RULE = (f"noisy (!): the middle half of the rounds (interquartile range) spans more "
+              f"than {NOISY_IQR:.0%} of the median")
+
 
 @dataclass
 class Row:
@@ -60,6 +72,42 @@ class Row:
     ratio: Optional[float] = None  # fastest peer's median / fastattn's median
     times_ms: List[float] = field(default_factory=list)
     dtype: str = "float32"  # what the implementations computed in
+    iqr_ms: float = 0.0  # interquartile range of the rounds
+    noisy: Optional[bool] = None  # NOISY_RULE; None: too few rounds to say
+
+
+def spread(times: Sequence[float]) -> Tuple[float, Optional[bool]]:
+    """(interquartile range, noisy) of one implementation's round times:
+    noisy by :data:`NOISY_RULE`, None below :data:`MIN_SPREAD_ROUNDS` rounds."""
+    times = np.asarray(times, dtype=np.float64)
+    if times.size == 0:
+        return 0.0, None
+    q25, q75 = np.percentile(times, [25, 75])
+    iqr = float(q75 - q25)
+    if times.size < MIN_SPREAD_ROUNDS:
+        return iqr, None
+    return iqr, bool(iqr > NOISY_IQR * float(np.median(times)))
+
+
+def more_rounds(rounds: int) -> int:
+    """The rounds to suggest after a noisy run of ``rounds``."""
+    return max(2 * rounds, 15)
+
+
+def spread_notes(rows: Sequence[Row], rounds: int) -> List[str]:
+    """What the table's spread says about trusting it: the noisy rows, or
+    too few rounds to tell."""
+    if rounds < MIN_SPREAD_ROUNDS:
+        return [f"{rounds} round{'s' * (rounds != 1)} per implementation: too few to judge the "
+                f"spread ({MIN_SPREAD_ROUNDS} or more; default 7), so no row is marked; "
+                f"treat the medians as rough"]
+    noisy = [r for r in rows if r.noisy]
+    if not noisy:
+        return []
+    which = ", ".join(f"{r.shape} {r.part} {r.impl}" for r in noisy)
+    return [f"{len(noisy)} of {len(rows)} rows noisy (marked !: {which}); their medians, and "
+            f"ratios from them, are unreliable: rerun with --rounds {more_rounds(rounds)} "
+            f"(now {rounds}) on an otherwise idle machine"]
 
 
 def flops(shape: str, part: str) -> float:
@@ -258,12 +306,14 @@ def run(shapes: Sequence[str], *, threads: Optional[int] = None, rounds: int = 7
                                  f"{med[OWN_F32] / med['fastattn']:.2f}x the speed of its "
                                  f"float32 ({OWN_F32} row) on the same values")
                 for name, t in times.items():
+                    iqr, noisy = spread(t)
                     rows.append(Row(
                         shape=shape, part=part, impl=name,
                         median_ms=1e3 * med[name], min_ms=1e3 * min(t), max_ms=1e3 * max(t),
                         gflops=fl / med[name] / 1e9,
                         ratio=(peer_best / med[name]) if (name == "fastattn" and peer_best) else None,
-                        times_ms=[1e3 * s for s in t], dtype=dtype,
+                        times_ms=[1e3 * s for s in t], dtype=dtype, iqr_ms=1e3 * iqr,
+                        noisy=noisy,
                     ))
     finally:
         bar.close()
@@ -284,20 +334,35 @@ def _limit_numpy_blas(num_threads: int, notes: List[str]):
     return threadpool_limits(limits=num_threads, user_api="blas")
 
 
+def _peer_best(rows: Sequence[Row], shape: str, part: str) -> Optional[Row]:
+    """The fastest peer's row of a (shape, part): the one fastattn's ratio is to."""
+    peers_ = [r for r in rows if r.shape == shape and r.part == part
+              and r.impl not in ("fastattn", OWN_F32)]
+    return min(peers_, key=lambda r: r.median_ms, default=None)
+
+
 def format_table(rows: Sequence[Row], threads: int, dtype: Optional[str] = None) -> str:
+    """The table, with its legend; a noisy row is marked ``!``, and so is a
+    ratio from a noisy row (fastattn's or its fastest peer's)."""
     dtype = dtype or (rows[0].dtype if rows else "float32")
     lines = [
         f"dtype: {dtype}; threads: {threads}; median of the rounds, spread = min-max; "
         "ratio = fastest peer's median / fastattn's (> 1: fastattn faster)",
+        f"{NOISY_RULE}: its median, and a ratio from it, is unreliable",
         f"{'shape':<8} {'part':<5} {'impl':<14} {'median ms':>10} {'spread ms':>17} "
-        f"{'GFLOP/s':>8} {'ratio':>6}",
+        f"{'':1} {'GFLOP/s':>8} {'ratio':>6}",
     ]
     for r in rows:
-        ratio = f"{r.ratio:6.2f}" if r.ratio is not None else ""
-        spread = f"{r.min_ms:.2f}-{r.max_ms:.2f}"
+        ratio = ""
+        if r.ratio is not None:
+            best = _peer_best(rows, r.shape, r.part)
+            shaky = r.noisy or (best is not None and best.noisy)
+            ratio = f"{r.ratio:6.2f}" + ("!" if shaky else "")
+        spread_ = f"{r.min_ms:.2f}-{r.max_ms:.2f}"
+        mark = "!" if r.noisy else ""
         lines.append(
-            f"{r.shape:<8} {r.part:<5} {r.impl:<14} {r.median_ms:>10.3f} {spread:>17} "
-            f"{r.gflops:>8.1f} {ratio:>6}"
+            f"{r.shape:<8} {r.part:<5} {r.impl:<14} {r.median_ms:>10.3f} {spread_:>17} "
+            f"{mark:1} {r.gflops:>8.1f} {ratio:>6}"
         )
     return "\n".join(lines)
 
