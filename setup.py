@@ -22,7 +22,7 @@ says so.
 The extensions are built without debug information and linked stripped (-g0,
 -s on Linux): the wheel then carries about 0.4 MB per kernel build instead of
 1-2.4 MB.  A -g in FASTATTN_EXTRA_CFLAGS keeps it (tests/sanitize.sh passes
-one, for readable sanitizer reports).
+one, for readable sanitizer reports; profiling with perf wants one too).
 
 Environment switches:
   FASTATTN_BOUNDSCHECK=1      turn Cython's bounds and None checks back on
