@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+import sys
 from types import ModuleType
+from typing import Optional
 
 ISA_ORDER = ("avx512bf16", "avx512", "avx2", "baseline")
 
@@ -38,6 +41,54 @@ def _unbuilt(err: ImportError) -> ImportError:
                        f"({err}). {how}", name=err.name, path=err.path)
 
 
+# How the dynamic loader says that a library an extension needs is absent:
+# glibc, musl, macOS's dyld.  Group 1 is the library as the extension names it.
+_LOADER_MISSING = (
+    re.compile(r"([^\s:()]+): cannot open shared object file"),
+    re.compile(r"Error loading shared library ([^\s:()]+)"),
+    re.compile(r"Library not loaded: ([^\s]+)"),
+)
+_OPENMP_RUNTIME = re.compile(r"^lib(gomp|omp|iomp5)\b")
+
+
+def _missing_library(err: ImportError) -> Optional[str]:
+    """The file name of the shared library whose absence made ``err``, or
+    None when ``err`` is about something else."""
+    text = str(err)
+    for pattern in _LOADER_MISSING:
+        found = pattern.search(text)
+        if found:
+            return found.group(1).rsplit("/", 1)[-1]
+    return None
+
+
+def _missing_runtime(err: ImportError, library: str) -> ImportError:
+    """The error for kernels that are there but cannot load because a shared
+    library they link is not installed (the usual case: libgomp.so.1, GCC's
+    OpenMP runtime, absent from slim container images): which library, and
+    how to get it, rather than the loader's bare 'cannot open shared object
+    file'."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if _OPENMP_RUNTIME.match(library):
+        if sys.platform == "darwin":
+            how = ("Install LLVM's OpenMP runtime (`brew install libomp`), or install a "
+                   "fastattn wheel built for macOS, which bundles it.")
+        else:
+            how = ("Install the system's OpenMP runtime, GCC's libgomp (Debian/Ubuntu: "
+                   "`apt install libgomp1`; Fedora/RHEL: `dnf install libgomp`; Alpine: "
+                   "`apk add libgomp`), or install fastattn's manylinux wheel, which "
+                   "bundles its own copy (`pip install --force-reinstall "
+                   "--only-binary=fastattn fastattn`, or the repaired .whl file; see "
+                   "docs/install.md).")
+        what = f"the OpenMP runtime {library}, which is not installed here"
+    else:
+        how = ("Install the system package that provides it, or install a fastattn wheel "
+               "repaired to bundle it (see docs/install.md).")
+        what = f"the shared library {library}, which the dynamic loader cannot find"
+    return ImportError(f"fastattn's compiled kernels in {here} need {what} "
+                       f"({err}). {how}", name=err.name, path=err.path)
+
+
 def _import_baseline() -> ModuleType:
     try:
         return importlib.import_module(_module_name("baseline"))
@@ -45,6 +96,13 @@ def _import_baseline() -> ModuleType:
         if err.name != _module_name("baseline"):
             raise
         raise _unbuilt(err) from None
+    except ImportError as err:
+        # every build imports the driver, the one extension that links the
+        # OpenMP runtime: a missing library shows up here first
+        library = _missing_library(err)
+        if library is None:
+            raise
+        raise _missing_runtime(err, library) from None
 
 
 _baseline = _import_baseline()
