@@ -3,7 +3,7 @@
 Three naming schemes map onto a module's parameters:
 
 ==================  =========================================  ===================
-fastattn            torch.nn.MultiheadAttention                the seed's class
+fastattn            torch.nn.MultiheadAttention                a query/key/value/fc module
 ==================  =========================================  ===================
 w_q, w_k, w_v       in_proj_weight (stacked) or q/k/v_proj_weight  query/key/value.weight
 b_q, b_k, b_v       in_proj_bias (stacked)                     query/key/value.bias
@@ -88,7 +88,7 @@ def to_own_names(state: Mapping[str, Any], slices: Dict[str, slice], bias: bool,
     if unknown:
         raise ValueError(
             f"unexpected keys in state dict: {', '.join(sorted(map(repr, unknown)))}; expected fastattn names "
-            f"{list(_OWN)}, torch.nn.MultiheadAttention names or the seed class's names"
+            f"{list(_OWN)}, torch.nn.MultiheadAttention names or the query/key/value/fc linears' names"
         )
     needed = (_OWN if bias else _OWN[:4]) + (("sinks",) if sinks else ())
     missing = [name for name in needed if name not in out]

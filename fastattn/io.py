@@ -256,7 +256,8 @@ class Persistence:
         Accepts this class's names (``w_q`` ...), those of
         ``torch.nn.MultiheadAttention`` (``in_proj_weight``, ``in_proj_bias``,
         ``out_proj.weight``, ``out_proj.bias``, or ``q_proj_weight`` ...) and
-        those of the seed's PyTorch class (``query.weight`` ... ``fc.bias``).
+        those of a PyTorch module with ``query``, ``key``, ``value`` and ``fc``
+        linears (``query.weight`` ... ``fc.bias``).
 
         Raises
         ------

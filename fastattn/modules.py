@@ -93,7 +93,7 @@ def _with_options(call):
 
 def _first_dim(cls_name: str, embed_dim, d_model, num_heads) -> Tuple[Any, str]:
     """(value, name) of the first constructor argument, given as ``embed_dim``
-    (positionally, as torch names it) or as ``d_model`` (the seed's name)."""
+    (positionally, as torch names it) or as ``d_model`` (the tutorial name)."""
     if embed_dim is _REQUIRED and d_model is _REQUIRED:
         raise TypeError(f"{cls_name}() missing its first argument: embed_dim (or its alias "
                         f"d_model)")
@@ -559,7 +559,7 @@ class MultiHeadSelfAttention(_MultiHeadBase):
     Parameters
     ----------
     embed_dim : int
-        Model (embedding) width D; ``d_model=`` (the seed's name) is an alias.
+        Model (embedding) width D; ``d_model=`` is an alias.
     num_heads : int
         Query heads H; ``head_dim = embed_dim // num_heads`` must divide
         exactly, unless ``head_dim`` is given.
@@ -658,8 +658,8 @@ class MultiHeadSelfAttention(_MultiHeadBase):
     @classmethod
     def from_torch(cls, module, *, dtype: Any = None) -> "MultiHeadSelfAttention":
         """Build from a ``torch.nn.MultiheadAttention`` (kdim == vdim == embed_dim) or
-        a module laid out like the seed's class (``query``, ``key``, ``value``,
-        ``fc`` linears and ``num_heads``).  torch is needed only for the module.
+        a module with ``query``, ``key``, ``value`` and ``fc`` linears and
+        ``num_heads``.  torch is needed only for the module.
 
         The module returned is batch-first, as every fastattn module: it takes
         (B, L, D).  A sequence-first torch module (``batch_first=False``,
@@ -757,7 +757,7 @@ class MultiHeadAttention(_MultiHeadBase):
     @classmethod
     def from_torch(cls, module, *, dtype: Any = None) -> "MultiHeadAttention":
         """Build from a ``torch.nn.MultiheadAttention`` (any kdim/vdim) or a module
-        laid out like the seed's class.
+        with ``query``, ``key``, ``value`` and ``fc`` linears.
 
         Batch-first, with a :class:`fastattn.BatchFirstWarning` for a
         sequence-first torch module; see
