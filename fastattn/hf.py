@@ -378,9 +378,8 @@ def from_hf(layer, *, dtype: Any = None):
       (2i, 2i+1) for GLM, Cohere and Helium.  SmolLM3's NoPE layers and
       Cohere2's full layers have no rotary.
 
-    The table of classes was read from transformers 5's source; tests run
-    against 5.24 and 4.57 (Qwen2MoeAttention: 5 only, 4.x windowed it
-    differently).
+    Works with transformers 4.57 and later (Qwen2MoeAttention: 5 and later,
+    4.x windowed it differently).
 
     Dropout is not modelled (the layer in eval mode is what is reproduced),
     nor a 2-D padding mask, position ids other than 0..N-1 (pass

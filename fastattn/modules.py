@@ -151,6 +151,10 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         cdtype = compute_dtype(self._act_dtype)
         # read-only (properties below): the packed weights, plans and files
         # depend on them; another setting is another module
+        if rotary is not None and not isinstance(self, MultiHeadSelfAttention):
+            # (a config or file could carry one here; its projections never rotate)
+            raise ValueError(f"rotary embeddings are for MultiHeadSelfAttention; "
+                             f"{type(self).__name__} projects queries and keys apart")
         self._rotary = check_rotary(rotary, self.head_dim)
         self._scale = None if scale is None else check_scale(scale, self.head_dim, cdtype)
         self._softcap = None if softcap is None else check_softcap(softcap, cdtype)

@@ -50,8 +50,9 @@ _REQUIRED_KEYS = {
 # Keys of a Hugging Face rope-parameters dict that are not about scaling.
 _IGNORED_KEYS = {"rope_theta", "partial_rotary_factor", "type", "rope_type"}
 
-# The position table is kept up to this many rows; sparser, larger positions
-# get a table of just the positions a call names.
+# Positions the kept table does not cover, past this many rows and sparse
+# (fewer than a quarter of the rows a table would need), get a table of just
+# the positions a call names instead of growing the kept one.
 _DENSE_ROWS = 1 << 16
 
 
@@ -261,10 +262,13 @@ class Rotary:
         dtype = np.dtype(dtype)
         pos = positions.reshape(-1)
         top = int(pos.max()) + 1 if pos.size else 1
+        table = self._tables.get(dtype.str)
+        if table is not None and table.shape[0] >= top:
+            # (each decoding step far into a long context lands here)
+            return table, np.ascontiguousarray(pos, dtype=np.int64)
         if top > _DENSE_ROWS and top > 4 * pos.size:
             uniq, index = np.unique(pos, return_inverse=True)
             return self._table_for(uniq, dtype), np.ascontiguousarray(index, dtype=np.int64)
-        table = self._tables.get(dtype.str)
         if table is None or table.shape[0] < top:
             # (two threads growing it at once each build a whole table; the
             # one kept last serves both, so no lock is needed)

@@ -1,4 +1,5 @@
 """The `python -m fastattn` command line."""
+import importlib.util
 import os
 import re
 import subprocess
@@ -138,6 +139,11 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys, monkeypatch,
                                                   option):
     name = "out.png" if option == "--plot" else "out.json"
     missing = tmp_path / "no" / name
+    if option == "--plot" and importlib.util.find_spec("matplotlib") is None:
+        # without matplotlib --plot is refused first, for that reason, and as early
+        err = _refused(capsys, [command, option, str(tmp_path / name)], monkeypatch)
+        assert f"argument --plot: needs matplotlib, which is not installed" in err
+        return
     err = _refused(capsys, [command, option, str(missing)], monkeypatch)
     assert (f"fastattn {command}: error: argument {option}: cannot write {str(missing)!r}: "
             f"no directory {str(missing.parent)!r}") in err

@@ -604,3 +604,18 @@ def test_load_names_the_file_for_bad_settings(tmp_path):
         with pytest.raises(ValueError, match=f"bad_{field}.npz"):
             fa.MultiHeadSelfAttention.load(bad)
     assert zipfile.is_zipfile(path)
+
+
+def test_rotary_table_kept_for_positions_it_covers():
+    # decoding far into a long context reuses the kept table, step after step
+    r = fa.Rotary(16)
+    big, _ = r.rows(np.arange(100_000), np.float32)
+    again, index = r.rows(np.array([99_999]), np.float32)
+    assert again is big and index.tolist() == [99_999]
+
+
+def test_cross_attention_refuses_rotary_from_a_config():
+    cfg = {"embed_dim": 16, "num_heads": 2, "num_kv_heads": 2, "kdim": 16, "vdim": 16,
+           "bias": True, "dtype": "float32", "rotary": {"dim": 8}}
+    with pytest.raises(ValueError, match="rotary embeddings are for MultiHeadSelfAttention"):
+        fa.MultiHeadAttention._from_config(cfg)

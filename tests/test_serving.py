@@ -392,6 +392,13 @@ for args in cases:
     except (ValueError, TypeError):
         continue
     raise SystemExit("accepted: %r" % (args[6:8],))
+# packed sequences that overlap, with key splits: each gets split-K room of
+# its own (the buffer is sized by the sequences, not by q's rows)
+q3 = np.zeros((1, 1, 64, 8), np.float32); k3 = np.zeros((1, 1, 4096, 8), np.float32)
+o3 = np.zeros_like(q3)
+kernels.attention_ragged(q3, k3, k3, o3, np.ones(64, np.int64), np.full(64, 4096, np.int64),
+                         np.zeros(64, np.int64), np.zeros(64, np.int64), True, .3,
+                         (64, 256, True, 8), 2)
 print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -203,8 +203,10 @@ cdef bint _attention_setup(const KernelTable* t, Problem* P_, list keep, q, k, v
         keep.append(slope_arr)
         P.slopes = <const double*>cnp.PyArray_DATA(slope_arr)
     P.scale = scale
-    if not softcap >= 0:
-        raise ValueError("kernel softcap must be 0 (off) or positive")
+    cdef object info = np.finfo(np.float32 if t.elem_size(P.elem) == 4 else np.float64)
+    if not (softcap == 0 or float(info.tiny) <= softcap <= float(info.max)):
+        raise ValueError("kernel softcap must be 0 (off), or positive, normal and finite in "
+                         "the computation's type")
     P.softcap = softcap
     P.sinks = NULL
     if sinks is not None:
@@ -216,7 +218,7 @@ cdef bint _attention_setup(const KernelTable* t, Problem* P_, list keep, q, k, v
     P.lse = NULL
     if lse is not None:
         if (lse.shape != q.shape[:nlead] + (P.heads, P.len_q) or not lse.flags.c_contiguous
-                or lse.dtype != cdtype):
+                or lse.dtype != cdtype or not lse.flags.writeable):
             raise ValueError("kernel lse must be a C-contiguous (*lead, H, Lq) array of the "
                              "computation's dtype")
         P.lse = <char*>cnp.PyArray_DATA(<cnp.ndarray?>lse)

@@ -68,7 +68,8 @@ cdef int _ragged_run(const KernelTable* t, q, k, v, out, lens_q, lens_k, starts_
         L_arr = <cnp.ndarray?>lse[0]
         l_off = _lengths(lse[1], n, "lse offsets")
         l_head = lse[2]
-        if (not L_arr.flags.c_contiguous or l_head < 0 or cnp.PyArray_TYPE(L_arr)
+        if (not L_arr.flags.c_contiguous or not L_arr.flags.writeable or l_head < 0
+                or cnp.PyArray_TYPE(L_arr)
                 != (cnp.NPY_FLOAT32 if t.elem_size(P.elem) == 4 else cnp.NPY_FLOAT64)):
             raise ValueError("attention_ragged: lse must be C-contiguous in the computation's "
                              "dtype")
@@ -112,7 +113,8 @@ cdef int _ragged_run(const KernelTable* t, q, k, v, out, lens_q, lens_k, starts_
         if S.row_mode:
             n_items[s] = S.heads * S.n_splits
             if S.n_splits > 1:
-                S.parts = P.parts + part_off * csz
+                # (an offset for now: the buffer is sized below, for these)
+                S.parts = <char*>(part_off * csz)
                 part_off += S.heads * S.len_q * S.n_splits * S.parts_stride
                 n_after[s] = S.heads * S.len_q
         else:
@@ -122,6 +124,14 @@ cdef int _ragged_run(const KernelTable* t, q, k, v, out, lens_q, lens_k, starts_
         most = max(most, _scratch_elems(S))
     if total == 0:
         return 0
+    if part_off:
+        # the split-K partial results of every sequence, sized by their own
+        # lengths (the template's buffer is not: packed sequences may overlap)
+        parts = np.empty(part_off, dtype=np.float32 if csz == 4 else np.float64)
+        keep.append(parts)
+        for s in range(n):
+            if n_after[s]:
+                Ps[s].parts = <char*>cnp.PyArray_DATA(<cnp.ndarray>parts) + <size_t>Ps[s].parts
     # longest sequences first (by keys times queries): with items taken
     # dynamically, what is left at the end is short
     order = np.argsort(-(np.asarray(lq) * np.maximum(np.asarray(lk), 1)), kind="stable")

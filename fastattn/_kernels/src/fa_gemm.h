@@ -371,7 +371,7 @@ static void FA(linear_block)(const REAL *restrict X, int64_t ldx, int64_t m0, in
 #endif
                     FA(panel)(NR, kl, a, rs, ps, b, NR, dst, ldd, !first, bb, mr, NULL, 0);
                 /* the epilogue: a finished tile of Q or K columns is rotated
-                 * while it is in registers' reach, never in a pass of its own */
+                 * while it is in L1, never in a pass of its own */
                 if (rot && rot->table && col < rot->cols && k0 + kl >= K)
                     FA(rotate_tile)(dst, ldd, mr, i, col, nr, rot);
                 if (!direct) {
