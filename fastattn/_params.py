@@ -21,9 +21,9 @@ import numpy as np
 
 from . import _policy
 from ._dispatch import kernels
-from ._dtypes import kernel_view
+from ._dtypes import compute_dtype, kernel_view
 from ._locks import ForkSafeLock
-from ._validate import cast_checked, ensure_memory, float_param, shape_str
+from ._validate import cast_checked, check_sinks, ensure_memory, float_param, shape_str
 
 __all__ = ["Params", "Parameters", "param_shapes", "ReadOnlyParameter"]
 
@@ -262,10 +262,7 @@ class Parameters:
             )
         if name == "sinks":
             # as the function refuses them: a NaN or +inf sink makes every output NaN
-            bad = np.isnan(arr.astype(np.float64)) | (arr.astype(np.float64) == np.inf)
-            if bad.any():
-                raise ValueError(f"{key}: sinks must be finite or -inf (no sink), got "
-                                 f"{arr[bad][0]} at head {int(np.argmax(bad))}")
+            check_sinks(arr, shape[0], compute_dtype(self.dtype))
         return cast_checked(arr, self.dtype, key)
 
     def _store_params(self, staged: Mapping[str, np.ndarray]) -> None:

@@ -152,6 +152,15 @@ def attention_into(
     )
 
 
+def _score_options(E: int, H: int, cdtype, scale, window, alibi, alibi_slopes, softcap,
+                   sinks):
+    """The functions' options on the scores, checked, as the kernels take
+    them: (scale, window, ALiBi slopes, softcap, sinks)."""
+    return (check_scale(scale, E, cdtype), check_window(window),
+            resolve_alibi(alibi, alibi_slopes, H, cdtype), check_softcap(softcap, cdtype),
+            check_sinks(sinks, H, cdtype))
+
+
 def ragged_into(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
                 lens_q: np.ndarray, lens_k: np.ndarray, starts_q: Optional[np.ndarray],
                 starts_k: Optional[np.ndarray], *, is_causal: bool, scale: float, window=None,
@@ -258,11 +267,8 @@ def varlen_attention(
     cdtype = compute_dtype(q.dtype)
     is_causal = check_flag(is_causal, "is_causal")
     return_lse = check_flag(return_lse, "return_lse")
-    scale = check_scale(scale, E, cdtype)
-    window = check_window(window)
-    slopes = resolve_alibi(alibi, alibi_slopes, H, cdtype)
-    softcap = check_softcap(softcap, cdtype)
-    sinks = check_sinks(sinks, H, cdtype)
+    scale, window, slopes, softcap, sinks = _score_options(
+        E, H, cdtype, scale, window, alibi, alibi_slopes, softcap, sinks)
     ensure_memory([(Tq, H, Ev)] + ([(H, Tq)] if return_lse else []), cdtype.itemsize,
                   "the output")
     out = np.zeros((Tq, H, Ev), dtype=q.dtype)
@@ -416,11 +422,8 @@ def scaled_dot_product_attention(
     Lk, Ev = k.shape[-2], v.shape[-1]
     full = lead + (H, Lq, Lk)
     bmask, fmask = prepare_mask(attn_mask, "attn_mask", full, cdtype)
-    scale = check_scale(scale, E, cdtype)
-    window = check_window(window)
-    slopes = resolve_alibi(alibi, alibi_slopes, H, cdtype)
-    softcap = check_softcap(softcap, cdtype)
-    sinks = check_sinks(sinks, H, cdtype)
+    scale, window, slopes, softcap, sinks = _score_options(
+        E, H, cdtype, scale, window, alibi, alibi_slopes, softcap, sinks)
     tables = _offset_table_bytes(lead, 4 + need_weights + (attn_mask is not None))
     ensure_memory([lead + (H, Lq, Ev)] + ([full] if need_weights else []), cdtype.itemsize,
                   "the output" + (" and attention weights" if need_weights else "")

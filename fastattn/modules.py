@@ -304,14 +304,8 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         is_causal = check_flag(is_causal, "is_causal")
         need_weights = check_flag(need_weights, "need_weights")
         average_attn_weights = check_flag(average_attn_weights, "average_attn_weights")
-        window = check_window(window)
-        if window is None:
-            window = self.window
-        if positions is not None and self.rotary is None:
-            raise ValueError("positions are for modules with rotary embeddings (rotary=...); "
-                             "this one has none")
+        window, slopes = self._call_settings(window, alibi, alibi_slopes, positions)
         cdtype = compute_dtype(self._act_dtype)
-        slopes = resolve_alibi(alibi, alibi_slopes, H, cdtype)
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a KVCache from new_cache(), got {type(cache).__name__}")
@@ -409,6 +403,25 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
                     cache._truncate(cached)
                 raise
 
+    def _call_settings(self, window, alibi, alibi_slopes, positions):
+        """(window, ALiBi slopes) of one call, checked: the call's window or
+        the module's; positions only where there is a rotary to turn by them."""
+        window = check_window(window)
+        if window is None:
+            window = self.window
+        if positions is not None and self.rotary is None:
+            raise ValueError("positions are for modules with rotary embeddings (rotary=...); "
+                             "this one has none")
+        return window, resolve_alibi(alibi, alibi_slopes, self.num_heads,
+                                     compute_dtype(self._act_dtype))
+
+    def _output_projection(self, state, merged: np.ndarray, nt: int) -> np.ndarray:
+        """The output projection of the merged heads (rows, q_dim), into a new
+        (rows, embed_dim) array of the module's dtype."""
+        return self._project(state, merged, "o", self.embed_dim,
+                             np.empty((merged.shape[0], self.embed_dim), self.dtype),
+                             num_threads=nt)
+
     def _attention_settings(self, state) -> Dict[str, Any]:
         """The module's scale, soft-cap and sinks as the kernels take them."""
         return dict(scale=1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale,
@@ -426,10 +439,9 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         ragged_into(q, cache._k, cache._v, out, counts, lens_k, None, None, is_causal=True,
                     window=window, slopes=slopes, num_threads=nt,
                     **self._attention_settings(state))
-        y = self._project(state, merged, "o", self.embed_dim,
-                          np.empty((B * T, self.embed_dim), self.dtype),
-                          num_threads=nt).reshape(B, T, self.embed_dim)
-        y[np.arange(T)[None, :] >= counts[:, None]] = 0
+        y = self._output_projection(state, merged, nt).reshape(B, T, self.embed_dim)
+        if counts.min() < T:
+            y[np.arange(T)[None, :] >= counts[:, None]] = 0
         return y[0] if unbatched else y
 
     def _forward_packed(self, x, cu_seqlens, is_causal, window, alibi, alibi_slopes, positions):
@@ -443,20 +455,14 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
         cu = check_cu_seqlens(cu_seqlens, "cu_seqlens", total, "x")
         lens = np.diff(cu)
         is_causal = check_flag(is_causal, "is_causal")
-        window = check_window(window)
-        if window is None:
-            window = self.window
+        window, slopes = self._call_settings(window, alibi, alibi_slopes, positions)
         H, Hkv, E, kv, QD = (self.num_heads, self.num_kv_heads, self.head_dim, self.kv_dim,
                              self.q_dim)
-        slopes = resolve_alibi(alibi, alibi_slopes, H, compute_dtype(self._act_dtype))
         pos = None
         if self.rotary is not None:
             # each sequence's positions start at 0
             pos = (np.arange(total) - np.repeat(cu[:-1], lens) if positions is None
                    else check_positions(positions, 1, total)[0])
-        elif positions is not None:
-            raise ValueError("positions are for modules with rotary embeddings (rotary=...); "
-                             "this one has none")
         ensure_memory([(total, QD + 2 * kv), (total, QD), (total, self.embed_dim)],
                       self.dtype.itemsize, "the forward pass's buffers")
         nt = threads.get_num_threads()
@@ -469,8 +475,7 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
                     merged.reshape(total, H, E).transpose(1, 0, 2)[None], lens, lens,
                     cu[:-1], cu[:-1], is_causal=is_causal, window=window, slopes=slopes,
                     num_threads=nt, **self._attention_settings(state))
-        return self._project(state, merged, "o", self.embed_dim,
-                             np.empty((total, self.embed_dim), self.dtype), num_threads=nt)
+        return self._output_projection(state, merged, nt)
 
     def _attend_and_project(self, state, q, k, v, merged, B, Lq, bmask, fmask, pad, is_causal,
                             need_weights, average_attn_weights, window, slopes, unbatched, nt):
@@ -491,8 +496,7 @@ class _MultiHeadBase(Parameters, FastPath, Persistence, TorchExport):
             **self._attention_settings(state),
         )
         # 4. output projection
-        y = self._project(state, merged, "o", D, np.empty((B * Lq, D), self.dtype),
-                          num_threads=nt).reshape(B, Lq, D)
+        y = self._output_projection(state, merged, nt).reshape(B, Lq, D)
         if unbatched:
             y = y[0]
         if not need_weights:

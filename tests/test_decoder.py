@@ -536,9 +536,9 @@ def test_tiny_softcap_refused_not_nan():
 def test_module_sinks_refuse_nan_and_inf():
     m = fa.MultiHeadSelfAttention(16, 2, sinks=True, seed=0)
     for bad in ([np.inf, 0.0], [np.nan, 0.0]):
-        with pytest.raises(ValueError, match="sinks must be finite or -inf"):
+        with pytest.raises(ValueError, match="sinks must be finite in float32 or -inf"):
             m.sinks = np.array(bad)
-        with pytest.raises(ValueError, match="sinks must be finite or -inf"):
+        with pytest.raises(ValueError, match="sinks must be finite in float32 or -inf"):
             m.load_state_dict({**m.state_dict(), "sinks": np.array(bad)})
     m.sinks = np.array([-np.inf, 0.0])  # no sink for head 0
     assert np.isfinite(m(np.ones((1, 3, 16), np.float32))).all()
