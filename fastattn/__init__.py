@@ -7,8 +7,10 @@ weights.  See ``fastattn.functional`` for the mask conventions and
 docs/architecture.md for one call's path through the layers::
 
     public API      MultiHeadSelfAttention, MultiHeadAttention, KVCache,
-                    scaled_dot_product_attention, alibi_slopes, threads, info,
-                    from_hf (hf.py: Hugging Face attention layers)
+                    scaled_dot_product_attention, varlen_attention,
+                    merge_attention, alibi_slopes, Rotary, apply_rotary
+                    (rotary.py), threads, info, from_hf (hf.py: Hugging Face
+                    attention layers)
         |
     modules.py (config, call, forward)      functional.py (sdpa, attention_into)
         |
