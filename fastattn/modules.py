@@ -590,7 +590,10 @@ class MultiHeadSelfAttention(_MultiHeadBase):
         the merged heads) are held in it.
     seed : int or numpy.random.Generator, optional
         Source of the initial weights, drawn like ``torch.nn.Linear``'s
-        default: uniform in ``[-1/sqrt(embed_dim), 1/sqrt(embed_dim)]``.
+        default: uniform in ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``, ``fan_in``
+        the projection's input width (``embed_dim``; ``num_heads * head_dim``
+        for ``w_o``; ``kdim``, ``vdim`` for a cross-attention module's ``w_k``,
+        ``w_v``).
     rotary : fastattn.Rotary, optional
         Rotary position embeddings for Q and K, applied inside the Q/K/V
         projection as it writes them; each call's positions are 0..N-1, its
@@ -726,7 +729,8 @@ class MultiHeadAttention(_MultiHeadBase):
     embed_dim : int
         Width of the queries and of the output, E; ``d_model=`` is an alias.
     num_heads : int
-        Query heads; ``head_dim = embed_dim // num_heads``.
+        Query heads; ``head_dim = embed_dim // num_heads`` unless ``head_dim``
+        is given.
     kdim, vdim : int, optional
         Widths of the key and value inputs (default ``embed_dim``).
     num_kv_heads : int, optional

@@ -159,8 +159,9 @@ def set_num_threads(n: int) -> None:
     Parameters
     ----------
     n : int
-        A positive thread count.  ``default_num_threads()`` gives the
-        default: ``OMP_NUM_THREADS`` if set, else the cores this process may use.
+        A positive thread count.  ``fastattn.threads.default_num_threads()``
+        gives the default: ``OMP_NUM_THREADS`` if set, else the cores this
+        process may use.
 
     In a process forked (``os.fork``, multiprocessing's default 'fork'
     method on Linux) after an OpenMP team of several threads ran (fastattn's,
@@ -172,7 +173,7 @@ def set_num_threads(n: int) -> None:
     TypeError
         ``n`` is not an int.
     ValueError
-        ``n`` is not between 1 and ``MAX_THREADS``.
+        ``n`` is not between 1 and ``fastattn.threads.MAX_THREADS`` (1024).
     """
     global _num_threads
     _num_threads = _count_for_this_process(n, "set_num_threads: n")
