@@ -180,8 +180,10 @@ class TorchExport:
         """A ``torch.nn.MultiheadAttention`` (batch_first=True, eval mode) with these
         weights, which gives the same outputs (with torch's mask conventions).
 
-        Raises ImportError without torch, and ValueError for grouped-query
-        modules, which torch's class cannot express.
+        Raises ImportError without torch, and ValueError for what torch's
+        class cannot express: grouped-query heads, ``rotary``, ``scale``,
+        ``softcap``, ``window``, ``sinks``, or a ``head_dim`` with
+        ``num_heads * head_dim != embed_dim``.
         """
         try:
             import torch
