@@ -127,7 +127,9 @@ def cast_checked(arr: np.ndarray, dtype: np.dtype, name: str, *,
     it, which would give NaN outputs, are refused."""
     with np.errstate(over="ignore"):
         cast = arr.astype(dtype, copy=False)
-    if cast is arr or cast.dtype.itemsize >= arr.dtype.itemsize:
+    # by range, not width: bfloat16 and float16 are both 16 bits, and
+    # bfloat16's values reach far beyond float16's
+    if cast is arr or ml_dtypes.finfo(cast.dtype).max >= ml_dtypes.finfo(arr.dtype).max:
         return cast
     grown = np.isposinf(cast) if below_blocks else np.isinf(cast)
     if grown.any():

@@ -293,6 +293,28 @@ def test_dtype_kept_by_state_dict_files_and_pickles(tmp_path):
     assert fastattn.MultiHeadSelfAttention.load(tmp_path / "mh") == mh
 
 
+def test_bfloat16_weights_beyond_float16_range_are_refused():
+    # bfloat16 and float16 are both 16 bits wide, but bfloat16 reaches 3.4e38
+    # and float16 only 65504: such weights would become inf in a float16
+    # module, as float32 ones beyond its range are refused
+    m = fastattn.MultiHeadSelfAttention(16, 2, dtype=np.float16, seed=0)
+    before = m.state_dict()
+    big = np.full((16, 16), 1e5).astype(BF16)
+    with pytest.raises(ValueError, match=r"w_o: finite values beyond float16's range "
+                                         r"\(largest magnitude 99840\b"):
+        m.w_o = big
+    with pytest.raises(ValueError, match=r"w_q: finite values beyond float16's range"):
+        m.load_state_dict({**{k: v.astype(BF16) for k, v in before.items()}, "w_q": big})
+    assert m == fastattn.MultiHeadSelfAttention(16, 2, dtype=np.float16, seed=0)
+    # in range, bfloat16 weights load (rounded to float16); float16 into a
+    # bfloat16 module cannot overflow
+    m.w_o = np.full((16, 16), 6e4).astype(BF16)
+    assert np.isfinite(m.w_o).all()
+    mb = fastattn.MultiHeadSelfAttention(16, 2, dtype=BF16, seed=0)
+    mb.w_o = np.full((16, 16), 6e4, np.float16)
+    assert np.isfinite(mb.w_o.astype(np.float32)).all()
+
+
 def test_torch_bf16_modules_round_trip():
     torch = pytest.importorskip("torch")
     tm = torch.nn.MultiheadAttention(32, 4, batch_first=True).bfloat16()
