@@ -315,6 +315,28 @@ def test_bfloat16_weights_beyond_float16_range_are_refused():
     assert np.isfinite(mb.w_o.astype(np.float32)).all()
 
 
+def test_precision_module_refuses_weights_its_products_cannot_hold():
+    # a float32 module with precision="float16" multiplies float16 weights:
+    # one beyond 65504 would be inf in every product, so it is refused when
+    # given, as a float16 module refuses it, not rounded to inf when packed
+    m = fastattn.MultiHeadSelfAttention(16, 2, precision="float16", seed=0)
+    x = np.random.default_rng(0).standard_normal((1, 3, 16)).astype(np.float32)
+    y = m(x)
+    with pytest.raises(ValueError, match=r"w_v in precision=float16: finite values "
+                                         r"beyond float16's range \(largest magnitude 100000\.0\)"):
+        m.w_v = np.full((16, 16), 1e5, np.float32)
+    with pytest.raises(ValueError, match=r"in_proj_weight \(part q\) in precision=float16: "):
+        m.load_state_dict({"in_proj_weight": np.full((48, 16), -7e4, np.float32),
+                           "in_proj_bias": np.zeros(48, np.float32),
+                           "out_proj.weight": np.eye(16, dtype=np.float32),
+                           "out_proj.bias": np.zeros(16, np.float32)})
+    np.testing.assert_array_equal(m(x), y)  # unchanged
+    # biases stay float32 (added to the float32 sums): any float32 value goes
+    m.b_v = np.full(16, 1e5, np.float32)
+    mb = fastattn.MultiHeadSelfAttention(16, 2, precision="bfloat16", seed=0)
+    mb.w_v = np.full((16, 16), 1e30, np.float32)  # within bfloat16's range
+
+
 def test_torch_bf16_modules_round_trip():
     torch = pytest.importorskip("torch")
     tm = torch.nn.MultiheadAttention(32, 4, batch_first=True).bfloat16()
