@@ -337,6 +337,41 @@ def test_precision_module_refuses_weights_its_products_cannot_hold():
     mb.w_v = np.full((16, 16), 1e30, np.float32)  # within bfloat16's range
 
 
+def test_values_cast_beyond_float16_range_are_refused(rng):
+    # float32 values above 65504 cast into float16 (a float16 module's input,
+    # precision="float16", a float16 cache under a float32 module) would be
+    # inf there and NaN in every output that reads them: refused, naming them
+    big = rng.standard_normal((1, 2, 6, 8)).astype(np.float32)
+    big[0, 1, 2, 3] = 1e5
+    small = rng.standard_normal((1, 2, 6, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"k: finite values beyond float16's range \(largest "
+                                         r"magnitude 100000\.0\)"):
+        fastattn.scaled_dot_product_attention(small, big, small, precision="float16")
+    m = fastattn.MultiHeadSelfAttention(8, 2, dtype=np.float16, seed=0)
+    with pytest.raises(ValueError, match=r"x: finite values beyond float16's range"):
+        m(big[0])
+    mc = fastattn.MultiHeadAttention(8, 2, kdim=8, vdim=8, dtype=np.float16, seed=0)
+    with pytest.raises(ValueError, match=r"value: finite values beyond float16's range"):
+        mc(small[0], small[0], big[0])
+    cache = fastattn.KVCache(1, 8, 2, 4, np.float16)
+    with pytest.raises(ValueError, match=r"k_new: finite values beyond float16's range"):
+        cache.append(big[:, 1], small[:, 1])
+    assert len(cache) == 0
+    # a float32 module whose projected values outgrow its float16 cache
+    m32 = fastattn.MultiHeadSelfAttention(8, 2, seed=0)
+    m32.w_v = 3e4 * np.eye(8, dtype=np.float32)
+    x = np.full((1, 3, 8), 4.0, np.float32)
+    cache = m32.new_cache(1, 8, dtype="float16")
+    with pytest.raises(ValueError, match=r"values for the float16 cache: finite values beyond "
+                                         r"float16's range"):
+        m32(x, cache=cache)
+    assert len(cache) == 0
+    # within range, and in a bfloat16 cache, the same values go through
+    y = m32(x, cache=m32.new_cache(1, 8, dtype="bfloat16"))
+    assert np.isfinite(y).all()
+    assert np.isfinite(m(small[0].astype(np.float64))).all()
+
+
 def test_torch_bf16_modules_round_trip():
     torch = pytest.importorskip("torch")
     tm = torch.nn.MultiheadAttention(32, 4, batch_first=True).bfloat16()
