@@ -263,7 +263,14 @@ class Parameters:
         if name == "sinks":
             # as the function refuses them: a NaN or +inf sink makes every output NaN
             check_sinks(arr, shape[0], compute_dtype(self.dtype))
-        return cast_checked(arr, self.dtype, key)
+        cast = cast_checked(arr, self.dtype, key)
+        if name.startswith("w_") and self._act_dtype != self.dtype:
+            # with a precision, weights are rounded to it when packed
+            # (_packed_weight): refused here, as the module's own dtype
+            # would refuse them, rather than packed as infinities
+            cast_checked(cast, self._act_dtype,
+                         f"{key} in precision={self._act_dtype.name}")
+        return cast
 
     def _store_params(self, staged: Mapping[str, np.ndarray]) -> None:
         """Swaps in a new state: the current parameters with ``staged`` ones

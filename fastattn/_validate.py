@@ -89,7 +89,8 @@ def float_array(x, name: str, dtype: Optional[np.dtype] = None,
 
     Raises TypeError naming ``name`` for anything that is not a real float
     array (ints, bools, complex, objects, strings, other float widths without
-    ``dtype``).
+    ``dtype``), and ValueError for finite values the cast to ``dtype`` would
+    make infinite (see :func:`cast_checked`).
     """
     if x is None:
         raise TypeError(f"{name} must be a {DTYPE_NAMES} array, got None")
@@ -100,7 +101,9 @@ def float_array(x, name: str, dtype: Optional[np.dtype] = None,
             + (" (cast it with .astype(np.float32))" if arr.dtype.kind in "fiub" else "")
         )
     if dtype is not None and arr.dtype != dtype:
-        arr = arr.astype(dtype)
+        # float32 values above 65504 would be inf in a float16 module's
+        # input, and NaN in every output row that reads them
+        arr = cast_checked(arr, dtype, name)
     return arr
 
 
@@ -127,7 +130,9 @@ def cast_checked(arr: np.ndarray, dtype: np.dtype, name: str, *,
     it, which would give NaN outputs, are refused."""
     with np.errstate(over="ignore"):
         cast = arr.astype(dtype, copy=False)
-    if cast is arr or cast.dtype.itemsize >= arr.dtype.itemsize:
+    # by range, not width: bfloat16 and float16 are both 16 bits, and
+    # bfloat16's values reach far beyond float16's
+    if cast is arr or ml_dtypes.finfo(cast.dtype).max >= ml_dtypes.finfo(arr.dtype).max:
         return cast
     grown = np.isposinf(cast) if below_blocks else np.isinf(cast)
     if grown.any():

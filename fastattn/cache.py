@@ -6,8 +6,8 @@ import numpy as np
 
 from ._locks import ForkSafeLock
 from ._dtypes import compute_dtype
-from ._validate import (check_flag, ensure_memory, float_array, float_dtype, positive_int,
-                        shape_str)
+from ._validate import (cast_checked, check_flag, ensure_memory, float_array, float_dtype,
+                        positive_int, shape_str)
 
 __all__ = ["KVCache"]
 
@@ -222,7 +222,14 @@ class KVCache:
     def _append(self, k_new: np.ndarray, v_new: np.ndarray, counts=None) -> None:
         """append, for a caller that holds the cache (see _claim): all T
         positions of k_new and v_new (B, T, Hkv * E) to every sequence, or,
-        with ``counts`` (B,), the first counts[b] of them to sequence b."""
+        with ``counts`` (B,), the first counts[b] of them to sequence b.
+
+        A module's keys and values may be of a wider type than the cache's:
+        a finite one the cache would hold as inf (float32 above 65504 in a
+        float16 cache) raises ValueError before anything is stored."""
+        where = f"for the {self.dtype.name} cache"
+        k_new = cast_checked(k_new, self.dtype, f"keys {where}")
+        v_new = cast_checked(v_new, self.dtype, f"values {where}")
         B, T = k_new.shape[0], k_new.shape[1]
         H, E = self.num_kv_heads, self.head_dim
         k4 = k_new.reshape(B, T, H, E).transpose(0, 2, 1, 3)

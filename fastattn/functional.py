@@ -28,6 +28,7 @@ from ._dispatch import kernels
 from ._dtypes import compute_dtype, is_half, kernel_view
 from ._policy import BLOCK_K, BLOCK_Q
 from ._validate import (
+    cast_checked,
     check_alibi_range,
     check_alibi_slopes,
     check_cu_seqlens,
@@ -411,7 +412,7 @@ def scaled_dot_product_attention(
         if q.dtype != np.float32 and q.dtype != precision:
             raise TypeError(f"precision={precision.name} is for float32 inputs, got q, k, v "
                             f"of dtype {q.dtype}")
-        q, k, v = (a.astype(precision) for a in (q, k, v))
+        q, k, v = (cast_checked(a, precision, name) for a, name in ((q, "q"), (k, "k"), (v, "v")))
     cdtype = compute_dtype(q.dtype)
     is_causal = check_flag(is_causal, "is_causal")
     need_weights = check_flag(need_weights, "need_weights")

@@ -293,6 +293,85 @@ def test_dtype_kept_by_state_dict_files_and_pickles(tmp_path):
     assert fastattn.MultiHeadSelfAttention.load(tmp_path / "mh") == mh
 
 
+def test_bfloat16_weights_beyond_float16_range_are_refused():
+    # bfloat16 and float16 are both 16 bits wide, but bfloat16 reaches 3.4e38
+    # and float16 only 65504: such weights would become inf in a float16
+    # module, as float32 ones beyond its range are refused
+    m = fastattn.MultiHeadSelfAttention(16, 2, dtype=np.float16, seed=0)
+    before = m.state_dict()
+    big = np.full((16, 16), 1e5).astype(BF16)
+    with pytest.raises(ValueError, match=r"w_o: finite values beyond float16's range "
+                                         r"\(largest magnitude 99840\b"):
+        m.w_o = big
+    with pytest.raises(ValueError, match=r"w_q: finite values beyond float16's range"):
+        m.load_state_dict({**{k: v.astype(BF16) for k, v in before.items()}, "w_q": big})
+    assert m == fastattn.MultiHeadSelfAttention(16, 2, dtype=np.float16, seed=0)
+    # in range, bfloat16 weights load (rounded to float16); float16 into a
+    # bfloat16 module cannot overflow
+    m.w_o = np.full((16, 16), 6e4).astype(BF16)
+    assert np.isfinite(m.w_o).all()
+    mb = fastattn.MultiHeadSelfAttention(16, 2, dtype=BF16, seed=0)
+    mb.w_o = np.full((16, 16), 6e4, np.float16)
+    assert np.isfinite(mb.w_o.astype(np.float32)).all()
+
+
+def test_precision_module_refuses_weights_its_products_cannot_hold():
+    # a float32 module with precision="float16" multiplies float16 weights:
+    # one beyond 65504 would be inf in every product, so it is refused when
+    # given, as a float16 module refuses it, not rounded to inf when packed
+    m = fastattn.MultiHeadSelfAttention(16, 2, precision="float16", seed=0)
+    x = np.random.default_rng(0).standard_normal((1, 3, 16)).astype(np.float32)
+    y = m(x)
+    with pytest.raises(ValueError, match=r"w_v in precision=float16: finite values "
+                                         r"beyond float16's range \(largest magnitude 100000\.0\)"):
+        m.w_v = np.full((16, 16), 1e5, np.float32)
+    with pytest.raises(ValueError, match=r"in_proj_weight \(part q\) in precision=float16: "):
+        m.load_state_dict({"in_proj_weight": np.full((48, 16), -7e4, np.float32),
+                           "in_proj_bias": np.zeros(48, np.float32),
+                           "out_proj.weight": np.eye(16, dtype=np.float32),
+                           "out_proj.bias": np.zeros(16, np.float32)})
+    np.testing.assert_array_equal(m(x), y)  # unchanged
+    # biases stay float32 (added to the float32 sums): any float32 value goes
+    m.b_v = np.full(16, 1e5, np.float32)
+    mb = fastattn.MultiHeadSelfAttention(16, 2, precision="bfloat16", seed=0)
+    mb.w_v = np.full((16, 16), 1e30, np.float32)  # within bfloat16's range
+
+
+def test_values_cast_beyond_float16_range_are_refused(rng):
+    # float32 values above 65504 cast into float16 (a float16 module's input,
+    # precision="float16", a float16 cache under a float32 module) would be
+    # inf there and NaN in every output that reads them: refused, naming them
+    big = rng.standard_normal((1, 2, 6, 8)).astype(np.float32)
+    big[0, 1, 2, 3] = 1e5
+    small = rng.standard_normal((1, 2, 6, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"k: finite values beyond float16's range \(largest "
+                                         r"magnitude 100000\.0\)"):
+        fastattn.scaled_dot_product_attention(small, big, small, precision="float16")
+    m = fastattn.MultiHeadSelfAttention(8, 2, dtype=np.float16, seed=0)
+    with pytest.raises(ValueError, match=r"x: finite values beyond float16's range"):
+        m(big[0])
+    mc = fastattn.MultiHeadAttention(8, 2, kdim=8, vdim=8, dtype=np.float16, seed=0)
+    with pytest.raises(ValueError, match=r"value: finite values beyond float16's range"):
+        mc(small[0], small[0], big[0])
+    cache = fastattn.KVCache(1, 8, 2, 4, np.float16)
+    with pytest.raises(ValueError, match=r"k_new: finite values beyond float16's range"):
+        cache.append(big[:, 1], small[:, 1])
+    assert len(cache) == 0
+    # a float32 module whose projected values outgrow its float16 cache
+    m32 = fastattn.MultiHeadSelfAttention(8, 2, seed=0)
+    m32.w_v = 3e4 * np.eye(8, dtype=np.float32)
+    x = np.full((1, 3, 8), 4.0, np.float32)
+    cache = m32.new_cache(1, 8, dtype="float16")
+    with pytest.raises(ValueError, match=r"values for the float16 cache: finite values beyond "
+                                         r"float16's range"):
+        m32(x, cache=cache)
+    assert len(cache) == 0
+    # within range, and in a bfloat16 cache, the same values go through
+    y = m32(x, cache=m32.new_cache(1, 8, dtype="bfloat16"))
+    assert np.isfinite(y).all()
+    assert np.isfinite(m(small[0].astype(np.float64))).all()
+
+
 def test_torch_bf16_modules_round_trip():
     torch = pytest.importorskip("torch")
     tm = torch.nn.MultiheadAttention(32, 4, batch_first=True).bfloat16()
