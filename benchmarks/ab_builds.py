@@ -14,7 +14,8 @@ The cases are the bench's presets as (B, N, D, H): small (1, 128, 512, 8),
 bert (8, 512, 768, 12), long (1, 4096, 512, 8), wide (1, 1024, 1024, 16):
 "full" the module's forward, "core" scaled_dot_product_attention (and
 "core causal"); "decode core" one query over 4,096 keys with 8 heads;
-"decode step 4k" the module's step over a 4,096-position cache.
+"decode step 4k" the module's step over a 4,096-position cache; "decode step
+16k bfloat16" and "... float16" over 16,384 positions in a 16-bit cache.
 """
 
 import argparse
@@ -79,6 +80,17 @@ def cases(lib):
         cache._truncate(4096)  # the next step starts from the same cache
 
     out["decode step 4k"] = step
+    # the same step over 16,384 positions held in a 16-bit cache
+    prompt = np.random.default_rng(4).standard_normal((1, 16384, 512), dtype=np.float32)
+    for dt in ("bfloat16", "float16"):
+        c16 = m.new_cache(1, 16400, dtype=dt)
+        m(prompt, cache=c16)
+
+        def step16(c=c16):
+            m(x1, cache=c)
+            c._truncate(16384)
+
+        out[f"decode step 16k {dt}"] = step16
     return out
 
 

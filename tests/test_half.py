@@ -78,6 +78,27 @@ def test_kernel_builds_against_reference(rng, isa, dtype, shape):
     _close(out, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "f16"])
+@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("E,Ev", [(1, 1), (4, 12), (16, 17), (33, 48), (48, 80), (80, 100),
+                                  (100, 64), (300, 8), (520, 530)])
+def test_decode_rows_every_width(rng, isa, dtype, E, Ev):
+    # the few-query path reads 16-bit keys and values in whole chunks of a
+    # build's vectors, then one widened vector, then element by element, and
+    # permutes the query per segment of its elements: every width boundary
+    mod = __import__(f"fastattn._kernels._{isa}", fromlist=["attention"])
+    q, k, v = _qkv(rng, dtype, lead=(1,), H=2, Hkv=1, Lq=2, Lk=301, E=E, Ev=Ev)
+    q = q.astype(np.float32)  # as a float32 module's step over a 16-bit cache
+    want, _ = ref_sdpa(q, k, v)
+    out = np.empty(q.shape[:-1] + (Ev,), np.float32)
+    schedule = _policy.attention_schedule(2, 2, 301, False, 2)
+    assert schedule[2], "the row path"
+    view = (lambda a: a.view(np.uint16)) if dtype == BF16 else (lambda a: a)
+    mod.attention(q, view(k), view(v), out, None, None, None, None, False, 1 / np.sqrt(E),
+                  schedule, 2)
+    _close(out, want, np.float32, 2e-6)
+
+
 @pytest.mark.parametrize("isa", available_isas())
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "f16"])
 @pytest.mark.parametrize("y_dtype", ["same", "float32"])
