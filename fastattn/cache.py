@@ -250,10 +250,19 @@ class KVCache:
                 f"{self._lengths[b]} and cannot take {counts[b]} more (make it with a larger "
                 f"max_len, or grow=True)")
         self._reserve(int(ends.max()), int(counts.max()))
-        for b in range(B):
-            a, n = self._lengths[b], counts[b]
-            self._k[b, :, a:a + n] = k4[b, :, :n]
-            self._v[b, :, a:a + n] = v4[b, :, :n]
+        if T == 1:
+            # a decoding step: one position for each sequence that takes
+            # one, written by one indexed assignment per array rather than
+            # two slice assignments per sequence
+            rows = np.flatnonzero(counts)
+            pos = self._lengths[rows]
+            self._k[rows, :, pos] = k4[rows, :, 0]
+            self._v[rows, :, pos] = v4[rows, :, 0]
+        else:
+            for b in range(B):
+                a, n = self._lengths[b], counts[b]
+                self._k[b, :, a:a + n] = k4[b, :, :n]
+                self._v[b, :, a:a + n] = v4[b, :, :n]
         self._lengths = ends
 
     def _truncate(self, lengths) -> None:

@@ -188,6 +188,28 @@ def test_reorder_and_reset():
     assert cache.lengths.tolist() == [0, 0, 0]
 
 
+def test_a_step_that_some_sequences_skip():
+    # one new position for some sequences (lengths 1), none for others (0):
+    # a skipped sequence keeps its cache and gets a zero row
+    rng = np.random.default_rng(11)
+    m = fa.MultiHeadSelfAttention(64, 4, seed=4, rotary=fa.Rotary(16))
+    got, seqs, cache = _decode_case(m, rng, [5, 8, 2, 0], 1)
+    before = cache.lengths.copy()
+    k_before = cache.keys()[1, :, :before[1]].copy()
+    nxt = rng.standard_normal((4, 1, 64)).astype(np.float32)
+    y = m(nxt, cache=cache, lengths=np.array([1, 0, 1, 1]))
+    assert cache.lengths.tolist() == (before + [1, 0, 1, 1]).tolist()
+    np.testing.assert_array_equal(cache.keys()[1, :, :before[1]], k_before)
+    assert (y[1] == 0).all()
+    for b in (0, 2, 3):
+        full = np.concatenate([seqs[b], nxt[b]])[None]
+        assert rel(y[b, 0], m(full, is_causal=True)[0, -1]) < 2e-6, b
+    # the skipped sequence goes on from where it was
+    y = m(nxt[:, :1] * 0.5, cache=cache, lengths=np.array([0, 1, 0, 0]))
+    full = np.concatenate([seqs[1], nxt[1] * 0.5])[None]
+    assert rel(y[1, 0], m(full, is_causal=True)[0, -1]) < 2e-6
+
+
 def test_ragged_decoding_thread_count_independent():
     rng = np.random.default_rng(7)
     m = fa.MultiHeadSelfAttention(64, 4, seed=3)
