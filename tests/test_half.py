@@ -78,6 +78,16 @@ def test_kernel_builds_against_reference(rng, isa, dtype, shape):
     _close(out, want, dtype)
 
 
+@pytest.mark.parametrize("E", [2, 30, 32, 34, 64, 66, 96, 130, 256])
+@pytest.mark.parametrize("Lq", [1 + 15, 17, 33, 64, 70])
+def test_bf16_tiles_every_query_and_width_edge(rng, E, Lq):
+    # the pair tiles pack Q^T in whole 16 x 16 blocks of pairs and the rest
+    # pair by pair: query counts and head widths on both sides of a block
+    q, k, v = _qkv(rng, BF16, lead=(1,), H=2, Hkv=1, Lq=Lq, Lk=45, E=E, Ev=24)
+    want, _ = ref_sdpa(q, k, v, is_causal=True)
+    _close(fastattn.scaled_dot_product_attention(q, k, v, is_causal=True), want, BF16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "f16"])
 @pytest.mark.parametrize("isa", available_isas())
 @pytest.mark.parametrize("E,Ev", [(1, 1), (4, 12), (16, 17), (33, 48), (48, 80), (80, 100),

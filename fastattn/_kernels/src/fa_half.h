@@ -11,7 +11,7 @@
  *
  * Storage codes (FA_STORE_*): 0 is the kernel's own element type; bf16 and
  * f16 arrays reach the kernels as 16-bit words (NumPy uint16 / float16).
- * Included once, after the float instantiation (fa_kernels.h).
+ * Included once by fa_kernels.h, before the float instantiation.
  */
 #ifndef FA_HALF_H
 #define FA_HALF_H
@@ -182,20 +182,10 @@ static void fa_row_to_pairs(uint32_t *restrict dst, const void *restrict src, in
 /* A word of 16-bit data at any even byte address. */
 typedef uint32_t fa_word_u __attribute__((aligned(2), may_alias));
 
-/* dst[p * ldd + i] = (q[i][2p], q[i][2p+1]) for the rows < rows of the block,
- * zero past them (up to ldd lanes).  Unscaled: scale * q would round again
- * unless the scale is a power of two; fa_gemm_pairs scales the float32 sums. */
+/* fa_pack_qt_pairs, Q^T in pairs, follows the float kernels (fa_kernels.h):
+ * it moves whole blocks of pairs with their in-register transpose. */
 static void fa_pack_qt_pairs(uint32_t *restrict dst, int64_t ldd, const uint16_t *restrict q,
-                             int64_t qs, int64_t rows, int64_t E) {
-    int64_t kp = (E + 1) / 2;
-    for (int64_t p = 0; p < kp; p++) {
-        for (int64_t i = 0; i < rows; i++) {
-            const uint16_t *qi = q + i * qs + 2 * p;
-            dst[p * ldd + i] = (uint32_t)qi[0] | (2 * p + 1 < E ? (uint32_t)qi[1] << 16 : 0);
-        }
-        for (int64_t i = rows; i < ldd; i++) dst[p * ldd + i] = 0;
-    }
-}
+                             int64_t qs, int64_t rows, int64_t E);
 
 /* dst[p * ev + e] = (v[2p][e], v[2p+1][e]) for pairs of a block of n value
  * rows (rows vs elements apart); an odd n pairs its last row with zero. */

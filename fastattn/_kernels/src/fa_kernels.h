@@ -62,6 +62,38 @@ static const float fa_tanh_c_f32[7] = {-1.0f / 3, 2.0f / 15, -17.0f / 315, 62.0f
 #define FA_TANH_C fa_tanh_c_f32
 #include "fa_kernels_impl.h"
 
+#if FA_HAS_DPBF16
+/* dst[p * ldd + i] = (q[i][2p], q[i][2p+1]) for the rows < rows of the block,
+ * zero past them (up to ldd lanes).  Unscaled: scale * q would round again
+ * unless the scale is a power of two; fa_gemm_pairs scales the float32 sums.
+ * A row's pairs are its 32-bit words, so whole square blocks of them go
+ * through the float kernels' block transpose as float lanes (shuffles move
+ * the bits as they are); the edges go word by word. */
+static void fa_pack_qt_pairs(uint32_t *restrict dst, int64_t ldd, const uint16_t *restrict q,
+                             int64_t qs, int64_t rows, int64_t E) {
+    const int64_t w = FA_VBYTES / 4; /* words a block has per side */
+    int64_t kp = (E + 1) / 2, pf = 0, rf = 0;
+#if FA_BLOCK_TRANSPOSE
+    pf = E / 2 - (E / 2) % w;
+    rf = rows - rows % w;
+    fa_vec_f32 blk[FA_VBYTES / 4];
+    for (int64_t i0 = 0; i0 < rf; i0 += w)
+        for (int64_t p0 = 0; p0 < pf; p0 += w) {
+            for (int64_t t = 0; t < w; t++) memcpy(&blk[t], q + (i0 + t) * qs + 2 * p0, FA_VBYTES);
+            fa_transpose_block_f32(blk);
+            for (int64_t t = 0; t < w; t++) memcpy(dst + (p0 + t) * ldd + i0, &blk[t], FA_VBYTES);
+        }
+#endif
+    for (int64_t p = 0; p < kp; p++) {
+        for (int64_t i = p < pf ? rf : 0; i < rows; i++) {
+            const uint16_t *qi = q + i * qs + 2 * p;
+            dst[p * ldd + i] = (uint32_t)qi[0] | (2 * p + 1 < E ? (uint32_t)qi[1] << 16 : 0);
+        }
+        for (int64_t i = rows; i < ldd; i++) dst[p * ldd + i] = 0;
+    }
+}
+#endif
+
 /* ---- double ---- */
 #define REAL double
 #define IREAL int64_t
