@@ -12,6 +12,7 @@ cores.  Dask is an optional dependency (``pip install 'fastattn[dask]'``):
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -91,7 +92,8 @@ def apply(
     Parameters
     ----------
     module : MultiHeadSelfAttention
-        Sent to the workers once, as its config and weights.
+        Sent to the workers once, as its config and weights at this call
+        (weights assigned afterwards do not reach the returned array).
     x : dask.array.Array or ndarray, shape (S, N, D)
         Sequences, chunked along the first axis (other axes are merged into
         one chunk).  A NumPy array is wrapped with one chunk per 64 sequences.
@@ -144,7 +146,11 @@ def apply(
         attn_mask = to_array(attn_mask, "attn_mask")
         prepare_mask(attn_mask, "attn_mask", (1, module.num_heads, N, N), module.dtype)
     plan = thread_plan(client, threads_per_task)
-    module_d = dask.delayed(module, pure=True, traverse=False)
+    # the module as it is now: the graph's keys are made from its weights
+    # now, and its tasks must compute with them, not with weights assigned
+    # before the compute (whose results would be kept under these keys, for
+    # a later apply of these weights to be handed)
+    module_d = dask.delayed(copy.copy(module), pure=True, traverse=False)
     mask_d = dask.delayed(attn_mask, pure=True, traverse=False) if attn_mask is not None else None
     out = []
     for block, kpm_block, rows in zip(x.to_delayed().ravel(), kpm_blocks, x.chunks[0]):

@@ -171,3 +171,23 @@ def test_a_task_whose_thread_count_is_refused_leaves_no_trace(rng, monkeypatch):
         assert fastattn.get_num_threads() == 2
     finally:
         fastattn.set_num_threads(old)
+
+
+def test_apply_computes_with_the_weights_the_module_had_when_called(rng):
+    # The graph's keys are made from the module's weights at apply(); a task
+    # computing with weights assigned afterwards would return them under the
+    # old weights' keys, where a later apply() of the old weights finds them
+    # (a distributed cluster keeps persisted results by key).
+    m = fastattn.MultiHeadSelfAttention(16, 2, seed=4)
+    x = rng.standard_normal((4, 3, 16)).astype(np.float32)
+    before, w_q = m(x), m.w_q
+    y = fdask.apply(m, x)
+    m.w_q = np.zeros((16, 16), np.float32)
+    np.testing.assert_array_equal(y.compute(scheduler="threads"), before)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1,
+                            dashboard_address=None):
+        zero = m(x)
+        held = fdask.apply(m, x).persist()
+        m.w_q = w_q
+        np.testing.assert_array_equal(fdask.apply(m, x).compute(), before)
+        np.testing.assert_array_equal(held.compute(), zero)
