@@ -331,6 +331,8 @@ class Persistence:
         if self.config() != other.config():
             return False
         a, b = self.state_dict(), other.state_dict()
-        return all(np.array_equal(a[k], b[k]) for k in a)
+        # compared as bytes: a NaN weight equals its copy (a module equals its
+        # pickle), and -0.0 differs from 0.0, as bits do
+        return all(a[k].tobytes() == b[k].tobytes() for k in a)
 
     __hash__ = None  # mutable (weights can be reassigned)
