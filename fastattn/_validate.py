@@ -401,13 +401,20 @@ def check_window(window):
     return tuple(None if v is None else min(int(v), 2 ** 40) for v in (left, right))
 
 
+def _real_dtype(dtype: np.dtype) -> bool:
+    """Whether a per-head setting of this dtype reads as real numbers: ints,
+    floats, and the 16-bit floats numpy knows only through ml_dtypes
+    (bfloat16, a model's own type, is of numpy kind 'V')."""
+    return dtype.kind in "fiu" or dtype in HALF_DTYPES
+
+
 def check_alibi_slopes(slopes, num_heads: int,
                        dtype: np.dtype = np.dtype(np.float64)) -> Optional[np.ndarray]:
     """Explicit ALiBi slopes as float64, one per query head; None for None."""
     if slopes is None:
         return None
     arr = to_array(slopes, "alibi_slopes")
-    if arr.dtype.kind not in "fiu":
+    if not _real_dtype(arr.dtype):
         raise TypeError(f"alibi_slopes must be a real array, got dtype {arr.dtype}")
     if arr.shape != (num_heads,):
         raise ValueError(
@@ -484,7 +491,7 @@ def check_sinks(sinks, num_heads: int,
     if sinks is None:
         return None
     arr = to_array(sinks, "sinks")
-    if arr.dtype.kind not in "fiu" and arr.dtype not in HALF_DTYPES:
+    if not _real_dtype(arr.dtype):
         raise TypeError(f"sinks must be a real array, got dtype {arr.dtype}")
     if arr.shape != (num_heads,):
         raise ValueError(f"sinks must have shape ({num_heads},) (one logit per query head), "

@@ -275,20 +275,32 @@ class KVCache:
         """A copy with storage of its own: two caches sharing it would write
         each other's positions (a beam search forking a sequence, say)."""
         new = KVCache.__new__(KVCache)
-        new.__setstate__({**self.__getstate__(), "_k": self._k.copy(), "_v": self._v.copy(),
-                          "_lengths": self._lengths.copy()})
+        new.__setstate__({**self.__getstate__(), "_lengths": self._lengths.copy()})
         return new
 
     # a copy (pickle, copy.deepcopy) gets its own lock, free
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         del state["_busy"]
+        # the positions held, and the capacity as a number: past them the
+        # storage was never written (np.empty), and a pickle would carry that
+        # memory's stale bytes, as many as the capacity, however few are used
+        used = self._length
+        state["_k"], state["_v"] = self._k[:, :, :used], self._v[:, :, :used]
+        state["_capacity"] = self.capacity
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
         if "_length" in state:  # a pickle from before per-sequence lengths
-            state = dict(state)
             state["_lengths"] = np.full(state["_k"].shape[0], state.pop("_length"), np.int64)
+        # (pickles from before it held the whole storage)
+        capacity = state.pop("_capacity", state["_k"].shape[2])
+        for name in ("_k", "_v"):
+            held = state[name]
+            storage = np.empty(held.shape[:2] + (capacity, held.shape[3]), held.dtype)
+            storage[:, :, :held.shape[2]] = held
+            state[name] = storage
         self.__dict__.update(state)
         self._busy = ForkSafeLock()
 

@@ -12,6 +12,8 @@ cores.  Dask is an optional dependency (``pip install 'fastattn[dask]'``):
 
 from __future__ import annotations
 
+import copy
+import math
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -91,7 +93,8 @@ def apply(
     Parameters
     ----------
     module : MultiHeadSelfAttention
-        Sent to the workers once, as its config and weights.
+        Sent to the workers once, as its config and weights at this call
+        (weights assigned afterwards do not reach the returned array).
     x : dask.array.Array or ndarray, shape (S, N, D)
         Sequences, chunked along the first axis (other axes are merged into
         one chunk).  A NumPy array is wrapped with one chunk per 64 sequences.
@@ -133,18 +136,37 @@ def apply(
         if kpm.dtype != np.bool_:
             raise TypeError(f"key_padding_mask must be a bool array (True = padding), "
                             f"got dtype {kpm.dtype}")
-        if tuple(kpm.shape) != (S, N):
+        rows_unknown = math.isnan(S) or (kpm.ndim == 2 and math.isnan(kpm.shape[0]))
+        if kpm.ndim != 2 or kpm.shape[1] != N or (kpm.shape[0] != S and not rows_unknown):
             raise ValueError(f"key_padding_mask must have shape {(S, N)}, got {tuple(kpm.shape)}")
-        if not isinstance(kpm, da.Array):
-            kpm = da.from_array(kpm, chunks=(x.chunks[0], -1))
-        kpm_blocks = list(kpm.rechunk((x.chunks[0], -1)).to_delayed().ravel())
+        if rows_unknown:
+            # sequences selected by a computed condition (x[keep],
+            # key_padding_mask[keep]): the chunks' lengths are known only
+            # when computed, so the mask's chunks are paired with x's as they
+            # come, and each task checks its pair's lengths
+            if not isinstance(kpm, da.Array) or kpm.numblocks[0] != x.numblocks[0]:
+                raise ValueError(
+                    f"x and key_padding_mask have sequences of unknown number (shapes "
+                    f"{tuple(x.shape)} and {tuple(kpm.shape)}): give both as dask arrays "
+                    f"of as many chunks along the first axis ({x.numblocks[0]} in x, "
+                    f"{kpm.numblocks[0] if isinstance(kpm, da.Array) else 'none'} in "
+                    f"key_padding_mask), or call compute_chunk_sizes() on them")
+            kpm_blocks = list(kpm.rechunk({1: -1}).to_delayed().ravel())
+        else:
+            if not isinstance(kpm, da.Array):
+                kpm = da.from_array(kpm, chunks=(x.chunks[0], -1))
+            kpm_blocks = list(kpm.rechunk((x.chunks[0], -1)).to_delayed().ravel())
     if attn_mask is not None:
         # checked here, as the module would check it, so a bad mask fails now
         # rather than in the middle of the compute
         attn_mask = to_array(attn_mask, "attn_mask")
         prepare_mask(attn_mask, "attn_mask", (1, module.num_heads, N, N), module.dtype)
     plan = thread_plan(client, threads_per_task)
-    module_d = dask.delayed(module, pure=True, traverse=False)
+    # the module as it is now: the graph's keys are made from its weights
+    # now, and its tasks must compute with them, not with weights assigned
+    # before the compute (whose results would be kept under these keys, for
+    # a later apply of these weights to be handed)
+    module_d = dask.delayed(copy.copy(module), pure=True, traverse=False)
     mask_d = dask.delayed(attn_mask, pure=True, traverse=False) if attn_mask is not None else None
     out = []
     for block, kpm_block, rows in zip(x.to_delayed().ravel(), kpm_blocks, x.chunks[0]):

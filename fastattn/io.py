@@ -46,7 +46,13 @@ def parse_config(raw: Optional[np.ndarray], fmt: str, path,
         found = cfg.get("format") if isinstance(cfg, dict) else None
         hint = ""
         if isinstance(found, str) and found.startswith("fastattn.") and "/" in found:
-            hint = f" (it holds a {found.split('/')[0]}: load it with that class)"
+            holds = found.split("/")[0]
+            if holds != fmt.split("/")[0]:
+                hint = f" (it holds a {holds}: load it with that class)"
+            else:
+                # the same class in another file version: another fastattn wrote it
+                hint = (f" (a {holds} in another file version than this fastattn's "
+                        f"{fmt.split('/')[1]})")
         raise ValueError(f"{where}: __config__ format is {found!r}, not {fmt!r}{hint}")
     spelled = [name for name in DIM_ALIASES if name in cfg]
     if len(spelled) > 1:
@@ -178,6 +184,9 @@ def read_module_file(path, fmt: str, dims: Tuple[str, ...],
             for info in zf.infolist():
                 if not info.filename.endswith(".npy"):
                     raise ValueError(f"unexpected archive member {info.filename!r}")
+                if info.filename[:-4] in members:
+                    # (an archive appended to): which copy is meant is unknowable
+                    raise ValueError(f"archive member {info.filename!r} appears twice")
                 members[info.filename[:-4]] = info
             if "__config__" not in members:
                 raise ValueError("no __config__ entry; not written by fastattn's save()")
@@ -322,6 +331,8 @@ class Persistence:
         if self.config() != other.config():
             return False
         a, b = self.state_dict(), other.state_dict()
-        return all(np.array_equal(a[k], b[k]) for k in a)
+        # compared as bytes: a NaN weight equals its copy (a module equals its
+        # pickle), and -0.0 differs from 0.0, as bits do
+        return all(a[k].tobytes() == b[k].tobytes() for k in a)
 
     __hash__ = None  # mutable (weights can be reassigned)

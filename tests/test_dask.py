@@ -171,3 +171,40 @@ def test_a_task_whose_thread_count_is_refused_leaves_no_trace(rng, monkeypatch):
         assert fastattn.get_num_threads() == 2
     finally:
         fastattn.set_num_threads(old)
+
+
+def test_apply_computes_with_the_weights_the_module_had_when_called(rng):
+    # The graph's keys are made from the module's weights at apply(); a task
+    # computing with weights assigned afterwards would return them under the
+    # old weights' keys, where a later apply() of the old weights finds them
+    # (a distributed cluster keeps persisted results by key).
+    m = fastattn.MultiHeadSelfAttention(16, 2, seed=4)
+    x = rng.standard_normal((4, 3, 16)).astype(np.float32)
+    before, w_q = m(x), m.w_q
+    y = fdask.apply(m, x)
+    m.w_q = np.zeros((16, 16), np.float32)
+    np.testing.assert_array_equal(y.compute(scheduler="threads"), before)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1,
+                            dashboard_address=None):
+        zero = m(x)
+        held = fdask.apply(m, x).persist()
+        m.w_q = w_q
+        np.testing.assert_array_equal(fdask.apply(m, x).compute(), before)
+        np.testing.assert_array_equal(held.compute(), zero)
+
+
+def test_apply_takes_sequences_and_padding_selected_by_a_computed_condition(rng):
+    # x[keep] and key_padding_mask[keep] have chunks of unknown length
+    m = fastattn.MultiHeadSelfAttention(16, 2, seed=6)
+    x = rng.standard_normal((7, 5, 16)).astype(np.float32)
+    kpm = rng.random((7, 5)) < 0.3
+    kpm[:, 0] = False
+    keep_np = x[:, 0, 0] > 0
+    dx, dk = da.from_array(x, chunks=(3, 5, 16)), da.from_array(kpm, chunks=(3, 5))
+    keep = dx[:, 0, 0] > 0
+    y = fdask.apply(m, dx[keep], key_padding_mask=dk[keep]).compute(scheduler="threads")
+    np.testing.assert_array_equal(y, m(x[keep_np], key_padding_mask=kpm[keep_np]))
+    with pytest.raises(ValueError, match="unknown number.*compute_chunk_sizes"):
+        fdask.apply(m, dx[keep], key_padding_mask=kpm[keep_np])
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(7, 5\)"):
+        fdask.apply(m, dx, key_padding_mask=np.zeros((7, 4), bool))

@@ -413,3 +413,20 @@ def test_pickles_of_the_old_spelling_load(module):
     m.__setstate__(data)
     assert m == module
     assert pickle.loads(pickle.dumps(module)) == module
+
+
+def test_a_file_of_another_version_of_the_same_class_says_so(tmp_path, module):
+    path = write_npz(tmp_path / "v2.npz",
+                     __config__=config(module, format="fastattn.MultiHeadSelfAttention/2"),
+                     **module.state_dict())
+    msg = expect_value_error(path, "another file version", "/2")
+    assert "load it with that class" not in msg
+
+
+def test_an_archive_holding_a_member_twice_is_refused(tmp_path, good):
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((8, 8), np.float32))
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        with zipfile.ZipFile(good, "a") as z:
+            z.writestr("w_q.npy", buf.getvalue())
+    expect_value_error(good, str(good), "'w_q.npy' appears twice")

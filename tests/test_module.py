@@ -500,6 +500,23 @@ def test_save_load_round_trip(rng, tmp_path, kw):
         assert len(z.files) >= 4
 
 
+def test_modules_are_equal_when_their_parameters_are_the_same_bits(tmp_path):
+    import copy
+    import pickle
+
+    m = MHSA(16, 2, seed=23)
+    w = m.w_q.copy()
+    w[0, 0] = np.nan  # a NaN weight is still the weight the copies hold
+    m.w_q = w
+    m.save(tmp_path / "nan.npz")
+    for other in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m), MHSA.load(tmp_path / "nan.npz")):
+        assert other == m
+    m.b_o = np.zeros(16, np.float32)
+    other = copy.deepcopy(m)
+    other.b_o = -np.zeros(16, np.float32)  # equal numbers, other bits
+    assert other != m
+
+
 def test_save_load_pathlib(rng, tmp_path):
     m = MHSA(16, 2, seed=21)
     path = pathlib.Path(tmp_path) / "m.npz"

@@ -151,3 +151,18 @@ def test_alibi_slopes_within_the_limit_match_the_reference(rng, dtype):
     ref, _ = ref_sdpa(q, k, v, attn_mask=positional_bias(Lq, Lk, 3, slopes=slopes))
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out, ref, **tol(dtype))
+
+
+def test_alibi_slopes_and_sinks_take_bfloat16_arrays_as_the_values_they_hold(rng):
+    # a bfloat16 model's per-head settings come as bfloat16 (numpy kind 'V')
+    from fastattn._dtypes import BFLOAT16
+    q = rng.standard_normal((1, 4, 3, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 4, 5, 8)).astype(np.float32)
+    slopes = fastattn.alibi_slopes(4).astype(BFLOAT16)
+    sinks = np.array([0.5, -1, 2, 0]).astype(BFLOAT16)
+    got = fastattn.scaled_dot_product_attention(q, k, k, alibi_slopes=slopes, sinks=sinks)
+    want = fastattn.scaled_dot_product_attention(q, k, k, alibi_slopes=slopes.astype(np.float32),
+                                                 sinks=sinks.astype(np.float32))
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(TypeError, match="alibi_slopes must be a real array, got dtype bool"):
+        fastattn.scaled_dot_product_attention(q, k, k, alibi_slopes=np.ones(4, bool))

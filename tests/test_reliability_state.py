@@ -470,3 +470,22 @@ def test_a_write_that_ignores_the_read_only_flag_cannot_split_the_module(rng):
         np.testing.assert_array_equal(after[name], before[name])
     np.testing.assert_array_equal(m(x), y0)
     np.testing.assert_allclose(y0, ref_mhsa(x, params_of(m), 2)[0], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_a_pickled_cache_carries_its_positions_not_its_unwritten_capacity(rng, dtype):
+    import copy
+    import pickle
+
+    m = MultiHeadSelfAttention(16, 2, seed=1)
+    x = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    empty = m.new_cache(2, 100_000, dtype=dtype)
+    assert len(pickle.dumps(empty)) < 4096  # 6.4 MB of storage never written
+    cache = m.new_cache(2, 50, dtype=dtype)
+    m(x[:, :3], cache=cache, lengths=[3, 1])
+    for c in (pickle.loads(pickle.dumps(cache)), copy.deepcopy(cache), copy.copy(cache)):
+        assert c.capacity == 50 and c.dtype == cache.dtype and c.lengths.tolist() == [3, 1]
+        np.testing.assert_array_equal(c.keys()[0], cache.keys()[0])
+        np.testing.assert_array_equal(c.values()[1, :, :1], cache.values()[1, :, :1])
+        np.testing.assert_array_equal(m(x[:, 3:], cache=c), m(x[:, 3:], cache=copy.copy(cache)))
+        assert cache.lengths.tolist() == [3, 1]
