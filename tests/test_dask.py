@@ -184,8 +184,9 @@ def test_apply_computes_with_the_weights_the_module_had_when_called(rng):
     y = fdask.apply(m, x)
     m.w_q = np.zeros((16, 16), np.float32)
     np.testing.assert_array_equal(y.compute(scheduler="threads"), before)
+    # (":0": a free port; the default 8787 may be taken, which warns)
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=1,
-                            dashboard_address=None):
+                            dashboard_address=":0"):
         zero = m(x)
         held = fdask.apply(m, x).persist()
         m.w_q = w_q
