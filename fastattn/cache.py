@@ -286,7 +286,15 @@ class KVCache:
         # storage was never written (np.empty), and a pickle would carry that
         # memory's stale bytes, as many as the capacity, however few are used
         used = self._length
-        state["_k"], state["_v"] = self._k[:, :, :used], self._v[:, :, :used]
+        k, v = self._k[:, :, :used], self._v[:, :, :used]
+        if not self.uniform:
+            # nor were a shorter sequence's positions past its own length
+            # (or they hold what reset or reorder left there): zeros instead
+            k, v = k.copy(), v.copy()
+            for b, n in enumerate(self._lengths):
+                k[b, :, n:] = 0
+                v[b, :, n:] = 0
+        state["_k"], state["_v"] = k, v
         state["_capacity"] = self.capacity
         return state
 

@@ -489,3 +489,23 @@ def test_a_pickled_cache_carries_its_positions_not_its_unwritten_capacity(rng, d
         np.testing.assert_array_equal(c.values()[1, :, :1], cache.values()[1, :, :1])
         np.testing.assert_array_equal(m(x[:, 3:], cache=c), m(x[:, 3:], cache=copy.copy(cache)))
         assert cache.lengths.tolist() == [3, 1]
+
+
+def test_a_pickled_ragged_cache_carries_zeros_past_each_length(rng):
+    # positions a sequence no longer holds (after reset) keep their old keys
+    # and values in storage: a pickle or copy carries zeros there instead
+    import copy
+    import pickle
+
+    m = MultiHeadSelfAttention(16, 2, seed=1)
+    x = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    cache = m.new_cache(2, 8)
+    m(x[:, :3], cache=cache)
+    cache.reset(1)
+    m(x[:, 3:], cache=cache, lengths=[0, 1])
+    assert cache.lengths.tolist() == [3, 1] and cache.keys()[1, :, 1:].any()
+    for c in (pickle.loads(pickle.dumps(cache)), copy.copy(cache)):
+        assert not c.keys()[1, :, 1:].any() and not c.values()[1, :, 1:].any()
+        np.testing.assert_array_equal(c.keys()[0], cache.keys()[0])
+        np.testing.assert_array_equal(c.keys()[1, :, :1], cache.keys()[1, :, :1])
+        np.testing.assert_array_equal(m(x[:, 3:], cache=c), m(x[:, 3:], cache=copy.copy(cache)))
